@@ -1,0 +1,16 @@
+//! Compiles the public API with protox (pure Rust, no system protoc needed) and keeps the
+//! descriptor set for gRPC reflection.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/coffer.proto");
+    let fds = protox::compile(["proto/coffer.proto"], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("coffer_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! The public gRPC services over the replicated store (`coffer.v1.Kv`, `coffer.v1.Cluster`).
+//!
+//! This raw store API is the first client surface. The secrets engines (with authentication,
+//! authorization and encryption) will be put in front of it; retiring it touches only this
+//! module.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use coffer_api::v1 as pb;
+use coffer_api::v1::cluster_server::Cluster;
+use coffer_api::v1::kv_server::Kv;
+use coffer_raft::{Error as RaftError, Member, MembershipChange, RaftNode, Written};
+use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Most operations in one transaction.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Shared state of the API services.
+#[derive(Debug, Clone)]
+pub struct Api {
+    node: Arc<RaftNode>,
+    metrics: Metrics,
+    max_value_bytes: usize,
+    cluster_name: String,
+}
+
+impl Api {
+    /// The API of `node`.
+    pub fn new(
+        node: Arc<RaftNode>,
+        metrics: Metrics,
+        max_value_bytes: usize,
+        cluster_name: String,
+    ) -> Api {
+        Api {
+            node,
+            metrics,
+            max_value_bytes,
+            cluster_name,
+        }
+    }
+
+    async fn timed<T, F>(&self, method: &str, f: F) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = Instant::now();
+        let result = f.await;
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.observe(method, started, code);
+        result.map(Response::new)
+    }
+
+    fn header(&self, revision: u64, raft_index: u64) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader {
+            revision,
+            node_id: self.node.id(),
+            raft_index,
+            leader_id: self.node.status().leader.unwrap_or(0),
+        })
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("the key must not be empty"));
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the key is {} bytes; keys are at most {MAX_KEY_BYTES} bytes",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Status> {
+        if value.len() > self.max_value_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the value is {} bytes; the limit is {} bytes (server option --max-value-bytes)",
+                value.len(),
+                self.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write(&self, txn: Txn, request_id: &[u8]) -> Result<Written, Status> {
+        let request_id = parse_request_id(request_id)?;
+        self.node
+            .write(Command { request_id, txn })
+            .await
+            .map_err(raft_status)
+    }
+
+    /// Prepares a read: linearizable (read index) or stale. Returns the index it reflects.
+    async fn read_point(&self, consistency: i32) -> Result<u64, Status> {
+        match pb::Consistency::try_from(consistency) {
+            Ok(pb::Consistency::Linearizable) => self.node.linearize().await.map_err(raft_status),
+            Ok(pb::Consistency::Stale) => Ok(self.node.status().applied),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "unknown consistency {consistency}; use LINEARIZABLE (0) or STALE (1)"
+            ))),
+        }
+    }
+
+    fn convert_op(&self, op: pb::RequestOp) -> Result<Op, Status> {
+        match op.op {
+            Some(pb::request_op::Op::Put(p)) => {
+                self.check_key(&p.key)?;
+                self.check_value(&p.value)?;
+                Ok(Op::Put {
+                    key: p.key,
+                    value: p.value,
+                })
+            }
+            Some(pb::request_op::Op::Delete(d)) => {
+                self.check_key(&d.key)?;
+                Ok(if d.prefix {
+                    Op::DeletePrefix { prefix: d.key }
+                } else {
+                    Op::Delete { key: d.key }
+                })
+            }
+            None => Err(Status::invalid_argument(
+                "a transaction operation has no op set",
+            )),
+        }
+    }
+}
+
+fn parse_request_id(id: &[u8]) -> Result<Option<RequestId>, Status> {
+    match id.len() {
+        0 => Ok(None),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(id);
+            Ok(Some(RequestId(b)))
+        }
+        n => Err(Status::invalid_argument(format!(
+            "request_id must be empty or 16 bytes, not {n}"
+        ))),
+    }
+}
+
+/// Maps replication errors to gRPC status codes (see the API's proto for their meaning).
+pub fn raft_status(e: RaftError) -> Status {
+    let msg = e.to_string();
+    match e {
+        RaftError::Unavailable(_) => Status::unavailable(msg),
+        RaftError::OutcomeUnknown(_) => Status::deadline_exceeded(msg),
+        RaftError::Overloaded(_) => Status::resource_exhausted(msg),
+        RaftError::Invalid(_) => Status::failed_precondition(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+fn storage_status(e: coffer_storage::StorageError) -> Status {
+    Status::internal(format!("this node's storage failed: {e}"))
+}
+
+fn kv(e: KvEntry, keys_only: bool) -> pb::KeyValue {
+    pb::KeyValue {
+        key: e.key,
+        value: if keys_only { Vec::new() } else { e.value },
+        version: e.version,
+        create_revision: e.create_revision,
+        mod_revision: e.mod_revision,
+    }
+}
+
+fn op_response(r: OpResult) -> pb::OpResponse {
+    match r {
+        OpResult::Put { prev } | OpResult::Delete { prev } => pb::OpResponse {
+            deleted: 0,
+            prev: prev.map(|e| kv(e, false)),
+        },
+        OpResult::DeletePrefix { deleted } => pb::OpResponse {
+            deleted,
+            prev: None,
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for Api {
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        self.timed("Put", async {
+            let r = req.into_inner();
+            self.check_key(&r.key)?;
+            self.check_value(&r.value)?;
+            let w = self
+                .write(
+                    Txn::ops(vec![Op::Put {
+                        key: r.key,
+                        value: r.value,
+                    }]),
+                    &r.request_id,
+                )
+                .await?;
+            let prev = match w.result.results.into_iter().next() {
+                Some(OpResult::Put { prev }) => prev.map(|e| kv(e, false)),
+                _ => None,
+            };
+            Ok(pb::PutResponse {
+                header: self.header(w.result.revision, w.index),
+                prev,
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        self.timed("Get", async {
+            let r = req.into_inner();
+            self.check_key(&r.key)?;
+            let index = self.read_point(r.consistency).await?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let entry = view.get(&r.key).map_err(storage_status)?;
+            let revision = view.revision().map_err(storage_status)?;
+            match entry {
+                Some(e) => Ok(pb::GetResponse {
+                    header: self.header(revision, index),
+                    kv: Some(kv(e, false)),
+                }),
+                None => Err(Status::not_found(format!(
+                    "no key {:?}",
+                    String::from_utf8_lossy(&r.key)
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.timed("Delete", async {
+            let r = req.into_inner();
+            self.check_key(&r.key)?;
+            let op = if r.prefix {
+                Op::DeletePrefix { prefix: r.key }
+            } else {
+                Op::Delete { key: r.key }
+            };
+            let w = self.write(Txn::ops(vec![op]), &r.request_id).await?;
+            let deleted = match w.result.results.into_iter().next() {
+                Some(OpResult::Delete { prev }) => u64::from(prev.is_some()),
+                Some(OpResult::DeletePrefix { deleted }) => deleted,
+                _ => 0,
+            };
+            Ok(pb::DeleteResponse {
+                header: self.header(w.result.revision, w.index),
+                deleted,
+            })
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        self.timed("List", async {
+            let r = req.into_inner();
+            let limit = match r.limit {
+                0 => 100,
+                n if n > 1000 => {
+                    return Err(Status::invalid_argument(format!(
+                        "limit {n} is above the maximum page size of 1000"
+                    )));
+                }
+                n => n as usize,
+            };
+            let index = self.read_point(r.consistency).await?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let after = (!r.start_after.is_empty()).then_some(r.start_after.as_slice());
+            let (entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
+            let revision = view.revision().map_err(storage_status)?;
+            Ok(pb::ListResponse {
+                header: self.header(revision, index),
+                kvs: entries.into_iter().map(|e| kv(e, r.keys_only)).collect(),
+                more,
+            })
+        })
+        .await
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        self.timed("Txn", async {
+            let r = req.into_inner();
+            if r.success.len() + r.failure.len() > MAX_TXN_OPS || r.compare.len() > MAX_TXN_OPS {
+                return Err(Status::invalid_argument(format!(
+                    "a transaction has at most {MAX_TXN_OPS} compares and {MAX_TXN_OPS} operations"
+                )));
+            }
+            let mut compare = Vec::with_capacity(r.compare.len());
+            for c in r.compare {
+                self.check_key(&c.key)?;
+                use pb::compare::Target;
+                compare.push(match c.target {
+                    Some(Target::Exists(true)) | Some(Target::Absent(false)) => {
+                        Compare::Exists(c.key)
+                    }
+                    Some(Target::Absent(true)) | Some(Target::Exists(false)) => {
+                        Compare::Absent(c.key)
+                    }
+                    Some(Target::ModRevision(rev)) => Compare::ModRevision(c.key, rev),
+                    Some(Target::Version(v)) => Compare::Version(c.key, v),
+                    None => return Err(Status::invalid_argument("a compare has no target set")),
+                });
+            }
+            let success = r
+                .success
+                .into_iter()
+                .map(|o| self.convert_op(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let failure = r
+                .failure
+                .into_iter()
+                .map(|o| self.convert_op(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let w = self
+                .write(
+                    Txn {
+                        compare,
+                        success,
+                        failure,
+                    },
+                    &r.request_id,
+                )
+                .await?;
+            Ok(pb::TxnResponse {
+                header: self.header(w.result.revision, w.index),
+                succeeded: w.result.succeeded,
+                responses: w.result.results.into_iter().map(op_response).collect(),
+            })
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Api {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.timed("Status", async {
+            let s = self.node.status();
+            let view = self.node.store().read().map_err(storage_status)?;
+            let mut members = Vec::new();
+            for (voter, map) in [(true, &s.voters), (false, &s.learners)] {
+                for (id, m) in map {
+                    members.push(pb::Member {
+                        id: *id,
+                        api_addr: m.api_addr.clone(),
+                        peer_addr: m.peer_addr.clone(),
+                        voter,
+                    });
+                }
+            }
+            Ok(pb::StatusResponse {
+                node_id: s.id,
+                state: s.state.clone(),
+                term: s.term,
+                leader_id: s.leader.unwrap_or(0),
+                last_log_index: s.last_log_index,
+                commit_index: s.committed,
+                applied_index: s.applied,
+                snapshot_index: s.snapshot,
+                purged_index: s.purged,
+                members,
+                replication_lag: s
+                    .replication
+                    .iter()
+                    .map(|(id, m)| (*id, s.last_log_index.saturating_sub(*m)))
+                    .collect(),
+                fatal: self.node.fatal().unwrap_or_default(),
+                revision: view.revision().map_err(storage_status)?,
+                digest: view.digest().map_err(storage_status)?,
+                cluster_id: self.cluster_name.clone(),
+                fsyncs: self.metrics.flush_totals().0,
+                flushed_entries: self.metrics.flush_totals().1,
+            })
+        })
+        .await
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("AddLearner", async {
+            let r = req.into_inner();
+            if r.id == 0 || r.api_addr.is_empty() || r.peer_addr.is_empty() {
+                return Err(Status::invalid_argument(
+                    "add-learner needs a positive id, an api address and a peer address",
+                ));
+            }
+            let s = self.node.status();
+            if s.voters.contains_key(&r.id) || s.learners.contains_key(&r.id) {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a member; ids are never reused: pick a new one",
+                    r.id
+                )));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::AddLearner {
+                    id: r.id,
+                    member: Member {
+                        peer_addr: r.peer_addr,
+                        api_addr: r.api_addr,
+                    },
+                })
+                .await
+                .map_err(raft_status)?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("Promote", async {
+            let id = req.into_inner().id;
+            if !self.node.status().learners.contains_key(&id) {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is not a learner; add it first with `coffer cluster add-learner`"
+                )));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::Promote { id })
+                .await
+                .map_err(raft_status)?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("Remove", async {
+            let id = req.into_inner().id;
+            let s = self.node.status();
+            if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
+                return Err(Status::not_found(format!("node {id} is not a member")));
+            }
+            if s.voters.contains_key(&id) && s.voters.len() == 1 {
+                return Err(Status::failed_precondition(
+                    "cannot remove the last voter; the cluster would have no quorum",
+                ));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::Remove { id })
+                .await
+                .map_err(raft_status)?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        self.timed("Snapshot", async {
+            let before = self.node.status().snapshot;
+            self.node.trigger_snapshot().await.map_err(raft_status)?;
+            use openraft::async_runtime::WatchReceiver;
+            let mut rx = self.node.raft().metrics();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let s = self.node.status();
+                if s.snapshot > before || (s.snapshot == s.applied && s.applied > 0) {
+                    return Ok(pb::SnapshotResponse {
+                        snapshot_index: s.snapshot,
+                    });
+                }
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    return Err(Status::deadline_exceeded(
+                        "the snapshot did not finish within 30 s",
+                    ));
+                }
+            }
+        })
+        .await
+    }
+}

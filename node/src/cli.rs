@@ -1,0 +1,589 @@
+//! The `coffer` command line.
+//!
+//! Exit codes: 0 success, 1 error (printed once on stderr with what to do), 2 usage error,
+//! 3 a server that stopped because its storage or Raft failed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use coffer_api::v1 as pb;
+use coffer_api::v1::cluster_client::ClusterClient;
+
+use crate::bench::{self, BenchArgs};
+use crate::client::Target;
+use crate::config::ServerArgs;
+
+/// Coffer: a distributed secrets manager.
+#[derive(Debug, Parser)]
+#[command(name = "coffer", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Client options shared by every command that talks to a cluster.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// API address(es) of any node(s), `host:port`, comma-separated; the first that answers is used.
+    #[arg(long, env = "COFFER_ADDR", value_delimiter = ',', global = true)]
+    pub addr: Vec<String>,
+    /// The cluster CA certificate (PEM) to verify the server with.
+    #[arg(long, env = "COFFER_CACERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Output format.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "table",
+        env = "COFFER_FORMAT",
+        global = true
+    )]
+    pub format: Format,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 10.0, global = true)]
+    pub timeout: f64,
+}
+
+impl ClientArgs {
+    fn target(&self) -> Result<Target> {
+        Target::new(
+            &self.addr,
+            self.ca_cert.as_deref(),
+            Duration::from_secs_f64(self.timeout.max(0.1)),
+        )
+    }
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs one node (config file, flags or COFFER_* environment variables).
+    Server(Box<ServerArgs>),
+    /// Runs a transient in-memory cluster on localhost (TLS on, nothing persisted).
+    Dev {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Directory for the generated certificates and the `env` file to source.
+        #[arg(long, default_value = "/tmp/coffer")]
+        dir: PathBuf,
+    },
+    /// Generates a cluster CA and node certificates into a directory.
+    Certs {
+        /// Output directory (ca.pem, node-ID.pem, node-ID-key.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node as `ID` or `ID=HOST[,HOST...]` (DNS names or IPs besides localhost/127.0.0.1).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+    },
+    /// Reads and writes keys.
+    Kv {
+        /// Which operation.
+        #[command(subcommand)]
+        op: KvCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Shows every member's view: role, term, leader, log positions.
+    Status {
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Changes the membership.
+    Cluster {
+        /// Which change.
+        #[command(subcommand)]
+        op: ClusterCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Drives load against the cluster and prints throughput and latency.
+    Bench {
+        /// Bench options.
+        #[command(flatten)]
+        bench: BenchArgs,
+        /// Connection options (every --addr given is driven).
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `coffer kv` operations.
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Writes a key: `FIELD=VALUE` pairs (stored as a JSON object) or one --value.
+    Put {
+        /// The key (a path such as app/db).
+        key: String,
+        /// Fields as FIELD=VALUE.
+        fields: Vec<String>,
+        /// A raw value instead of fields.
+        #[arg(long, conflicts_with = "fields")]
+        value: Option<String>,
+    },
+    /// Reads a key.
+    Get {
+        /// The key.
+        key: String,
+        /// Serve from the contacted node's local state without a read index.
+        #[arg(long)]
+        stale: bool,
+        /// Print only this field's value.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Lists keys under a prefix.
+    List {
+        /// The prefix (empty for all keys).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Serve from local state.
+        #[arg(long)]
+        stale: bool,
+        /// Stop after this many keys (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Deletes a key, or every key under a prefix.
+    Delete {
+        /// The key or prefix.
+        key: String,
+        /// Delete every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+    },
+}
+
+/// `coffer cluster` operations.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Adds a node as a learner (read replica); returns once it caught up.
+    AddLearner {
+        /// New, never used node id.
+        #[arg(long)]
+        id: u64,
+        /// Its API address.
+        #[arg(long)]
+        api_addr: String,
+        /// Its peer address.
+        #[arg(long)]
+        peer_addr: String,
+    },
+    /// Promotes a learner to voter.
+    Promote {
+        /// The learner's id.
+        id: u64,
+    },
+    /// Removes a voter or learner.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+    /// Snapshots the contacted node now and compacts its log.
+    Snapshot,
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn show_value(value: &[u8]) -> serde_json::Value {
+    match serde_json::from_slice::<serde_json::Value>(value) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => serde_json::Value::String(String::from_utf8_lossy(value).into_owned()),
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+async fn kv_command(op: KvCommand, client: &ClientArgs) -> Result<()> {
+    let target = client.target()?;
+    let mut kv = target.kv().await?;
+    let json = client.format == Format::Json;
+    match op {
+        KvCommand::Put { key, fields, value } => {
+            let bytes = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    if fields.is_empty() {
+                        bail!("give FIELD=VALUE pairs or --value VALUE");
+                    }
+                    let mut map = BTreeMap::new();
+                    for f in &fields {
+                        let (k, v) = f
+                            .split_once('=')
+                            .with_context(|| format!("{f:?} is not FIELD=VALUE"))?;
+                        if k.is_empty() {
+                            bail!("{f:?} has an empty field name");
+                        }
+                        map.insert(k.to_string(), v.to_string());
+                    }
+                    serde_json::to_vec(&map)?
+                }
+            };
+            let r = kv
+                .put(pb::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: bytes,
+                    request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let h = r.header.unwrap_or_default();
+            let version = r.prev.map_or(1, |p| p.version + 1);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": key, "version": version, "revision": h.revision, "raft_index": h.raft_index})
+                );
+            } else {
+                println!("wrote {key} (version {version}, revision {})", h.revision);
+            }
+        }
+        KvCommand::Get { key, stale, field } => {
+            let r = kv
+                .get(pb::GetRequest {
+                    key: key.clone().into_bytes(),
+                    consistency: if stale {
+                        pb::Consistency::Stale as i32
+                    } else {
+                        pb::Consistency::Linearizable as i32
+                    },
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let e = r.kv.context("the server returned no value")?;
+            let value = show_value(&e.value);
+            if let Some(f) = field {
+                let v = value
+                    .get(&f)
+                    .with_context(|| format!("{key} has no field {f:?}"))?;
+                match v {
+                    serde_json::Value::String(s) => println!("{s}"),
+                    other => println!("{other}"),
+                }
+                return Ok(());
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": key, "data": value, "version": e.version,
+                        "create_revision": e.create_revision, "mod_revision": e.mod_revision})
+                );
+            } else {
+                let mut rows = vec![vec!["Key".to_string(), "Value".to_string()]];
+                match &value {
+                    serde_json::Value::Object(m) => {
+                        for (k, v) in m {
+                            let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                            rows.push(vec![k.clone(), v]);
+                        }
+                    }
+                    other => rows.push(vec!["value".into(), other.as_str().unwrap_or("").into()]),
+                }
+                println!("== {key} (version {}) ==", e.version);
+                print_table(&rows);
+            }
+        }
+        KvCommand::List {
+            prefix,
+            stale,
+            limit,
+        } => {
+            let mut keys = Vec::new();
+            let mut after = Vec::new();
+            loop {
+                let r = kv
+                    .list(pb::ListRequest {
+                        prefix: prefix.clone().into_bytes(),
+                        start_after: after.clone(),
+                        limit: 500,
+                        consistency: if stale { 1 } else { 0 },
+                        keys_only: true,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for e in &r.kvs {
+                    keys.push((String::from_utf8_lossy(&e.key).into_owned(), e.version));
+                }
+                if !r.more || (limit > 0 && keys.len() >= limit) {
+                    break;
+                }
+                if let Some(last) = r.kvs.last() {
+                    after = last.key.clone();
+                } else {
+                    break;
+                }
+            }
+            if limit > 0 {
+                keys.truncate(limit);
+            }
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|(k, v)| serde_json::json!({"key": k, "version": v}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for (k, _) in keys {
+                    println!("{k}");
+                }
+            }
+        }
+        KvCommand::Delete { key, prefix } => {
+            let r = kv
+                .delete(pb::DeleteRequest {
+                    key: key.clone().into_bytes(),
+                    prefix,
+                    request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!({"key": key, "deleted": r.deleted}));
+            } else {
+                println!("deleted {} key(s)", r.deleted);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn status_command(client: &ClientArgs) -> Result<()> {
+    let target = client.target()?;
+    let mut first = target.cluster().await?;
+    let view = first
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut rows = vec![
+        vec![
+            "NODE", "API", "ROLE", "STATE", "TERM", "LEADER", "LAST LOG", "COMMIT", "APPLIED",
+            "SNAPSHOT", "REVISION",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>(),
+    ];
+    let mut json_nodes = Vec::new();
+    let mut members = view.members.clone();
+    members.sort_by_key(|m| m.id);
+    for m in &members {
+        let role = if m.voter { "voter" } else { "learner" };
+        let answer = async {
+            let mut c = ClusterClient::new(target.channel_to(&m.api_addr)?);
+            anyhow::Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+        }
+        .await;
+        match answer {
+            Ok(s) => {
+                rows.push(vec![
+                    m.id.to_string(),
+                    m.api_addr.clone(),
+                    role.into(),
+                    if s.fatal.is_empty() {
+                        s.state.clone()
+                    } else {
+                        format!("FAILED: {}", s.fatal)
+                    },
+                    s.term.to_string(),
+                    s.leader_id.to_string(),
+                    s.last_log_index.to_string(),
+                    s.commit_index.to_string(),
+                    s.applied_index.to_string(),
+                    s.snapshot_index.to_string(),
+                    s.revision.to_string(),
+                ]);
+                json_nodes.push(serde_json::json!({
+                    "id": m.id, "api_addr": m.api_addr, "role": role, "state": s.state,
+                    "term": s.term, "leader": s.leader_id, "last_log_index": s.last_log_index,
+                    "commit_index": s.commit_index, "applied_index": s.applied_index,
+                    "snapshot_index": s.snapshot_index, "revision": s.revision,
+                    "digest": format!("{:016x}", s.digest), "fatal": s.fatal,
+                    "replication_lag": s.replication_lag,
+                }));
+            }
+            Err(e) => {
+                rows.push(vec![
+                    m.id.to_string(),
+                    m.api_addr.clone(),
+                    role.into(),
+                    format!("unreachable: {e}"),
+                ]);
+                json_nodes.push(serde_json::json!({"id": m.id, "api_addr": m.api_addr, "role": role, "error": e.to_string()}));
+            }
+        }
+    }
+    if client.format == Format::Json {
+        println!(
+            "{}",
+            serde_json::json!({"cluster": view.cluster_id, "leader": view.leader_id, "nodes": json_nodes})
+        );
+    } else {
+        println!("cluster {}  leader {}", view.cluster_id, view.leader_id);
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> {
+    let target = client.target()?;
+    let mut c = target.cluster().await?;
+    let index = match op {
+        ClusterCommand::AddLearner {
+            id,
+            api_addr,
+            peer_addr,
+        } => {
+            c.add_learner(pb::AddLearnerRequest {
+                id,
+                api_addr,
+                peer_addr,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .raft_index
+        }
+        ClusterCommand::Promote { id } => {
+            c.promote(pb::NodeRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .raft_index
+        }
+        ClusterCommand::Remove { id } => {
+            c.remove(pb::NodeRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .raft_index
+        }
+        ClusterCommand::Snapshot => {
+            let s = c
+                .snapshot(pb::SnapshotRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("snapshot at index {}", s.snapshot_index);
+            return Ok(());
+        }
+    };
+    println!("membership changed at log index {index}");
+    Ok(())
+}
+
+fn certs_command(dir: PathBuf, nodes: Vec<String>) -> Result<()> {
+    let mut parsed = Vec::new();
+    for n in nodes {
+        let (id, hosts) = match n.split_once('=') {
+            Some((id, hosts)) => (id, hosts.split(',').map(str::to_string).collect()),
+            None => (n.as_str(), Vec::new()),
+        };
+        let id: u64 = id.parse().ok().filter(|i| *i > 0).with_context(|| {
+            format!("--node {n:?}: expected ID or ID=HOST[,HOST...] with ID > 0")
+        })?;
+        parsed.push((id, hosts));
+    }
+    crate::tls::generate_cluster_certs(&dir, &parsed)?;
+    println!(
+        "wrote a cluster CA and {} node certificate(s) to {}",
+        parsed.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Exit code of a server that stopped on a fatal error.
+pub const EXIT_FATAL: u8 = 3;
+
+async fn server_command(args: ServerArgs) -> Result<u8> {
+    let cfg = args.resolve()?;
+    let tls = crate::tls::TlsMaterial::load(&cfg.tls)?;
+    let node = crate::server::start(cfg, tls).await?;
+    let mut fatal = node.fatal.clone();
+    let code = tokio::select! {
+        r = tokio::signal::ctrl_c() => { r?; 0 }
+        _ = terminate() => 0,
+        why = async { fatal.wait_for(Option::is_some).await.map(|w| w.clone().unwrap_or_default()) } => {
+            eprintln!("error: this node stopped serving: {}", why.unwrap_or_default());
+            EXIT_FATAL
+        }
+    };
+    node.stop().await;
+    Ok(code)
+}
+
+#[cfg(unix)]
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate() {
+    std::future::pending().await
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Server(args) => server_command(*args).await,
+        Command::Dev { nodes, dir } => crate::dev::run(nodes, &dir).await.map(|()| 0),
+        Command::Certs { dir, nodes } => certs_command(dir, nodes).map(|()| 0),
+        Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
+        Command::Status { client } => status_command(&client).await.map(|()| 0),
+        Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
+        Command::Bench { bench, client } => {
+            let target = client.target()?;
+            let report = bench::run(&target, &bench).await?;
+            bench::print(&report, bench.json || client.format == Format::Json)?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! `coffer server` configuration: a TOML file, flags and `COFFER_*` environment variables
+//! (flag or environment wins over the file), validated into [`NodeConfig`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use coffer_raft::{Member, NodeId, Settings};
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+
+/// Flags of `coffer server`. Every option can also be set in the file given by `--config`.
+#[derive(Debug, Args, Default)]
+pub struct ServerArgs {
+    /// TOML file with any of the options below (snake_case names, e.g. `node_id = 1`).
+    #[arg(long, env = "COFFER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id: a positive integer, unique in the cluster and never reused.
+    #[arg(long, env = "COFFER_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Name of the cluster; a data directory of another cluster is refused.
+    #[arg(long, env = "COFFER_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Directory for this node's database (created if missing).
+    #[arg(long, env = "COFFER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep everything in memory (transient install): nothing survives a restart.
+    #[arg(long, env = "COFFER_IN_MEMORY")]
+    pub in_memory: bool,
+    /// Client API listen address.
+    #[arg(long, env = "COFFER_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Client API address other nodes and clients reach this node at (default: --api-addr).
+    #[arg(long, env = "COFFER_ADVERTISE_API_ADDR")]
+    pub advertise_api_addr: Option<String>,
+    /// Node-to-node (Raft) listen address, mutual TLS only.
+    #[arg(long, env = "COFFER_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// Peer address other nodes reach this node at (default: --peer-addr).
+    #[arg(long, env = "COFFER_ADVERTISE_PEER_ADDR")]
+    pub advertise_peer_addr: Option<String>,
+    /// Prometheus metrics listen address (plain HTTP, `/metrics`).
+    #[arg(long, env = "COFFER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Node certificate (PEM), used for the API and, as client and server, for peers.
+    #[arg(long, env = "COFFER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Node private key (PEM), readable by its owner only.
+    #[arg(long, env = "COFFER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Cluster CA certificate (PEM): peers must present a certificate it signed.
+    #[arg(long, env = "COFFER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Voters of a new cluster, `ID=PEER_ADDR/API_ADDR`, repeated or comma-separated. Only the
+    /// member with the lowest id initializes; an existing cluster ignores it.
+    #[arg(
+        long = "initial-member",
+        env = "COFFER_INITIAL_MEMBERS",
+        value_delimiter = ','
+    )]
+    pub initial_members: Vec<String>,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "COFFER_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// How long a write may wait for a leader and a commit, in milliseconds.
+    #[arg(long, env = "COFFER_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// How long a linearizable read may wait for a read index, in milliseconds.
+    #[arg(long, env = "COFFER_READ_TIMEOUT_MS")]
+    pub read_timeout_ms: Option<u64>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "COFFER_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum Raft election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, env = "COFFER_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Snapshot and compact the log after this many entries (0: never).
+    #[arg(long, env = "COFFER_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    /// Entries kept behind a snapshot for lagging followers.
+    #[arg(long, env = "COFFER_LOGS_TO_KEEP")]
+    pub logs_to_keep: Option<u64>,
+    /// Writes in flight on this node beyond which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "COFFER_MAX_PENDING_WRITES")]
+    pub max_pending_writes: Option<usize>,
+}
+
+/// The same options as read from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    cluster_name: Option<String>,
+    data_dir: Option<PathBuf>,
+    in_memory: Option<bool>,
+    api_addr: Option<SocketAddr>,
+    advertise_api_addr: Option<String>,
+    peer_addr: Option<SocketAddr>,
+    advertise_peer_addr: Option<String>,
+    metrics_addr: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    initial_members: Option<Vec<String>>,
+    max_value_bytes: Option<usize>,
+    write_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+    snapshot_logs: Option<u64>,
+    logs_to_keep: Option<u64>,
+    max_pending_writes: Option<usize>,
+}
+
+/// Where a node keeps its data.
+#[derive(Debug, Clone)]
+pub enum DataLocation {
+    /// A directory on disk.
+    Dir(PathBuf),
+    /// Memory only.
+    Memory,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// Cluster name recorded in the data directory.
+    pub cluster_name: String,
+    /// Storage.
+    pub data: DataLocation,
+    /// API listener.
+    pub api_addr: SocketAddr,
+    /// Peer listener.
+    pub peer_addr: SocketAddr,
+    /// Metrics listener.
+    pub metrics_addr: Option<SocketAddr>,
+    /// This node's advertised addresses.
+    pub member: Member,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// Voters of a new cluster.
+    pub initial_members: BTreeMap<NodeId, Member>,
+    /// Largest value accepted.
+    pub max_value_bytes: usize,
+    /// Raft tuning.
+    pub raft: Settings,
+}
+
+/// Parses `ID=PEER_ADDR/API_ADDR`.
+pub fn parse_member(s: &str) -> Result<(NodeId, Member)> {
+    let (id, addrs) = s
+        .split_once('=')
+        .with_context(|| format!("initial member {s:?} must look like ID=PEER_ADDR/API_ADDR"))?;
+    let id: NodeId = id
+        .trim()
+        .parse()
+        .with_context(|| format!("initial member {s:?}: the id must be a positive integer"))?;
+    let (peer, api) = addrs
+        .split_once('/')
+        .with_context(|| format!("initial member {s:?} must look like ID=PEER_ADDR/API_ADDR"))?;
+    if id == 0 || peer.is_empty() || api.is_empty() {
+        bail!("initial member {s:?} must look like ID=PEER_ADDR/API_ADDR with ID > 0");
+    }
+    Ok((
+        id,
+        Member {
+            peer_addr: peer.trim().to_string(),
+            api_addr: api.trim().to_string(),
+        },
+    ))
+}
+
+impl ServerArgs {
+    /// Merges flags, environment and file, and validates.
+    pub fn resolve(self) -> Result<NodeConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node_id = self
+            .node_id
+            .or(file.node_id)
+            .context("--node-id (or node_id in the config file, or COFFER_NODE_ID) is required")?;
+        if node_id == 0 {
+            bail!("--node-id must be a positive integer");
+        }
+        let in_memory = self.in_memory || file.in_memory.unwrap_or(false);
+        let data = match (self.data_dir.or(file.data_dir), in_memory) {
+            (Some(_), true) => bail!("give either --data-dir or --in-memory, not both"),
+            (Some(dir), false) => DataLocation::Dir(dir),
+            (None, true) => DataLocation::Memory,
+            (None, false) => bail!("--data-dir is required (or --in-memory for a transient node)"),
+        };
+        let api_addr = self
+            .api_addr
+            .or(file.api_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
+        let peer_addr = self
+            .peer_addr
+            .or(file.peer_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7701)));
+        let metrics_addr = self.metrics_addr.or(file.metrics_addr);
+        let member = Member {
+            api_addr: self
+                .advertise_api_addr
+                .or(file.advertise_api_addr)
+                .unwrap_or_else(|| api_addr.to_string()),
+            peer_addr: self
+                .advertise_peer_addr
+                .or(file.advertise_peer_addr)
+                .unwrap_or_else(|| peer_addr.to_string()),
+        };
+        let need = |v: Option<PathBuf>, flag: &str| {
+            v.with_context(|| format!("--{flag} is required: Coffer has no plaintext mode"))
+        };
+        let tls = TlsFiles {
+            cert: need(self.tls_cert.or(file.tls_cert), "tls-cert")?,
+            key: need(self.tls_key.or(file.tls_key), "tls-key")?,
+            ca: need(self.tls_ca.or(file.tls_ca), "tls-ca")?,
+        };
+        let raw_members = if self.initial_members.is_empty() {
+            file.initial_members.unwrap_or_default()
+        } else {
+            self.initial_members
+        };
+        let mut initial_members = BTreeMap::new();
+        for m in &raw_members {
+            let (id, member) = parse_member(m)?;
+            if initial_members.insert(id, member).is_some() {
+                bail!("initial member id {id} is given twice");
+            }
+        }
+        if !initial_members.is_empty() {
+            match initial_members.get(&node_id) {
+                None => bail!(
+                    "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster is added with `coffer cluster add-learner`"
+                ),
+                Some(m) if *m != member => bail!(
+                    "--initial-member gives node {node_id} the addresses {m}, but this node advertises {member}"
+                ),
+                Some(_) => {}
+            }
+        }
+        let defaults = Settings::default();
+        let heartbeat_ms = self
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(defaults.heartbeat_ms);
+        let election_timeout_ms = self
+            .election_timeout_ms
+            .or(file.election_timeout_ms)
+            .unwrap_or(defaults.election_timeout_ms);
+        if election_timeout_ms <= heartbeat_ms * 2 {
+            bail!(
+                "--election-timeout-ms ({election_timeout_ms}) must be more than twice --heartbeat-ms ({heartbeat_ms})"
+            );
+        }
+        let raft = Settings {
+            heartbeat_ms,
+            election_timeout_ms,
+            snapshot_logs: self
+                .snapshot_logs
+                .or(file.snapshot_logs)
+                .unwrap_or(defaults.snapshot_logs),
+            logs_to_keep: self
+                .logs_to_keep
+                .or(file.logs_to_keep)
+                .unwrap_or(defaults.logs_to_keep),
+            write_timeout: self
+                .write_timeout_ms
+                .or(file.write_timeout_ms)
+                .map_or(defaults.write_timeout, Duration::from_millis),
+            read_timeout: self
+                .read_timeout_ms
+                .or(file.read_timeout_ms)
+                .map_or(defaults.read_timeout, Duration::from_millis),
+            max_pending_writes: self
+                .max_pending_writes
+                .or(file.max_pending_writes)
+                .unwrap_or(defaults.max_pending_writes)
+                .max(1),
+            ..defaults
+        };
+        let max_value_bytes = self
+            .max_value_bytes
+            .or(file.max_value_bytes)
+            .unwrap_or(1 << 20);
+        if max_value_bytes == 0 || max_value_bytes > 64 << 20 {
+            bail!("--max-value-bytes must be between 1 and 67108864 (64 MiB)");
+        }
+        Ok(NodeConfig {
+            node_id,
+            cluster_name: self
+                .cluster_name
+                .or(file.cluster_name)
+                .unwrap_or_else(|| "coffer".into()),
+            data,
+            api_addr,
+            peer_addr,
+            metrics_addr,
+            member,
+            tls,
+            initial_members,
+            max_value_bytes,
+            raft,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_syntax_is_checked() {
+        let (id, m) = parse_member("3=10.0.0.3:7701/10.0.0.3:7700").unwrap();
+        assert_eq!(id, 3);
+        assert_eq!(m.peer_addr, "10.0.0.3:7701");
+        assert_eq!(m.api_addr, "10.0.0.3:7700");
+        assert!(parse_member("3=10.0.0.3:7701").is_err());
+        assert!(parse_member("0=a/b").is_err());
+        assert!(parse_member("x=a/b").is_err());
+    }
+
+    #[test]
+    fn file_and_flags_merge_with_flags_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coffer.toml");
+        std::fs::write(
+            &file,
+            "node_id = 2\ndata_dir = \"/var/lib/coffer\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_ca = \"a\"\nheartbeat_ms = 50\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(file.clone()),
+            heartbeat_ms: Some(70),
+            ..Default::default()
+        };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.raft.heartbeat_ms, 70);
+        std::fs::write(&file, "node_id = 2\nbogus = 1\n").unwrap();
+        let err = ServerArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+    }
+
+    #[test]
+    fn no_plaintext_and_no_ambiguous_storage() {
+        let err = ServerArgs {
+            node_id: Some(1),
+            in_memory: true,
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("plaintext"), "{err}");
+        let err = ServerArgs {
+            node_id: Some(1),
+            in_memory: true,
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! The `coffer` binary's library: the node (API, Raft wiring, metrics), the transient `dev`
+//! cluster, and the command line.
+//!
+//! **Architecture invariant:** the only crate that knows the public API, configuration files
+//! and (later) authentication, policies and secrets. It talks to Raft through
+//! [`coffer_raft::RaftNode`] and never opens the storage tables itself.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod metrics;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,223 @@
+//! Prometheus metrics of one node, served on their own port (`/metrics`), plus `/health`.
+//!
+//! Raft gauges are refreshed from the node's status at scrape time; request and storage metrics
+//! are recorded as they happen. No label ever carries a key, a value or any secret material.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use coffer_raft::RaftNode;
+use coffer_storage::FlushEvent;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+/// The metrics of one node.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    fsync_seconds: Histogram,
+    flush_entries: Histogram,
+    fsyncs: IntCounter,
+    flushed_entries: IntCounter,
+    raft: IntGaugeVec,
+    lag: IntGaugeVec,
+    is_leader: IntGauge,
+    fatal: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn buckets_latency() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// A fresh registry with every Coffer metric.
+    pub fn new(node_id: u64) -> Result<Metrics> {
+        let registry = Registry::new_custom(
+            Some("coffer".into()),
+            Some([("node_id".to_string(), node_id.to_string())].into()),
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "API requests by method and gRPC status code",
+            ),
+            &["method", "code"],
+        )?;
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "API request latency by method")
+                .buckets(buckets_latency()),
+            &["method"],
+        )?;
+        let fsync_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "storage_fsync_duration_seconds",
+                "Duration of durable log commits (one fsync each)",
+            )
+            .buckets(buckets_latency()),
+        )?;
+        let flush_entries = Histogram::with_opts(
+            HistogramOpts::new(
+                "storage_entries_per_fsync",
+                "Log entries made durable by one commit (group commit batch size)",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )?;
+        let fsyncs = IntCounter::new("storage_fsyncs_total", "Durable log commits")?;
+        let flushed_entries = IntCounter::new(
+            "storage_flushed_entries_total",
+            "Log entries made durable (divide by storage_fsyncs_total for the batch size)",
+        )?;
+        let raft = IntGaugeVec::new(
+            Opts::new("raft_index", "Raft log positions of this node"),
+            &["kind"],
+        )?;
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "raft_replication_lag_entries",
+                "On the leader: entries each member is behind the leader's last log index",
+            ),
+            &["peer"],
+        )?;
+        let is_leader = IntGauge::new("raft_is_leader", "1 when this node is the leader")?;
+        let fatal = IntGauge::new("fatal", "1 when Raft or storage stopped on this node")?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_seconds.clone()),
+            Box::new(fsync_seconds.clone()),
+            Box::new(flush_entries.clone()),
+            Box::new(fsyncs.clone()),
+            Box::new(flushed_entries.clone()),
+            Box::new(raft.clone()),
+            Box::new(lag.clone()),
+            Box::new(is_leader.clone()),
+            Box::new(fatal.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            request_seconds,
+            fsync_seconds,
+            flush_entries,
+            fsyncs,
+            flushed_entries,
+            raft,
+            lag,
+            is_leader,
+            fatal,
+        })
+    }
+
+    /// Records one API request.
+    pub fn observe(&self, method: &str, started: Instant, code: tonic::Code) {
+        self.requests
+            .with_label_values(&[method, &format!("{code:?}")])
+            .inc();
+        self.request_seconds
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records one durable log commit.
+    pub fn observe_flush(&self, e: FlushEvent) {
+        self.fsyncs.inc();
+        self.flushed_entries.inc_by(e.entries);
+        self.fsync_seconds.observe(e.duration.as_secs_f64());
+        self.flush_entries.observe(e.entries as f64);
+    }
+
+    /// (durable log commits, entries they made durable) since start.
+    pub fn flush_totals(&self) -> (u64, u64) {
+        (self.fsyncs.get(), self.flushed_entries.get())
+    }
+
+    fn refresh(&self, node: &RaftNode) {
+        let s = node.status();
+        let set = |k: &str, v: u64| self.raft.with_label_values(&[k]).set(v as i64);
+        set("term", s.term);
+        set("leader_id", s.leader.unwrap_or(0));
+        set("last_log", s.last_log_index);
+        set("committed", s.committed);
+        set("applied", s.applied);
+        set("snapshot", s.snapshot);
+        set("purged", s.purged);
+        self.is_leader.set(i64::from(s.leader == Some(s.id)));
+        self.fatal.set(i64::from(node.fatal().is_some()));
+        self.lag.reset();
+        for (peer, matched) in &s.replication {
+            self.lag
+                .with_label_values(&[&peer.to_string()])
+                .set(s.last_log_index.saturating_sub(*matched) as i64);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self, node: &RaftNode) -> String {
+        self.refresh(node);
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Serves `/metrics` and `/health` until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    node: Arc<RaftNode>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::routing::get;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let local = listener.local_addr()?;
+    let health_node = node.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (m, n) = (metrics.clone(), node.clone());
+                async move { m.render(&n) }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let n = health_node.clone();
+                async move {
+                    match n.fatal() {
+                        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+                        None => (axum::http::StatusCode::OK, "ok".to_string()),
+                    }
+                }
+            }),
+        );
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((local, handle))
+}

@@ -1,0 +1,241 @@
+//! Running one node: storage and identity checks, Raft, the API, peer and metrics listeners,
+//! bootstrap of a new cluster, and stopping on a fatal storage or Raft error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use coffer_raft::{PeerPool, PeerService, RaftNode};
+use coffer_storage::{Backend, Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::Api;
+use crate::config::{DataLocation, NodeConfig};
+use crate::metrics::{self, Metrics};
+use crate::tls::TlsMaterial;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "coffer.redb";
+const META_NODE_ID: &str = "node_id";
+const META_CLUSTER: &str = "cluster_name";
+
+/// Largest snapshot a node accepts from a peer.
+const MAX_SNAPSHOT_BYTES: u64 = 8 << 30;
+
+/// A running node.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// The Raft node.
+    pub node: Arc<RaftNode>,
+    /// Bound API address.
+    pub api_addr: SocketAddr,
+    /// Bound peer address.
+    pub peer_addr: SocketAddr,
+    /// Bound metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set to the reason when the node stopped by itself (fatal error).
+    pub fatal: watch::Receiver<Option<String>>,
+}
+
+impl RunningNode {
+    /// Stops the listeners and Raft.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.node.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store and checks that the data directory belongs to this node and cluster.
+fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<Store> {
+    let backend = match &cfg.data {
+        DataLocation::Memory => Backend::Memory,
+        DataLocation::Dir(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+            Backend::File(dir.join(DB_FILE))
+        }
+    };
+    let mut store_cfg = StoreConfig::new(backend);
+    let m = metrics.clone();
+    store_cfg.on_flush = Some(Arc::new(move |e| m.observe_flush(e)));
+    let store = Store::open(store_cfg).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nThe data directory is corrupt, locked by another process, or not a Coffer database. \
+             Coffer never reinitializes it: stop the other process, restore it from a backup, or \
+             move it away to join this node as a new member."
+        )
+    })?;
+    let stored_id = store.meta_get(META_NODE_ID)?;
+    let stored_cluster = store.meta_get(META_CLUSTER)?;
+    match (stored_id, stored_cluster) {
+        (None, None) => {
+            store.meta_put(META_NODE_ID, &cfg.node_id.to_le_bytes(), true)?;
+            store.meta_put(META_CLUSTER, cfg.cluster_name.as_bytes(), true)?;
+        }
+        (Some(id), Some(cluster)) => {
+            let id = <[u8; 8]>::try_from(id.as_slice())
+                .map(u64::from_le_bytes)
+                .map_err(|_| anyhow::anyhow!("the data directory's node id record is corrupt"))?;
+            let cluster = String::from_utf8_lossy(&cluster).into_owned();
+            if id != cfg.node_id {
+                bail!(
+                    "the data directory belongs to node {id}, but this node is configured as node {}; \
+                     start it with --node-id {id} or give it its own --data-dir",
+                    cfg.node_id
+                );
+            }
+            if cluster != cfg.cluster_name {
+                bail!(
+                    "the data directory belongs to cluster {cluster:?}, but this node is configured for \
+                     cluster {:?}; fix --cluster-name or give it its own --data-dir",
+                    cfg.cluster_name
+                );
+            }
+        }
+        _ => {
+            bail!("the data directory's identity records are incomplete; restore it from a backup")
+        }
+    }
+    Ok(store)
+}
+
+/// Starts a node: binds its listeners, starts Raft, bootstraps a new cluster if configured.
+pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
+    let metrics = Metrics::new(cfg.node_id)?;
+    let store = open_store(&cfg, &metrics)?;
+    let pool = PeerPool::new(tls.peer_client(), Duration::from_secs(2));
+    let node = RaftNode::start(cfg.node_id, cfg.raft.clone(), store, pool).await?;
+
+    let api_listener = TcpListener::bind(cfg.api_addr)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", cfg.api_addr))?;
+    let peer_listener = TcpListener::bind(cfg.peer_addr)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", cfg.peer_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let peer_addr = peer_listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (fatal_tx, fatal_rx) = watch::channel(None);
+    let mut tasks = Vec::new();
+
+    let api = Api::new(
+        node.clone(),
+        metrics.clone(),
+        cfg.max_value_bytes,
+        cfg.cluster_name.clone(),
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let max_message = cfg.max_value_bytes + (1 << 20);
+    let api_server = Server::builder()
+        .tls_config(tls.api_server())
+        .context("API TLS configuration")?
+        .concurrency_limit_per_connection(1024)
+        .add_service(reflection)
+        .add_service(
+            coffer_api::v1::kv_server::KvServer::new(api.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(coffer_api::v1::cluster_server::ClusterServer::new(api));
+    let mut stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(api_listener);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = api_server
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    }));
+
+    let peer_server = Server::builder()
+        .tls_config(tls.peer_server())
+        .context("peer TLS configuration")?
+        .add_service(PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES));
+    let mut stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(peer_listener);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = peer_server
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "peer server stopped");
+        }
+    }));
+
+    let metrics_addr = match cfg.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = metrics::serve(addr, metrics.clone(), node.clone()).await?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+
+    // A node whose storage or Raft failed stops serving at once: it must never go on with a
+    // state it did not persist.
+    let watched = node.clone();
+    let stop_on_fatal = stop_tx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut rx = watched.raft().metrics();
+        loop {
+            if let Some(why) = watched.fatal() {
+                tracing::error!(reason = %why, "node stopped serving");
+                let _ = fatal_tx.send(Some(why));
+                let _ = stop_on_fatal.send(true);
+                return;
+            }
+            use openraft::async_runtime::WatchReceiver;
+            if tokio::time::timeout(Duration::from_millis(500), rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return;
+            }
+        }
+    }));
+
+    if !cfg.initial_members.is_empty() && !node.is_initialized().await? {
+        let first = cfg.initial_members.keys().next().copied();
+        if first == Some(cfg.node_id) {
+            let created = node.initialize(cfg.initial_members.clone()).await?;
+            tracing::info!(
+                created,
+                members = cfg.initial_members.len(),
+                "bootstrapped a new cluster"
+            );
+        } else {
+            tracing::info!(bootstrapper = ?first, "waiting for the bootstrapping member to contact this node");
+        }
+    }
+    tracing::info!(node_id = cfg.node_id, %api_addr, %peer_addr, "node started");
+    Ok(RunningNode {
+        node,
+        api_addr,
+        peer_addr,
+        metrics_addr,
+        stop: stop_tx,
+        tasks,
+        fatal: fatal_rx,
+    })
+}

@@ -1,0 +1,212 @@
+//! TLS material: loading PEM files, and generating a cluster CA and node certificates (for
+//! `coffer dev` and `coffer certs`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// PEM files of one node: its certificate (server and client auth), its key, the cluster CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Node certificate (PEM).
+    pub cert: PathBuf,
+    /// Node private key (PEM); must not be readable by group or others.
+    pub key: PathBuf,
+    /// Cluster CA certificate (PEM).
+    pub ca: PathBuf,
+}
+
+/// Loaded TLS material.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial(***)")
+    }
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let bytes =
+        fs::read(path).with_context(|| format!("cannot read the {what} at {}", path.display()))?;
+    if !bytes.starts_with(b"-----BEGIN") {
+        bail!(
+            "{} is not a PEM file (the {what} must be PEM)",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+impl TlsMaterial {
+    /// Loads and checks the files. A key readable by group or others is refused.
+    pub fn load(files: &TlsFiles) -> Result<TlsMaterial> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&files.key)
+                .with_context(|| format!("cannot read the TLS key at {}", files.key.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                bail!(
+                    "the TLS key {} is readable by others (mode {:o}); run chmod 600 on it",
+                    files.key.display(),
+                    mode & 0o777
+                );
+            }
+        }
+        Ok(TlsMaterial {
+            cert: read_pem(&files.cert, "TLS certificate")?,
+            key: read_pem(&files.key, "TLS key")?,
+            ca: read_pem(&files.ca, "CA certificate")?,
+        })
+    }
+
+    /// From PEM bytes.
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> TlsMaterial {
+        TlsMaterial { cert, key, ca }
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::from_pem(&self.cert, &self.key)
+    }
+
+    /// The API listener: server certificate, no client certificate (yet).
+    pub fn api_server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(self.identity())
+    }
+
+    /// The peer listener: mutual TLS, clients must present a certificate of the cluster CA.
+    pub fn peer_server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity())
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    /// Outgoing peer connections: verify the peer against the cluster CA, present our cert.
+    pub fn peer_client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(self.identity())
+    }
+}
+
+/// A CA that signs node certificates.
+pub struct CertAuthority {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl std::fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertAuthority(***)")
+    }
+}
+
+impl CertAuthority {
+    /// A new self-signed CA.
+    pub fn generate(name: &str) -> Result<CertAuthority> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority {
+            pem: cert.pem(),
+            params,
+            key,
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A node certificate for `hosts` (DNS names or IPs), good for server and client auth.
+    /// Returns (certificate PEM, key PEM).
+    pub fn issue(&self, common_name: &str, hosts: &[String]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Writes a file that holds secret material, readable by the owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(contents.as_bytes())?;
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// Generates a CA and one certificate per node into `dir`: `ca.pem`, `node-<id>.pem`,
+/// `node-<id>-key.pem`. Each node certificate names `localhost`, `127.0.0.1` and its hosts.
+pub fn generate_cluster_certs(dir: &Path, nodes: &[(u64, Vec<String>)]) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca = CertAuthority::generate("coffer cluster CA")?;
+    fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+    for (id, hosts) in nodes {
+        let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        for h in hosts {
+            if !all.contains(h) {
+                all.push(h.clone());
+            }
+        }
+        let (cert, key) = ca.issue(&format!("coffer-node-{id}"), &all)?;
+        fs::write(dir.join(format!("node-{id}.pem")), cert)?;
+        write_private(&dir.join(format!("node-{id}-key.pem")), &key)?;
+    }
+    Ok(())
+}
+
+/// The files [`generate_cluster_certs`] wrote for node `id`.
+pub fn node_files(dir: &Path, id: u64) -> TlsFiles {
+    TlsFiles {
+        cert: dir.join(format!("node-{id}.pem")),
+        key: dir.join(format!("node-{id}-key.pem")),
+        ca: dir.join("ca.pem"),
+    }
+}

@@ -1,0 +1,142 @@
+//! [`RaftLogStorage`] over [`coffer_storage::Store`].
+//!
+//! To ensure correctness:
+//! * `append` returns once the entries are readable (a non-durable redb commit) and completes the
+//!   `IOFlushed` callback only after the flusher thread's durable commit covers them, so an entry
+//!   is never acknowledged to the leader before it is on disk, and many appends share one fsync.
+//! * `save_vote`, `truncate_after` and `purge` are durable on return.
+//! * `save_committed` is not durable on its own; losing it only means re-applying after a crash.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use coffer_storage::Store;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+
+use crate::codec::{decode_io, encode_io};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+const VOTE: &str = "raft_vote";
+const COMMITTED: &str = "raft_committed";
+const PURGED: &str = "raft_purged";
+
+/// The Raft log of one node.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    store: Store,
+}
+
+impl LogStore {
+    /// A log over `store`.
+    pub fn new(store: Store) -> LogStore {
+        LogStore { store }
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        match self.store.meta_get(key)? {
+            Some(bytes) => Ok(Some(decode_io(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        let raw = self.store.log_range(start, end)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, bytes) in raw {
+            let entry: Entry = decode_io(&bytes)?;
+            if entry.log_id.index != index {
+                return Err(io::Error::other(format!(
+                    "log entry stored at index {index} has log id {}",
+                    entry.log_id
+                )));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.meta(VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let purged: Option<LogId> = self.meta::<Option<LogId>>(PURGED)?.flatten();
+        let last = match self.store.log_last()? {
+            Some((_, bytes)) => Some(decode_io::<Entry>(&bytes)?.log_id),
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        self.store.meta_put(VOTE, &encode_io(vote)?, true)?;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        self.store
+            .meta_put(COMMITTED, &encode_io(&committed)?, false)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        Ok(self.meta::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            encoded.push((entry.log_id.index, encode_io(&entry)?));
+        }
+        self.store.append(&encoded)?;
+        let n = encoded.len() as u64;
+        self.store.flush(n, move |r| {
+            callback.io_completed(r.map_err(io::Error::from));
+        });
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        self.store.truncate_from(from)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        let index = log_id.index;
+        self.store
+            .purge_through(index, PURGED, &encode_io(&Some(log_id))?)?;
+        Ok(())
+    }
+}

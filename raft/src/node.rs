@@ -1,0 +1,631 @@
+//! [`RaftNode`]: one member of the cluster, with writes from any node (forwarded to the leader),
+//! linearizable reads on any node (read-index), membership changes and status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_storage::{Command, RequestId, Store, TxnResult};
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::raft::linearizable_read::{Linearizer, ReadLogId};
+use openraft::{ChangeMembers, Raft, ReadPolicy, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::codec::{decode, encode};
+use crate::log_store::LogStore;
+use crate::network::{Network, PeerPool};
+use crate::pb::Payload;
+use crate::state_machine::StateMachine;
+use crate::types::{LogId, Member, NodeId, TypeConfig};
+use crate::{Error, Settings};
+
+/// A write that was committed and applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Written {
+    /// What the state machine answered.
+    pub result: TxnResult,
+    /// The log index of the entry.
+    pub index: u64,
+}
+
+/// A membership change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add a node as a non-voting learner (a read replica); returns once it caught up.
+    AddLearner {
+        /// The new node's id (never one used before).
+        id: NodeId,
+        /// Its addresses.
+        member: Member,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// The learner.
+        id: NodeId,
+    },
+    /// Remove a voter or a learner from the cluster.
+    Remove {
+        /// The node.
+        id: NodeId,
+    },
+}
+
+/// The outcome of one attempt at the leader, as sent back over the peer wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Attempt {
+    /// Try again (perhaps at another leader). `attempted`: the leader may have proposed it.
+    Retry {
+        /// Whether the operation may have been proposed.
+        attempted: bool,
+        /// Why it did not complete.
+        why: String,
+    },
+    /// Final.
+    Fail(Error),
+}
+
+/// One node's view of the cluster, for `coffer status` and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node.
+    pub id: NodeId,
+    /// Leader, Follower, Learner, Candidate or Shutdown.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Index of the last log entry.
+    pub last_log_index: u64,
+    /// Highest index known committed.
+    pub committed: u64,
+    /// Highest index applied to the state machine.
+    pub applied: u64,
+    /// Index covered by the current snapshot.
+    pub snapshot: u64,
+    /// Highest purged index.
+    pub purged: u64,
+    /// Voters and their addresses.
+    pub voters: BTreeMap<NodeId, Member>,
+    /// Learners and their addresses.
+    pub learners: BTreeMap<NodeId, Member>,
+    /// On the leader: highest index replicated to each member.
+    pub replication: BTreeMap<NodeId, u64>,
+    /// Why Raft stopped, if it did.
+    pub fatal: Option<String>,
+}
+
+/// One cluster member.
+pub struct RaftNode {
+    id: NodeId,
+    raft: Raft<TypeConfig, StateMachine>,
+    store: Store,
+    pool: PeerPool,
+    settings: Settings,
+    write_permits: Arc<Semaphore>,
+    admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+impl RaftNode {
+    /// Starts Raft for node `id` over `store`. The peer service must be served by the caller
+    /// (see [`RaftNode::peer_service`]).
+    pub async fn start(
+        id: NodeId,
+        settings: Settings,
+        store: Store,
+        pool: PeerPool,
+    ) -> Result<Arc<RaftNode>, Error> {
+        let config = openraft::Config {
+            cluster_name: "coffer".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_ms,
+            election_timeout_max: settings.election_timeout_ms * 2,
+            install_snapshot_timeout: settings.snapshot_timeout.as_millis() as u64,
+            max_payload_entries: 256,
+            snapshot_policy: if settings.snapshot_logs == 0 {
+                SnapshotPolicy::Never
+            } else {
+                SnapshotPolicy::LogsSinceLast(settings.snapshot_logs)
+            },
+            max_in_snapshot_log_to_keep: settings.logs_to_keep,
+            purge_batch_size: 256,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let network = Network::new(id, pool.clone(), settings.snapshot_timeout);
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            network,
+            LogStore::new(store.clone()),
+            StateMachine::new(store.clone()),
+        )
+        .await
+        .map_err(|e| Error::Fatal(e.to_string()))?;
+        Ok(Arc::new(RaftNode {
+            id,
+            raft,
+            store,
+            pool,
+            write_permits: Arc::new(Semaphore::new(settings.max_pending_writes)),
+            settings,
+            admin_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The openraft handle (for metrics and tests).
+    pub fn raft(&self) -> &Raft<TypeConfig, StateMachine> {
+        &self.raft
+    }
+
+    /// The local store (reads after [`RaftNode::linearize`], or stale reads).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Forms a new cluster with `members` as its voters. Returns `false` when this node's log
+    /// already has a membership (the cluster exists): initializing is then a no-op.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Member>) -> Result<bool, Error> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
+            Err(RaftError::APIError(e)) => Err(Error::Config(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(Error::Fatal(e.to_string())),
+        }
+    }
+
+    /// Whether this node's log has a membership (it belongs to a cluster).
+    pub async fn is_initialized(&self) -> Result<bool, Error> {
+        self.raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Fatal(e.to_string()))
+    }
+
+    fn leader(&self) -> Option<(NodeId, Option<Member>)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let leader = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&leader).cloned();
+        Some((leader, member))
+    }
+
+    /// Waits until the metrics change (a leader appears, say), at most a short while.
+    async fn wait_for_change(&self, deadline: Instant) {
+        let mut rx = self.raft.metrics();
+        let pause = remaining(deadline).min(Duration::from_millis(self.settings.heartbeat_ms * 2));
+        let _ = tokio::time::timeout(pause, rx.changed()).await;
+    }
+
+    /// Why the node cannot serve, if Raft or storage stopped.
+    pub fn fatal(&self) -> Option<String> {
+        if self.store.is_failed() {
+            return Some("storage failed".into());
+        }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.running_state.as_ref().err().map(|e| e.to_string())
+    }
+
+    /// Commits a command through the leader, from any node, and returns its result.
+    ///
+    /// The command gets a request id if it has none, so a retry after a lost answer (a leader
+    /// change, a dropped connection) applies it at most once. Fails with
+    /// [`Error::Unavailable`] when it was certainly not applied, and [`Error::OutcomeUnknown`]
+    /// when the deadline passed after it may have been proposed.
+    pub async fn write(&self, mut cmd: Command) -> Result<Written, Error> {
+        if cmd.request_id.is_none() {
+            cmd.request_id = Some(RequestId(*uuid::Uuid::new_v4().as_bytes()));
+        }
+        let _permit = self
+            .write_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded(self.settings.max_pending_writes))?;
+        let deadline = Instant::now() + self.settings.write_timeout;
+        let mut attempted = false;
+        let mut why;
+        loop {
+            let outcome = match self.leader() {
+                Some((leader, _)) if leader == self.id => self.propose(&cmd, deadline).await,
+                Some((leader, Some(member))) => {
+                    let payload = (cmd.clone(), remaining(deadline).as_millis() as u64);
+                    self.call_leader(leader, &member, deadline, payload, |mut c, p| async move {
+                        c.forward(p).await
+                    })
+                    .await
+                }
+                Some((leader, None)) => Err(Attempt::Retry {
+                    attempted: false,
+                    why: format!("leader {leader} is not in this node's membership yet"),
+                }),
+                None => Err(Attempt::Retry {
+                    attempted: false,
+                    why: "no leader is known".into(),
+                }),
+            };
+            match outcome {
+                Ok(written) => return Ok(written),
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry {
+                    attempted: a,
+                    why: w,
+                }) => {
+                    attempted |= a;
+                    why = w;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(if attempted {
+                    Error::OutcomeUnknown(why)
+                } else {
+                    Error::Unavailable(why)
+                });
+            }
+            self.wait_for_change(deadline).await;
+        }
+    }
+
+    /// One proposal on this node as leader.
+    pub(crate) async fn propose(
+        &self,
+        cmd: &Command,
+        deadline: Instant,
+    ) -> Result<Written, Attempt> {
+        if let Some(why) = self.quorum_lost() {
+            return Err(Attempt::Retry {
+                attempted: false,
+                why,
+            });
+        }
+        match tokio::time::timeout(remaining(deadline), self.raft.client_write(cmd.clone())).await {
+            Err(_) => Err(Attempt::Retry {
+                attempted: true,
+                why: "the entry was not committed before the deadline".into(),
+            }),
+            Ok(Ok(resp)) => Ok(Written {
+                result: resp.data,
+                index: resp.log_id.index,
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Attempt::Retry {
+                    attempted: false,
+                    why: "leadership changed".into(),
+                })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                Err(Attempt::Retry {
+                    attempted: true,
+                    why: "the leader changed before the entry committed".into(),
+                })
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(Attempt::Fail(Error::Invalid(e.to_string()))),
+            Ok(Err(RaftError::Fatal(e))) => Err(Attempt::Fail(Error::Fatal(e.to_string()))),
+        }
+    }
+
+    /// On a leader of a multi-voter cluster: why it cannot commit now (no quorum heard from
+    /// within two election timeouts), if so.
+    fn quorum_lost(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader || m.membership_config.voter_ids().count() < 2 {
+            return None;
+        }
+        let limit = Duration::from_millis(self.settings.election_timeout_ms * 4);
+        match &m.last_quorum_acked {
+            Some(at) if at.elapsed() <= limit => None,
+            Some(at) => Some(format!(
+                "the leader has not heard from a quorum for {} ms",
+                at.elapsed().as_millis()
+            )),
+            None => None,
+        }
+    }
+
+    async fn call_leader<Req, Resp, F, Fut>(
+        &self,
+        leader: NodeId,
+        member: &Member,
+        deadline: Instant,
+        req: Req,
+        call: F,
+    ) -> Result<Resp, Attempt>
+    where
+        Req: Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(crate::pb::peer_client::PeerClient<tonic::transport::Channel>, Payload) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Payload>, tonic::Status>>,
+    {
+        let client = self
+            .pool
+            .client(&member.peer_addr)
+            .map_err(|why| Attempt::Retry {
+                attempted: false,
+                why,
+            })?;
+        let data = encode(&req).map_err(|s| Attempt::Fail(Error::Invalid(s.message().into())))?;
+        let response =
+            match tokio::time::timeout(remaining(deadline), call(client, Payload { data })).await {
+                Err(_) => {
+                    return Err(Attempt::Retry {
+                        attempted: true,
+                        why: format!("leader {leader} did not answer before the deadline"),
+                    });
+                }
+                Ok(Err(status)) => {
+                    // A refused connection never reached the leader; anything else might have.
+                    let connect = status.code() == tonic::Code::Unavailable
+                        && status.message().contains("connect");
+                    return Err(Attempt::Retry {
+                        attempted: !connect,
+                        why: format!("leader {leader} unreachable: {}", status.message()),
+                    });
+                }
+                Ok(Ok(r)) => r,
+            };
+        let result: Result<Resp, Attempt> =
+            decode(&response.into_inner().data).map_err(|s| Attempt::Retry {
+                attempted: true,
+                why: s.message().to_string(),
+            })?;
+        result
+    }
+
+    /// Makes local reads linearizable: obtains a read index (from the leader when this node
+    /// follows, confirmed by a quorum heartbeat) and waits until this node applied it. Returns
+    /// the read index.
+    pub async fn linearize(&self) -> Result<u64, Error> {
+        let deadline = Instant::now() + self.settings.read_timeout;
+        let mut why;
+        loop {
+            let outcome = match self.leader() {
+                Some((leader, _)) if leader == self.id => self.read_index_local(deadline).await,
+                Some((leader, Some(member))) => {
+                    self.call_leader(
+                        leader,
+                        &member,
+                        deadline,
+                        remaining(deadline).as_millis() as u64,
+                        |mut c, p| async move { c.read_index(p).await },
+                    )
+                    .await
+                }
+                _ => Err(Attempt::Retry {
+                    attempted: false,
+                    why: "no leader is known".into(),
+                }),
+            };
+            match outcome {
+                Ok(log_id) => return self.await_applied(log_id, deadline).await,
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry { why: w, .. }) => why = w,
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no linearizable read index within {} ms: {why}",
+                    self.settings.read_timeout.as_millis()
+                )));
+            }
+            self.wait_for_change(deadline).await;
+        }
+    }
+
+    /// The read index on this node as leader.
+    pub(crate) async fn read_index_local(&self, deadline: Instant) -> Result<LogId, Attempt> {
+        match tokio::time::timeout(
+            remaining(deadline),
+            self.raft.get_read_log_id(ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Err(_) => Err(Attempt::Retry {
+                attempted: false,
+                why: "the leader could not confirm its leadership with a quorum in time".into(),
+            }),
+            Ok(Ok((read_log_id, _))) => Ok(*read_log_id.log_id()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {
+                Err(Attempt::Retry {
+                    attempted: false,
+                    why: "leadership changed".into(),
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
+                Err(Attempt::Retry {
+                    attempted: false,
+                    why: e.to_string(),
+                })
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(Attempt::Fail(Error::Fatal(e.to_string()))),
+        }
+    }
+
+    async fn await_applied(&self, log_id: LogId, deadline: Instant) -> Result<u64, Error> {
+        let linearizer = Linearizer::new(self.id, ReadLogId::from_log_id(log_id), None);
+        match linearizer
+            .try_await_ready(&self.raft, Some(remaining(deadline)))
+            .await
+        {
+            Ok(Ok(_)) => Ok(log_id.index),
+            Ok(Err(state)) => Err(Error::Unavailable(format!(
+                "this node has applied up to {:?} but the read index is {}; it is catching up",
+                state.applied().map(|l| l.index),
+                log_id.index
+            ))),
+            Err(e) => Err(Error::Fatal(e.to_string())),
+        }
+    }
+
+    /// Changes the membership through the leader. Changes are serialized at the leader.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<u64, Error> {
+        let deadline = Instant::now() + self.settings.membership_timeout;
+        let mut why;
+        loop {
+            let outcome = match self.leader() {
+                Some((leader, _)) if leader == self.id => {
+                    self.change_membership_local(change.clone(), deadline).await
+                }
+                Some((leader, Some(member))) => {
+                    self.call_leader(
+                        leader,
+                        &member,
+                        deadline,
+                        (change.clone(), remaining(deadline).as_millis() as u64),
+                        |mut c, p| async move { c.admin(p).await },
+                    )
+                    .await
+                }
+                _ => Err(Attempt::Retry {
+                    attempted: false,
+                    why: "no leader is known".into(),
+                }),
+            };
+            match outcome {
+                Ok(index) => return Ok(index),
+                Err(Attempt::Fail(e)) => return Err(e),
+                // Membership changes carry no request id: only retry what was never proposed.
+                Err(Attempt::Retry {
+                    attempted: true,
+                    why,
+                }) => {
+                    return Err(Error::OutcomeUnknown(why));
+                }
+                Err(Attempt::Retry { why: w, .. }) => why = w,
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(why));
+            }
+            self.wait_for_change(deadline).await;
+        }
+    }
+
+    pub(crate) async fn change_membership_local(
+        &self,
+        change: MembershipChange,
+        deadline: Instant,
+    ) -> Result<u64, Attempt> {
+        let _serial = match tokio::time::timeout(remaining(deadline), self.admin_lock.lock()).await
+        {
+            Ok(g) => g,
+            Err(_) => {
+                return Err(Attempt::Retry {
+                    attempted: false,
+                    why: "another membership change is still running".into(),
+                });
+            }
+        };
+        tracing::info!(?change, "membership change");
+        let fut = async {
+            match change {
+                MembershipChange::AddLearner { id, member } => {
+                    self.raft.add_learner(id, member, true).await
+                }
+                MembershipChange::Promote { id } => {
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                }
+                MembershipChange::Remove { id } => {
+                    let is_voter = self.raft.voter_ids().any(|v| v == id);
+                    let change = if is_voter {
+                        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                    } else {
+                        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                    };
+                    self.raft.change_membership(change, false).await
+                }
+            }
+        };
+        match tokio::time::timeout(remaining(deadline), fut).await {
+            Err(_) => Err(Attempt::Retry {
+                attempted: true,
+                why: "the membership change did not complete before the deadline".into(),
+            }),
+            Ok(Ok(resp)) => Ok(resp.log_id.index),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Attempt::Retry {
+                    attempted: false,
+                    why: "leadership changed".into(),
+                })
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(Attempt::Fail(Error::Invalid(e.to_string()))),
+            Ok(Err(RaftError::Fatal(e))) => Err(Attempt::Fail(Error::Fatal(e.to_string()))),
+        }
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut voter_map = BTreeMap::new();
+        let mut learner_map = BTreeMap::new();
+        for (id, node) in membership.nodes() {
+            if voters.contains(id) {
+                voter_map.insert(*id, node.clone());
+            } else {
+                learner_map.insert(*id, node.clone());
+            }
+        }
+        let index = |l: &Option<LogId>| l.map_or(0, |l| l.index);
+        NodeStatus {
+            id: self.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed: index(&m.local_committed),
+            applied: index(&m.last_applied),
+            snapshot: index(&m.snapshot),
+            purged: index(&m.purged),
+            voters: voter_map,
+            learners: learner_map,
+            replication: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, index(l))).collect())
+                .unwrap_or_default(),
+            fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
+    /// Asks Raft to build a snapshot now (and compact the log behind it).
+    pub async fn trigger_snapshot(&self) -> Result<(), Error> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Fatal(e.to_string()))
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

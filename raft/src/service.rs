@@ -1,0 +1,115 @@
+//! The peer gRPC service: the receiving side of the Raft network, forwarding, read-index and
+//! membership changes. Serve it only behind mutual TLS with node certificates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_storage::Command;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec::{decode, encode};
+use crate::network::MAX_PEER_MESSAGE;
+use crate::node::{Attempt, MembershipChange, RaftNode};
+use crate::pb::peer_server::{Peer, PeerServer};
+use crate::pb::{Payload, SnapshotChunk};
+use crate::types::{Snapshot, SnapshotMeta, Vote};
+
+/// The peer service of one node.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    node: Arc<RaftNode>,
+    max_snapshot_bytes: u64,
+}
+
+impl PeerService {
+    /// The tonic server for `node`, with peer message limits set.
+    pub fn server(node: Arc<RaftNode>, max_snapshot_bytes: u64) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService {
+            node,
+            max_snapshot_bytes,
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
+    Ok(Response::new(Payload { data: encode(v)? }))
+}
+
+/// A deadline the caller sent, capped so a bad peer cannot park a task for long.
+fn deadline(millis: u64) -> Instant {
+    Instant::now() + Duration::from_millis(millis.min(60_000))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        reply(&self.node.raft().append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        reply(&self.node.raft().vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Payload>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let vote: Vote = decode(&first.vote)?;
+        let meta: SnapshotMeta = decode(&first.meta)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if (data.len() + chunk.data.len()) as u64 > self.max_snapshot_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than the limit of {} bytes (raise max_snapshot_bytes)",
+                    self.max_snapshot_bytes
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let snapshot = Snapshot {
+            meta,
+            snapshot: data,
+        };
+        reply(&self.node.raft().install_full_snapshot(vote, snapshot).await)
+    }
+
+    async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let (cmd, millis): (Command, u64) = decode(&req.into_inner().data)?;
+        let result = if self.node.raft().is_leader() {
+            self.node.propose(&cmd, deadline(millis)).await
+        } else {
+            Err(Attempt::Retry {
+                attempted: false,
+                why: format!("node {} is not the leader", self.node.id()),
+            })
+        };
+        reply(&result)
+    }
+
+    async fn read_index(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let millis: u64 = decode(&req.into_inner().data)?;
+        reply(&self.node.read_index_local(deadline(millis)).await)
+    }
+
+    async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let (change, millis): (MembershipChange, u64) = decode(&req.into_inner().data)?;
+        reply(
+            &self
+                .node
+                .change_membership_local(change, deadline(millis))
+                .await,
+        )
+    }
+}

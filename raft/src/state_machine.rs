@@ -1,0 +1,138 @@
+//! [`RaftStateMachine`] over [`coffer_storage::Store`].
+//!
+//! To ensure correctness:
+//! * A batch of entries is applied in one redb write transaction together with the last applied
+//!   log id and membership, so the state and its position never disagree.
+//! * Those writes become durable with the next durable log commit; after a crash the state may
+//!   be behind the log and openraft re-applies the committed entries (apply is deterministic and
+//!   deduplicates request ids, so re-applying is safe).
+//! * A snapshot is an image read in one MVCC read transaction (the state keeps being served and
+//!   written while it is built) and saved durably; installing one replaces the state atomically.
+
+use std::io;
+
+use coffer_storage::{ApplyInput, Store};
+use futures::TryStreamExt;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+
+use crate::codec::{decode_io, encode_io};
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, no_op_result};
+
+const APPLIED: &str = "raft_applied";
+const MEMBERSHIP: &str = "raft_membership";
+
+/// The replicated state machine of one node.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    store: Store,
+}
+
+impl StateMachine {
+    /// A state machine over `store`.
+    pub fn new(store: Store) -> StateMachine {
+        StateMachine { store }
+    }
+}
+
+fn read_position(view: &coffer_storage::ReadView) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let applied = match view.sm_meta(APPLIED)? {
+        Some(b) => decode_io::<Option<LogId>>(&b)?,
+        None => None,
+    };
+    let membership = match view.sm_meta(MEMBERSHIP)? {
+        Some(b) => decode_io::<StoredMembership>(&b)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        read_position(&self.store.read()?)
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            batch.push(item);
+        }
+        let Some(last) = batch.last().map(|(e, _)| e.log_id) else {
+            return Ok(());
+        };
+        let mut membership = None;
+        let inputs: Vec<ApplyInput<'_>> = batch
+            .iter()
+            .map(|(entry, _)| match &entry.payload {
+                EntryPayload::Normal(cmd) => ApplyInput::Command(cmd),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    ApplyInput::Skip
+                }
+                EntryPayload::Blank => ApplyInput::Skip,
+            })
+            .collect();
+        let applied = encode_io(&Some(last))?;
+        let membership_bytes = membership.as_ref().map(encode_io).transpose()?;
+        let mut meta: Vec<(&str, &[u8])> = vec![(APPLIED, applied.as_slice())];
+        if let Some(m) = &membership_bytes {
+            meta.push((MEMBERSHIP, m.as_slice()));
+        }
+        let results = self.store.apply(&inputs, &meta)?;
+        drop(inputs);
+        for ((_, responder), result) in batch.into_iter().zip(results) {
+            if let Some(responder) = responder {
+                responder.send(result.unwrap_or_else(no_op_result));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> io::Result<()> {
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = snapshot.len(), "installing snapshot");
+        self.store.install_snapshot(&encode_io(meta)?, &snapshot)?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        match self.store.current_snapshot()? {
+            Some((meta, data)) => Ok(Some(Snapshot {
+                meta: decode_io(&meta)?,
+                snapshot: data,
+            })),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let (image, view) = self.store.export_image()?;
+        let (last_log_id, last_membership) = read_position(&view)?;
+        drop(view);
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+        };
+        self.store.save_snapshot(&encode_io(&meta)?, &image)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = image.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: image,
+        })
+    }
+}

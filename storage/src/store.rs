@@ -1,0 +1,1122 @@
+//! The redb-backed [`Store`].
+
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::time::{Duration, Instant};
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::txn::{Compare, KvEntry, Op, OpResult, Txn, TxnResult};
+use crate::{Result, StorageError};
+
+/// Raft log entries by index (opaque bytes).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Log metadata (vote, committed, purged) and node identity, by name (opaque bytes).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The state machine's keys.
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// State machine metadata: the store revision, the dedup sequence and the Raft layer's opaque
+/// records (last applied log id, membership).
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+/// Recent request ids with their results, for exactly-once writes.
+const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
+/// Recent request ids in the order they were applied, for bounded eviction.
+const DEDUP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_order");
+/// The current snapshot: "meta" (opaque) and "data" (an image of the state machine).
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const REVISION: &str = "revision";
+const DEDUP_SEQ: &str = "dedup_seq";
+/// Format of the snapshot image; bump with a decoder for the old one when it changes.
+const IMAGE_FORMAT: u32 = 1;
+
+/// Where the database lives.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A redb file, created when missing.
+    File(PathBuf),
+    /// Process memory only: for the transient install. Nothing survives the process.
+    Memory,
+}
+
+/// Observes every durable log flush (for metrics).
+pub type FlushObserver = Arc<dyn Fn(FlushEvent) + Send + Sync>;
+
+/// One durable commit of the log.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushEvent {
+    /// Time spent in the commit (the fsync).
+    pub duration: Duration,
+    /// Log entries made durable by this commit.
+    pub entries: u64,
+    /// Appends (each with its callback) this commit completed.
+    pub appends: usize,
+}
+
+/// How to open a [`Store`].
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// File or memory.
+    pub backend: Backend,
+    /// How many recent request ids the state machine remembers for exactly-once writes.
+    pub dedup_capacity: u64,
+    /// Called after each durable log flush.
+    pub on_flush: Option<FlushObserver>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("dedup_capacity", &self.dedup_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreConfig {
+    /// Defaults for a backend.
+    pub fn new(backend: Backend) -> StoreConfig {
+        StoreConfig {
+            backend,
+            dedup_capacity: 100_000,
+            on_flush: None,
+        }
+    }
+}
+
+/// A client-chosen id that makes a retried write apply once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub [u8; 16]);
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A state machine command: a transaction, optionally deduplicated by request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// When set, a second command with the same id is not applied again: it gets the first
+    /// result (as long as the id is among the `dedup_capacity` most recent ones).
+    pub request_id: Option<RequestId>,
+    /// The transaction.
+    pub txn: Txn,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "txn({} compare, {} success, {} failure)",
+            self.txn.compare.len(),
+            self.txn.success.len(),
+            self.txn.failure.len()
+        )
+    }
+}
+
+/// One log entry as the state machine sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum ApplyInput<'a> {
+    /// A command to apply.
+    Command(&'a Command),
+    /// An entry with no state machine effect (blank or membership); it only advances metadata.
+    Skip,
+}
+
+/// Stored form of a key's value and metadata.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    value: Vec<u8>,
+    version: u64,
+    create_revision: u64,
+    mod_revision: u64,
+}
+
+/// Everything the state machine holds, as one consistent image (the snapshot format).
+#[derive(Serialize, Deserialize)]
+struct Image {
+    format: u32,
+    kv: Vec<(Vec<u8>, Vec<u8>)>,
+    sm_meta: Vec<(String, Vec<u8>)>,
+    dedup: Vec<(Vec<u8>, Vec<u8>)>,
+    dedup_order: Vec<(u64, Vec<u8>)>,
+}
+
+struct Shared {
+    db: Database,
+    /// Set by the first failed commit; see [`StorageError::Failed`].
+    failed: Mutex<Option<String>>,
+    failed_flag: AtomicBool,
+    dedup_capacity: u64,
+}
+
+struct FlushRequest {
+    entries: u64,
+    done: Box<dyn FnOnce(Result<()>) + Send>,
+}
+
+/// One node's database. Cheap to clone; all clones share the database.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("failed", &self.shared.failed_flag.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn redb_err<E: Into<redb::Error>>(e: E) -> StorageError {
+    StorageError::Redb(e.into())
+}
+
+fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt {
+        table,
+        reason: e.to_string(),
+    }
+}
+
+fn u64_bytes(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+fn bytes_u64(table: &'static str, b: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = b
+        .try_into()
+        .map_err(|_| corrupt(table, format!("expected 8 bytes, found {}", b.len())))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+impl Store {
+    /// Opens (or creates) the database and starts its flusher thread.
+    pub fn open(config: StoreConfig) -> Result<Store> {
+        let db = match &config.backend {
+            Backend::File(path) => Database::create(path).map_err(|source| StorageError::Open {
+                path: path.clone(),
+                source,
+            })?,
+            Backend::Memory => Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(|source| StorageError::Open {
+                    path: PathBuf::from(":memory:"),
+                    source,
+                })?,
+        };
+        // Create every table up front so readers never meet a missing one.
+        let wtx = db.begin_write().map_err(redb_err)?;
+        {
+            wtx.open_table(LOG).map_err(redb_err)?;
+            wtx.open_table(META).map_err(redb_err)?;
+            wtx.open_table(KV).map_err(redb_err)?;
+            wtx.open_table(SM_META).map_err(redb_err)?;
+            wtx.open_table(DEDUP).map_err(redb_err)?;
+            wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+            wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+        }
+        wtx.commit().map_err(redb_err)?;
+
+        let shared = Arc::new(Shared {
+            db,
+            failed: Mutex::new(None),
+            failed_flag: AtomicBool::new(false),
+            dedup_capacity: config.dedup_capacity.max(1),
+        });
+        let (flush_tx, flush_rx) = mpsc::channel();
+        let weak = Arc::downgrade(&shared);
+        let on_flush = config.on_flush.clone();
+        std::thread::Builder::new()
+            .name("coffer-log-flush".into())
+            .spawn(move || flusher(weak, flush_rx, on_flush))
+            .map_err(|e| StorageError::Failed(format!("cannot start the flusher thread: {e}")))?;
+        Ok(Store { shared, flush_tx })
+    }
+
+    /// Whether an earlier commit failed (the node must stop).
+    pub fn is_failed(&self) -> bool {
+        self.shared.failed_flag.load(Ordering::Acquire)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.shared.check()
+    }
+
+    fn write(&self, durability: Durability) -> Result<WriteTransaction> {
+        self.check()?;
+        let mut wtx = self.shared.db.begin_write().map_err(redb_err)?;
+        wtx.set_durability(durability).map_err(redb_err)?;
+        Ok(wtx)
+    }
+
+    fn commit(&self, wtx: WriteTransaction) -> Result<()> {
+        self.shared.commit(wtx)
+    }
+
+    // ---- Raft log ------------------------------------------------------------------------
+
+    /// Appends log entries (index, bytes), replacing any with the same index. They are readable
+    /// on return and durable after the next [`Store::flush`] completes.
+    pub fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        fail::fail_point!("storage::append", |_| {
+            Err(self
+                .shared
+                .fail("injected write error (failpoint storage::append)".into()))
+        });
+        let wtx = self.write(Durability::None)?;
+        {
+            let mut log = wtx.open_table(LOG).map_err(redb_err)?;
+            for (index, bytes) in entries {
+                log.insert(*index, bytes.as_slice()).map_err(redb_err)?;
+            }
+        }
+        self.commit(wtx)
+    }
+
+    /// Queues a durable commit of everything written so far; `done` runs once it is on disk
+    /// (or with the error). `entries` is only counted for [`FlushEvent`].
+    pub fn flush(&self, entries: u64, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let request = FlushRequest {
+            entries,
+            done: Box::new(done),
+        };
+        if let Err(mpsc::SendError(request)) = self.flush_tx.send(request) {
+            (request.done)(Err(StorageError::Failed(
+                "the flusher thread stopped".into(),
+            )));
+        }
+    }
+
+    /// Log entries with index in `[start, end)`, in order.
+    pub fn log_range(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.check()?;
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let log = rtx.open_table(LOG).map_err(redb_err)?;
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        for item in log.range(start..end).map_err(redb_err)? {
+            let (k, v) = item.map_err(redb_err)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last log entry, if any.
+    pub fn log_last(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.check()?;
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let log = rtx.open_table(LOG).map_err(redb_err)?;
+        Ok(log
+            .last()
+            .map_err(redb_err)?
+            .map(|(k, v)| (k.value(), v.value().to_vec())))
+    }
+
+    /// Durably deletes every log entry with index `>= index`.
+    pub fn truncate_from(&self, index: u64) -> Result<()> {
+        let wtx = self.write(Durability::Immediate)?;
+        {
+            let mut log = wtx.open_table(LOG).map_err(redb_err)?;
+            log.retain_in(index.., |_, _| false).map_err(redb_err)?;
+        }
+        self.commit(wtx)
+    }
+
+    /// Durably deletes every log entry with index `<= index` and records `purged` under the
+    /// metadata key `purged_key` in the same commit.
+    pub fn purge_through(&self, index: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
+        let wtx = self.write(Durability::Immediate)?;
+        {
+            let mut meta = wtx.open_table(META).map_err(redb_err)?;
+            meta.insert(purged_key, purged).map_err(redb_err)?;
+            let mut log = wtx.open_table(LOG).map_err(redb_err)?;
+            log.retain_in(..=index, |_, _| false).map_err(redb_err)?;
+        }
+        self.commit(wtx)
+    }
+
+    /// Reads a log metadata record.
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.check()?;
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let meta = rtx.open_table(META).map_err(redb_err)?;
+        Ok(meta.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes a log metadata record; with `durable` it is on disk on return, otherwise with the
+    /// next durable commit.
+    pub fn meta_put(&self, key: &str, value: &[u8], durable: bool) -> Result<()> {
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        let wtx = self.write(durability)?;
+        {
+            let mut meta = wtx.open_table(META).map_err(redb_err)?;
+            meta.insert(key, value).map_err(redb_err)?;
+        }
+        self.commit(wtx)
+    }
+
+    // ---- State machine ---------------------------------------------------------------------
+
+    /// Applies a batch of log entries in one write transaction and stores `sm_meta` records
+    /// (e.g. the last applied log id) with them. Returns one result per input; `None` for
+    /// [`ApplyInput::Skip`]. Deterministic: the same inputs on the same state give the same
+    /// results on every node.
+    pub fn apply(
+        &self,
+        inputs: &[ApplyInput<'_>],
+        sm_meta: &[(&str, &[u8])],
+    ) -> Result<Vec<Option<TxnResult>>> {
+        fail::fail_point!("storage::apply", |_| {
+            Err(self
+                .shared
+                .fail("injected write error (failpoint storage::apply)".into()))
+        });
+        let wtx = self.write(Durability::None)?;
+        let mut results = Vec::with_capacity(inputs.len());
+        {
+            let mut kv = wtx.open_table(KV).map_err(redb_err)?;
+            let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
+            let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
+            let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+            let mut revision = match smm.get(REVISION).map_err(redb_err)? {
+                Some(v) => bytes_u64("sm_meta", v.value())?,
+                None => 0,
+            };
+            let mut seq = match smm.get(DEDUP_SEQ).map_err(redb_err)? {
+                Some(v) => bytes_u64("sm_meta", v.value())?,
+                None => 0,
+            };
+            for input in inputs {
+                let ApplyInput::Command(cmd) = input else {
+                    results.push(None);
+                    continue;
+                };
+                if let Some(id) = &cmd.request_id
+                    && let Some(prev) = dedup.get(id.0.as_slice()).map_err(redb_err)?
+                {
+                    let result: TxnResult =
+                        postcard::from_bytes(prev.value()).map_err(|e| corrupt("dedup", e))?;
+                    results.push(Some(result));
+                    continue;
+                }
+                let result = apply_txn(&mut kv, &mut revision, &cmd.txn)?;
+                if let Some(id) = &cmd.request_id {
+                    let encoded = postcard::to_stdvec(&result).map_err(|e| corrupt("dedup", e))?;
+                    dedup
+                        .insert(id.0.as_slice(), encoded.as_slice())
+                        .map_err(redb_err)?;
+                    seq += 1;
+                    order.insert(seq, id.0.as_slice()).map_err(redb_err)?;
+                    while order.len().map_err(redb_err)? > self.shared.dedup_capacity {
+                        let Some((_, old)) = order.pop_first().map_err(redb_err)? else {
+                            break;
+                        };
+                        dedup.remove(old.value()).map_err(redb_err)?;
+                    }
+                }
+                results.push(Some(result));
+            }
+            smm.insert(REVISION, u64_bytes(revision).as_slice())
+                .map_err(redb_err)?;
+            smm.insert(DEDUP_SEQ, u64_bytes(seq).as_slice())
+                .map_err(redb_err)?;
+            for (k, v) in sm_meta {
+                smm.insert(*k, *v).map_err(redb_err)?;
+            }
+        }
+        self.commit(wtx)?;
+        Ok(results)
+    }
+
+    /// A consistent read view of the state machine.
+    pub fn read(&self) -> Result<ReadView> {
+        self.check()?;
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        Ok(ReadView { rtx })
+    }
+
+    /// A consistent image of the whole state machine, for a snapshot, together with a read
+    /// view of the same point (to read the Raft layer's metadata records of that image).
+    pub fn export_image(&self) -> Result<(Vec<u8>, ReadView)> {
+        let view = self.read()?;
+        let image = view.image()?;
+        let bytes = postcard::to_stdvec(&image).map_err(|e| corrupt("snapshot", e))?;
+        Ok((bytes, view))
+    }
+
+    /// Durably saves a snapshot (opaque metadata and an image) as the current one.
+    pub fn save_snapshot(&self, meta: &[u8], image: &[u8]) -> Result<()> {
+        let wtx = self.write(Durability::Immediate)?;
+        {
+            let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            snap.insert("meta", meta).map_err(redb_err)?;
+            snap.insert("data", image).map_err(redb_err)?;
+        }
+        self.commit(wtx)
+    }
+
+    /// The current snapshot (metadata, image), if any.
+    pub fn current_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.check()?;
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let snap = rtx.open_table(SNAPSHOT).map_err(redb_err)?;
+        let meta = snap.get("meta").map_err(redb_err)?;
+        let data = snap.get("data").map_err(redb_err)?;
+        Ok(match (meta, data) {
+            (Some(m), Some(d)) => Some((m.value().to_vec(), d.value().to_vec())),
+            _ => None,
+        })
+    }
+
+    /// Replaces the whole state machine with `image` and saves it as the current snapshot, in
+    /// one durable commit. An image that does not decode changes nothing.
+    pub fn install_snapshot(&self, meta: &[u8], image: &[u8]) -> Result<()> {
+        let decoded: Image =
+            postcard::from_bytes(image).map_err(|e| StorageError::BadSnapshot(e.to_string()))?;
+        if decoded.format != IMAGE_FORMAT {
+            return Err(StorageError::BadSnapshot(format!(
+                "unknown image format {} (this build reads {IMAGE_FORMAT})",
+                decoded.format
+            )));
+        }
+        let wtx = self.write(Durability::Immediate)?;
+        {
+            let mut kv = wtx.open_table(KV).map_err(redb_err)?;
+            kv.retain(|_, _| false).map_err(redb_err)?;
+            for (k, v) in &decoded.kv {
+                kv.insert(k.as_slice(), v.as_slice()).map_err(redb_err)?;
+            }
+            let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
+            smm.retain(|_, _| false).map_err(redb_err)?;
+            for (k, v) in &decoded.sm_meta {
+                smm.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
+            }
+            let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
+            dedup.retain(|_, _| false).map_err(redb_err)?;
+            for (k, v) in &decoded.dedup {
+                dedup.insert(k.as_slice(), v.as_slice()).map_err(redb_err)?;
+            }
+            let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+            order.retain(|_, _| false).map_err(redb_err)?;
+            for (k, v) in &decoded.dedup_order {
+                order.insert(*k, v.as_slice()).map_err(redb_err)?;
+            }
+            let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            snap.insert("meta", meta).map_err(redb_err)?;
+            snap.insert("data", image).map_err(redb_err)?;
+        }
+        self.commit(wtx)
+    }
+}
+
+impl Shared {
+    fn check(&self) -> Result<()> {
+        if self.failed_flag.load(Ordering::Acquire) {
+            let why = self
+                .failed
+                .lock()
+                .map(|g| g.clone().unwrap_or_default())
+                .unwrap_or_default();
+            return Err(StorageError::Failed(why));
+        }
+        Ok(())
+    }
+
+    /// Marks the store failed and returns the error to report.
+    fn fail(&self, why: String) -> StorageError {
+        tracing::error!(error = %why, "storage failed; the node must stop serving");
+        if let Ok(mut g) = self.failed.lock()
+            && g.is_none()
+        {
+            *g = Some(why.clone());
+        }
+        self.failed_flag.store(true, Ordering::Release);
+        StorageError::Failed(why)
+    }
+
+    fn commit(&self, wtx: WriteTransaction) -> Result<()> {
+        wtx.commit()
+            .map_err(|e| self.fail(format!("commit failed: {e}")))
+    }
+}
+
+fn flusher(
+    shared: Weak<Shared>,
+    rx: mpsc::Receiver<FlushRequest>,
+    on_flush: Option<FlushObserver>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let entries = batch.iter().map(|r| r.entries).sum();
+        let started = Instant::now();
+        let result = match shared.upgrade() {
+            Some(shared) => durable_commit(&shared),
+            None => Err(StorageError::Failed("the store was closed".into())),
+        };
+        if result.is_ok()
+            && let Some(observer) = &on_flush
+        {
+            observer(FlushEvent {
+                duration: started.elapsed(),
+                entries,
+                appends: batch.len(),
+            });
+        }
+        for request in batch {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StorageError::Failed(e.to_string())),
+            };
+            (request.done)(r);
+        }
+    }
+}
+
+/// One `Immediate` commit: makes every earlier non-durable commit durable (one fsync).
+fn durable_commit(shared: &Shared) -> Result<()> {
+    shared.check()?;
+    fail::fail_point!("storage::fsync", |_| {
+        Err(shared.fail("injected fsync error (failpoint storage::fsync)".into()))
+    });
+    let mut wtx = shared.db.begin_write().map_err(redb_err)?;
+    wtx.set_durability(Durability::Immediate)
+        .map_err(redb_err)?;
+    {
+        // A write keeps the commit from being empty, so it always reaches the disk.
+        let mut meta = wtx.open_table(META).map_err(redb_err)?;
+        let n = match meta.get("flushes").map_err(redb_err)? {
+            Some(v) => bytes_u64("meta", v.value())?,
+            None => 0,
+        };
+        meta.insert("flushes", u64_bytes(n + 1).as_slice())
+            .map_err(redb_err)?;
+    }
+    shared.commit(wtx)
+}
+
+fn get_record(
+    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+) -> Result<Option<Record>> {
+    match kv.get(key).map_err(redb_err)? {
+        Some(v) => Ok(Some(
+            postcard::from_bytes(v.value()).map_err(|e| corrupt("kv", e))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn entry(key: &[u8], r: Record) -> KvEntry {
+    KvEntry {
+        key: key.to_vec(),
+        value: r.value,
+        version: r.version,
+        create_revision: r.create_revision,
+        mod_revision: r.mod_revision,
+    }
+}
+
+fn compare_holds(
+    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    c: &Compare,
+) -> Result<bool> {
+    let r = get_record(kv, c.key())?;
+    Ok(match c {
+        Compare::Exists(_) => r.is_some(),
+        Compare::Absent(_) => r.is_none(),
+        Compare::ModRevision(_, rev) => r.map_or(0, |r| r.mod_revision) == *rev,
+        Compare::Version(_, v) => r.map_or(0, |r| r.version) == *v,
+    })
+}
+
+fn apply_txn(
+    kv: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    revision: &mut u64,
+    txn: &Txn,
+) -> Result<TxnResult> {
+    let mut succeeded = true;
+    for c in &txn.compare {
+        if !compare_holds(kv, c)? {
+            succeeded = false;
+            break;
+        }
+    }
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
+    let next = *revision + 1;
+    let mut changed = false;
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Put { key, value } => {
+                let prev = get_record(kv, key)?;
+                let record = Record {
+                    value: value.clone(),
+                    version: prev.as_ref().map_or(0, |p| p.version) + 1,
+                    create_revision: prev.as_ref().map_or(next, |p| p.create_revision),
+                    mod_revision: next,
+                };
+                let encoded = postcard::to_stdvec(&record).map_err(|e| corrupt("kv", e))?;
+                kv.insert(key.as_slice(), encoded.as_slice())
+                    .map_err(redb_err)?;
+                changed = true;
+                results.push(OpResult::Put {
+                    prev: prev.map(|p| entry(key, p)),
+                });
+            }
+            Op::Delete { key } => {
+                let prev = get_record(kv, key)?;
+                if prev.is_some() {
+                    kv.remove(key.as_slice()).map_err(redb_err)?;
+                    changed = true;
+                }
+                results.push(OpResult::Delete {
+                    prev: prev.map(|p| entry(key, p)),
+                });
+            }
+            Op::DeletePrefix { prefix } => {
+                let mut deleted = 0u64;
+                let end = prefix_end(prefix);
+                let upper = match &end {
+                    Some(e) => Bound::Excluded(e.as_slice()),
+                    None => Bound::Unbounded,
+                };
+                kv.retain_in::<&[u8], _>((Bound::Included(prefix.as_slice()), upper), |_, _| {
+                    deleted += 1;
+                    false
+                })
+                .map_err(redb_err)?;
+                if deleted > 0 {
+                    changed = true;
+                }
+                results.push(OpResult::DeletePrefix { deleted });
+            }
+        }
+    }
+    if changed {
+        *revision = next;
+    }
+    Ok(TxnResult {
+        succeeded,
+        revision: *revision,
+        results,
+    })
+}
+
+/// The smallest key greater than every key with this prefix; `None` when there is none.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A consistent, read-only view of the state machine at one point.
+pub struct ReadView {
+    rtx: redb::ReadTransaction,
+}
+
+impl std::fmt::Debug for ReadView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadView").finish_non_exhaustive()
+    }
+}
+
+impl ReadView {
+    /// One key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KvEntry>> {
+        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
+        Ok(get_record(&kv, key)?.map(|r| entry(key, r)))
+    }
+
+    /// Up to `limit` keys starting with `prefix` and greater than `after` (when given), in key
+    /// order, and whether more follow.
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<KvEntry>, bool)> {
+        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
+        let lower = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let end = prefix_end(prefix);
+        let upper = match &end {
+            Some(e) => Bound::Excluded(e.as_slice()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in kv.range::<&[u8]>((lower, upper)).map_err(redb_err)? {
+            let (k, v) = item.map_err(redb_err)?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let r: Record = postcard::from_bytes(v.value()).map_err(|e| corrupt("kv", e))?;
+            out.push(entry(k.value(), r));
+        }
+        Ok((out, false))
+    }
+
+    /// The store revision.
+    pub fn revision(&self) -> Result<u64> {
+        let smm = self.rtx.open_table(SM_META).map_err(redb_err)?;
+        match smm.get(REVISION).map_err(redb_err)? {
+            Some(v) => bytes_u64("sm_meta", v.value()),
+            None => Ok(0),
+        }
+    }
+
+    /// A state machine metadata record written through [`Store::apply`].
+    pub fn sm_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let smm = self.rtx.open_table(SM_META).map_err(redb_err)?;
+        Ok(smm.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> Result<u64> {
+        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
+        kv.len().map_err(redb_err)
+    }
+
+    /// Whether the store holds no key.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// A digest of every key, value and version: equal on nodes that applied the same log.
+    pub fn digest(&self) -> Result<u64> {
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
+        for item in kv.iter().map_err(redb_err)? {
+            let (k, v) = item.map_err(redb_err)?;
+            feed(&(k.value().len() as u64).to_le_bytes());
+            feed(k.value());
+            feed(&(v.value().len() as u64).to_le_bytes());
+            feed(v.value());
+        }
+        feed(&self.revision()?.to_le_bytes());
+        Ok(h)
+    }
+
+    fn image(&self) -> Result<Image> {
+        fn all<K: redb::Key + 'static>(
+            rtx: &redb::ReadTransaction,
+            def: TableDefinition<K, &'static [u8]>,
+            mut key: impl FnMut(K::SelfType<'_>),
+            vals: &mut Vec<Vec<u8>>,
+        ) -> Result<()> {
+            let t = rtx.open_table(def).map_err(redb_err)?;
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                key(k.value());
+                vals.push(v.value().to_vec());
+            }
+            Ok(())
+        }
+        let mut image = Image {
+            format: IMAGE_FORMAT,
+            kv: Vec::new(),
+            sm_meta: Vec::new(),
+            dedup: Vec::new(),
+            dedup_order: Vec::new(),
+        };
+        let (mut keys, mut vals) = (Vec::new(), Vec::new());
+        all(&self.rtx, KV, |k| keys.push(k.to_vec()), &mut vals)?;
+        image.kv = keys.into_iter().zip(vals.drain(..)).collect();
+        let mut names = Vec::new();
+        all(&self.rtx, SM_META, |k| names.push(k.to_string()), &mut vals)?;
+        image.sm_meta = names.into_iter().zip(vals.drain(..)).collect();
+        let mut ids = Vec::new();
+        all(&self.rtx, DEDUP, |k| ids.push(k.to_vec()), &mut vals)?;
+        image.dedup = ids.into_iter().zip(vals.drain(..)).collect();
+        let mut seqs = Vec::new();
+        all(&self.rtx, DEDUP_ORDER, |k| seqs.push(k), &mut vals)?;
+        image.dedup_order = seqs.into_iter().zip(vals.drain(..)).collect();
+        Ok(image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Store {
+        Store::open(StoreConfig::new(Backend::Memory)).expect("open in-memory store")
+    }
+
+    fn put(k: &str, v: &str) -> Op {
+        Op::Put {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
+    fn must_apply(store: &Store, cmd: &Command) -> TxnResult {
+        store
+            .apply(&[ApplyInput::Command(cmd)], &[])
+            .expect("apply")
+            .pop()
+            .flatten()
+            .expect("a result for a command")
+    }
+
+    #[test]
+    fn versions_and_revisions_follow_etcd_rules() {
+        let s = mem();
+        let r1 = must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![put("a", "1"), put("b", "1")]),
+            },
+        );
+        assert_eq!(r1.revision, 1, "one transaction is one revision");
+        let r2 = must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![put("a", "2")]),
+            },
+        );
+        assert_eq!(r2.revision, 2);
+        let OpResult::Put { prev: Some(prev) } = &r2.results[0] else {
+            panic!("expected a previous value, got {:?}", r2.results)
+        };
+        assert_eq!(prev.value, b"1");
+        let a = s.read().unwrap().get(b"a").unwrap().unwrap();
+        assert_eq!((a.version, a.create_revision, a.mod_revision), (2, 1, 2));
+        // A delete of a missing key changes nothing, so the revision stays.
+        let r3 = must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![Op::Delete { key: "zz".into() }]),
+            },
+        );
+        assert_eq!(r3.revision, 2);
+    }
+
+    #[test]
+    fn compare_selects_the_branch() {
+        let s = mem();
+        must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![put("k", "v1")]),
+            },
+        );
+        let cas = |rev: u64, v: &str| Command {
+            request_id: None,
+            txn: Txn {
+                compare: vec![Compare::ModRevision("k".into(), rev)],
+                success: vec![put("k", v)],
+                failure: vec![],
+            },
+        };
+        assert!(!must_apply(&s, &cas(7, "bad")).succeeded);
+        assert_eq!(s.read().unwrap().get(b"k").unwrap().unwrap().value, b"v1");
+        assert!(must_apply(&s, &cas(1, "v2")).succeeded);
+        assert_eq!(s.read().unwrap().get(b"k").unwrap().unwrap().value, b"v2");
+        let absent = Command {
+            request_id: None,
+            txn: Txn {
+                compare: vec![Compare::Absent("k".into())],
+                success: vec![put("k", "x")],
+                failure: vec![],
+            },
+        };
+        assert!(!must_apply(&s, &absent).succeeded);
+    }
+
+    #[test]
+    fn a_retried_request_applies_once_and_gets_the_first_result() {
+        let s = mem();
+        let cmd = Command {
+            request_id: Some(RequestId([7; 16])),
+            txn: Txn::ops(vec![put("n", "1")]),
+        };
+        let first = must_apply(&s, &cmd);
+        let again = must_apply(&s, &cmd);
+        assert_eq!(first, again);
+        assert_eq!(s.read().unwrap().get(b"n").unwrap().unwrap().version, 1);
+    }
+
+    #[test]
+    fn dedup_memory_is_bounded() {
+        let mut cfg = StoreConfig::new(Backend::Memory);
+        cfg.dedup_capacity = 2;
+        let s = Store::open(cfg).unwrap();
+        for i in 0..3u8 {
+            must_apply(
+                &s,
+                &Command {
+                    request_id: Some(RequestId([i; 16])),
+                    txn: Txn::ops(vec![put("n", "x")]),
+                },
+            );
+        }
+        // Id 0 was evicted: a retry now applies again (version 4); ids 1 and 2 are remembered.
+        let retried_old = must_apply(
+            &s,
+            &Command {
+                request_id: Some(RequestId([0; 16])),
+                txn: Txn::ops(vec![put("n", "x")]),
+            },
+        );
+        assert_eq!(retried_old.revision, 4);
+        let retried_new = must_apply(
+            &s,
+            &Command {
+                request_id: Some(RequestId([2; 16])),
+                txn: Txn::ops(vec![put("n", "x")]),
+            },
+        );
+        assert_eq!(retried_new.revision, 3);
+    }
+
+    #[test]
+    fn delete_prefix_and_list_respect_prefix_bounds() {
+        let s = mem();
+        must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![
+                    put("app/a", "1"),
+                    put("app/b", "2"),
+                    put("app/c", "3"),
+                    put("apq", "4"),
+                    put("ap", "5"),
+                ]),
+            },
+        );
+        let view = s.read().unwrap();
+        let (page, more) = view.list(b"app/", None, 2).unwrap();
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        let (rest, more) = view.list(b"app/", Some(b"app/b"), 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].key, b"app/c");
+        assert!(!more);
+        let r = must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![Op::DeletePrefix {
+                    prefix: "app/".into(),
+                }]),
+            },
+        );
+        assert_eq!(r.results, vec![OpResult::DeletePrefix { deleted: 3 }]);
+        assert_eq!(s.read().unwrap().len().unwrap(), 2);
+    }
+
+    #[test]
+    fn snapshot_image_round_trips_and_bad_images_change_nothing() {
+        let a = mem();
+        must_apply(
+            &a,
+            &Command {
+                request_id: Some(RequestId([1; 16])),
+                txn: Txn::ops(vec![put("x", "1"), put("y", "2")]),
+            },
+        );
+        let (image, _) = a.export_image().unwrap();
+        let b = mem();
+        must_apply(
+            &b,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![put("stale", "1")]),
+            },
+        );
+        assert!(b.install_snapshot(b"meta", b"garbage").is_err());
+        assert!(b.read().unwrap().get(b"stale").unwrap().is_some());
+        b.install_snapshot(b"meta", &image).unwrap();
+        assert_eq!(
+            a.read().unwrap().digest().unwrap(),
+            b.read().unwrap().digest().unwrap()
+        );
+        assert!(b.read().unwrap().get(b"stale").unwrap().is_none());
+        assert_eq!(
+            b.current_snapshot().unwrap().unwrap(),
+            (b"meta".to_vec(), image)
+        );
+    }
+
+    #[test]
+    fn file_store_keeps_flushed_entries_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let s = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap();
+            s.append(&[(1, b"one".to_vec()), (2, b"two".to_vec())])
+                .unwrap();
+            let (tx, rx) = mpsc::channel();
+            s.flush(2, move |r| tx.send(r.is_ok()).unwrap());
+            assert!(rx.recv().unwrap());
+            s.truncate_from(2).unwrap();
+        }
+        // The flusher thread holds only a weak reference, so the file is closed by now or soon;
+        // wait for it with a deadline instead of sleeping.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let s = loop {
+            match Store::open(StoreConfig::new(Backend::File(path.clone()))) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        assert_eq!(s.log_range(0, 10).unwrap(), vec![(1, b"one".to_vec())]);
+    }
+
+    #[test]
+    fn prefix_end_handles_ff() {
+        assert_eq!(prefix_end(b"a"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(&[0x61, 0xff]), Some(vec![0x62]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+}

@@ -1,0 +1,151 @@
+//! The transaction model of the replicated state machine.
+//!
+//! Keys are ordered byte strings; values are opaque bytes (the node stores barrier ciphertext in
+//! them). Every key carries a `version` (number of puts since it was created, reset by a delete),
+//! a `create_revision` and a `mod_revision`. The store has one global `revision` that grows by one
+//! for every transaction that changes something, as in etcd.
+
+use serde::{Deserialize, Serialize};
+
+/// One stored key with its metadata, as returned by reads and as the previous value of a write.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The opaque value.
+    pub value: Vec<u8>,
+    /// Number of puts since the key was (re)created; 1 after the first put.
+    pub version: u64,
+    /// Store revision of the put that created the key.
+    pub create_revision: u64,
+    /// Store revision of the last put to the key.
+    pub mod_revision: u64,
+}
+
+impl std::fmt::Debug for KvEntry {
+    // Values may be ciphertext of secrets: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvEntry")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("value_len", &self.value.len())
+            .field("version", &self.version)
+            .field("create_revision", &self.create_revision)
+            .field("mod_revision", &self.mod_revision)
+            .finish()
+    }
+}
+
+/// A condition on one key, evaluated atomically with the rest of the transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compare {
+    /// The key exists.
+    Exists(Vec<u8>),
+    /// The key does not exist.
+    Absent(Vec<u8>),
+    /// The key's `mod_revision` equals the given one (0 means absent).
+    ModRevision(Vec<u8>, u64),
+    /// The key's `version` equals the given one (0 means absent).
+    Version(Vec<u8>, u64),
+}
+
+impl Compare {
+    /// The key this condition looks at.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Compare::Exists(k) | Compare::Absent(k) => k,
+            Compare::ModRevision(k, _) | Compare::Version(k, _) => k,
+        }
+    }
+}
+
+/// One write operation.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create or replace a key.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The opaque value.
+        value: Vec<u8>,
+    },
+    /// Delete one key (no effect when absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Delete every key that starts with `prefix`.
+    DeletePrefix {
+        /// The prefix; an empty prefix is refused by the node, not here.
+        prefix: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Put { key, value } => write!(
+                f,
+                "Put({:?}, {} bytes)",
+                String::from_utf8_lossy(key),
+                value.len()
+            ),
+            Op::Delete { key } => write!(f, "Delete({:?})", String::from_utf8_lossy(key)),
+            Op::DeletePrefix { prefix } => {
+                write!(f, "DeletePrefix({:?})", String::from_utf8_lossy(prefix))
+            }
+        }
+    }
+}
+
+/// `if all(compare) then success else failure`, applied atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    /// Conditions; all must hold for `success` to run. Empty means always.
+    pub compare: Vec<Compare>,
+    /// Operations run when every condition holds.
+    pub success: Vec<Op>,
+    /// Operations run otherwise.
+    pub failure: Vec<Op>,
+}
+
+impl Txn {
+    /// A transaction with no conditions that runs `ops`.
+    pub fn ops(ops: Vec<Op>) -> Txn {
+        Txn {
+            compare: Vec::new(),
+            success: ops,
+            failure: Vec::new(),
+        }
+    }
+}
+
+/// What one operation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// A put, with the value it replaced.
+    Put {
+        /// The entry before the put, if any.
+        prev: Option<KvEntry>,
+    },
+    /// A delete, with the value it removed.
+    Delete {
+        /// The entry before the delete, if any.
+        prev: Option<KvEntry>,
+    },
+    /// A prefix delete, with how many keys it removed.
+    DeletePrefix {
+        /// Number of keys removed.
+        deleted: u64,
+    },
+}
+
+/// The outcome of an applied transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResult {
+    /// Whether every comparison held (so `success` ran).
+    pub succeeded: bool,
+    /// The store revision after the transaction.
+    pub revision: u64,
+    /// One result per operation of the branch that ran.
+    pub results: Vec<OpResult>,
+}
