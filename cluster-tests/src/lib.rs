@@ -1,1 +1,510 @@
+//! A fixture for multi-node scenarios: real `coffer server` processes, each on its own loopback
+//! address (127.0.0.1x), with file storage in a temporary directory and TLS everywhere. Tests
+//! reach the nodes only the way production clients do: over the public gRPC API.
+//!
+//! Helpers that panic on failure are named `must_*`. Waiting is always on a condition with a
+//! deadline ([`wait_until`]), never a bare sleep.
+#![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use coffer_api::v1 as pb;
+use coffer_api::v1::cluster_client::ClusterClient;
+use coffer_api::v1::kv_client::KvClient;
+use tokio::time::Instant;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The binary under test: `coffer-under-test`, which cargo builds beside the integration test
+/// executables of this package (`target/<profile>/`, one level above `deps/`).
+pub fn coffer_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let bin = dir.join(format!("coffer-under-test{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test -p coffer-cluster-tests`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// Options for a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Snapshot after this many log entries.
+    pub snapshot_logs: u64,
+    /// Entries kept behind a snapshot.
+    pub logs_to_keep: u64,
+    /// Extra flags for every node.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            snapshot_logs: 10_000,
+            logs_to_keep: 1_000,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// One node process.
+#[derive(Debug)]
+pub struct NodeProc {
+    /// Node id.
+    pub id: u64,
+    /// API address.
+    pub api: SocketAddr,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Whether this node was one of the initial voters (passes --initial-member).
+    pub initial: bool,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// A cluster of `coffer server` processes.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// The nodes by id.
+    pub nodes: BTreeMap<u64, NodeProc>,
+    initial_members: Vec<String>,
+    options: ClusterOptions,
+    ca_pem: Vec<u8>,
+}
+
+/// A free port on a loopback address.
+fn free_addr(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind a free loopback port");
+    l.local_addr().expect("local addr")
+}
+
+fn node_ip(id: u64) -> String {
+    format!("127.0.0.{}", 10 + id)
+}
+
+/// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` at the deadline.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// Starts `n` voters that bootstrap a new cluster, and waits for a leader.
+    pub async fn start(n: u64, options: ClusterOptions) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node_args: Vec<String> = (1..=n + 4)
+            .flat_map(|id| ["--node".to_string(), format!("{id}={}", node_ip(id))])
+            .collect();
+        let out = Command::new(coffer_bin())
+            .args(["certs", "--dir"])
+            .arg(dir.path().join("tls"))
+            .args(&node_args)
+            .output()
+            .expect("run coffer certs");
+        assert!(out.status.success(), "coffer certs failed: {out:?}");
+        let ca_pem = std::fs::read(dir.path().join("tls/ca.pem")).expect("ca.pem");
+        let mut cluster = Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            initial_members: Vec::new(),
+            options,
+            ca_pem,
+        };
+        for id in 1..=n {
+            let ip = node_ip(id);
+            let (api, peer) = (free_addr(&ip), free_addr(&ip));
+            cluster.initial_members.push(format!("{id}={peer}/{api}"));
+            cluster.add_node_proc(id, api, peer, true);
+        }
+        for id in 1..=n {
+            cluster.spawn(id);
+        }
+        cluster.must_wait_leader(Duration::from_secs(20)).await;
+        cluster
+    }
+
+    fn add_node_proc(&mut self, id: u64, api: SocketAddr, peer: SocketAddr, initial: bool) {
+        let data_dir = self.dir.path().join(format!("node-{id}"));
+        let log = self.dir.path().join(format!("node-{id}.log"));
+        self.nodes.insert(
+            id,
+            NodeProc {
+                id,
+                api,
+                peer,
+                data_dir,
+                initial,
+                child: None,
+                log,
+            },
+        );
+    }
+
+    /// Prepares a new node (not started, not a member) with fresh addresses.
+    pub fn add_node(&mut self, id: u64) -> &NodeProc {
+        let ip = node_ip(id);
+        self.add_node_proc(id, free_addr(&ip), free_addr(&ip), false);
+        &self.nodes[&id]
+    }
+
+    /// The `coffer server` command line of a node.
+    pub fn server_command(&self, id: u64) -> Command {
+        let node = &self.nodes[&id];
+        let tls = self.dir.path().join("tls");
+        let mut cmd = Command::new(coffer_bin());
+        cmd.arg("server")
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--api-addr", &node.api.to_string()])
+            .args(["--peer-addr", &node.peer.to_string()])
+            .arg("--tls-cert")
+            .arg(tls.join(format!("node-{id}.pem")))
+            .arg("--tls-key")
+            .arg(tls.join(format!("node-{id}-key.pem")))
+            .arg("--tls-ca")
+            .arg(tls.join("ca.pem"))
+            .args(["--heartbeat-ms", "50", "--election-timeout-ms", "300"])
+            .args(["--write-timeout-ms", "3000", "--read-timeout-ms", "3000"])
+            .args(["--snapshot-logs", &self.options.snapshot_logs.to_string()])
+            .args(["--logs-to-keep", &self.options.logs_to_keep.to_string()])
+            .args(&self.options.extra_args)
+            .env("RUST_LOG", "info,openraft=info");
+        if node.initial {
+            for m in &self.initial_members {
+                cmd.args(["--initial-member", m]);
+            }
+        }
+        cmd
+    }
+
+    /// Starts (or restarts) a node's process; its output goes to its log file.
+    pub fn spawn(&mut self, id: u64) {
+        let mut cmd = self.server_command(id);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("open node log");
+        let child = cmd
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn coffer server");
+        node.child = Some(child);
+    }
+
+    /// Kills a node with SIGKILL (no shutdown path runs) and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether a node's process has exited, with its exit code.
+    pub fn exited(&mut self, id: u64) -> Option<Option<i32>> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let child = node.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// The log output of a node so far.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default()
+    }
+
+    /// The cluster CA (PEM).
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca_pem
+    }
+
+    /// The temporary directory holding everything.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A channel to a node's API.
+    pub fn channel(&self, id: u64) -> Channel {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        Endpoint::from_shared(format!("https://{}", self.nodes[&id].api))
+            .expect("endpoint")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy()
+    }
+
+    /// A key/value client for a node.
+    pub fn kv(&self, id: u64) -> KvClient<Channel> {
+        KvClient::new(self.channel(id))
+    }
+
+    /// A cluster client for a node.
+    pub fn admin(&self, id: u64) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel(id))
+    }
+
+    /// A node's status, if it answers.
+    pub async fn status(&self, id: u64) -> Option<pb::StatusResponse> {
+        self.admin(id)
+            .status(pb::StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Ids of the nodes whose process runs.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Waits until every running member reports the same leader, and returns it.
+    pub async fn must_wait_leader(&self, timeout: Duration) -> u64 {
+        wait_until(
+            timeout,
+            "every running node to agree on a leader",
+            || async {
+                let mut leader = None;
+                for id in self.running() {
+                    let s = self.status(id).await?;
+                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                        return None;
+                    }
+                    leader = Some(s.leader_id);
+                }
+                leader.filter(|l| self.running().contains(l))
+            },
+        )
+        .await
+    }
+
+    /// A running node other than `not`.
+    pub fn other_than(&self, not: u64) -> u64 {
+        *self
+            .running()
+            .iter()
+            .find(|id| **id != not)
+            .expect("another running node")
+    }
+
+    /// Puts through node `id`, panicking on failure.
+    pub async fn must_put(&self, id: u64, key: &str, value: &str) -> pb::PutResponse {
+        self.kv(id)
+            .put(pb::PutRequest {
+                key: key.into(),
+                value: value.into(),
+                request_id: Vec::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("put {key} via node {id}: {e}"))
+            .into_inner()
+    }
+
+    /// Reads linearizably through node `id` and checks the value.
+    pub async fn must_get_equal(&self, id: u64, key: &str, value: &str) {
+        let r = self
+            .kv(id)
+            .get(pb::GetRequest {
+                key: key.into(),
+                consistency: pb::Consistency::Linearizable as i32,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("get {key} via node {id}: {e}"))
+            .into_inner();
+        let got = r.kv.map(|kv| kv.value).unwrap_or_default();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            value,
+            "node {id} returned a different value for {key}"
+        );
+    }
+
+    /// Every key under `prefix` as node `id` sees it (stale: its local state).
+    pub async fn must_list_local(&self, id: u64, prefix: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut after = Vec::new();
+        loop {
+            let r = self
+                .kv(id)
+                .list(pb::ListRequest {
+                    prefix: prefix.into(),
+                    start_after: after.clone(),
+                    limit: 1000,
+                    consistency: pb::Consistency::Stale as i32,
+                    keys_only: false,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("list via node {id}: {e}"))
+                .into_inner();
+            for kv in &r.kvs {
+                out.insert(
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                );
+            }
+            match (r.more, r.kvs.last()) {
+                (true, Some(last)) => after = last.key.clone(),
+                _ => return out,
+            }
+        }
+    }
+
+    /// Waits until every running node applied at least what `id` has committed and all report
+    /// the same state digest.
+    pub async fn must_converge(&self, timeout: Duration) {
+        wait_until(
+            timeout,
+            "every running node to converge on one digest",
+            || async {
+                let mut digests = Vec::new();
+                for id in self.running() {
+                    let s = self.status(id).await?;
+                    digests.push((s.applied_index, s.digest));
+                }
+                let first = digests.first()?;
+                digests.iter().all(|d| d == first).then_some(())
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            // Keep the evidence of a failed scenario.
+            let keep = self.dir.path().to_path_buf();
+            eprintln!("cluster directory kept for inspection: {}", keep.display());
+            for node in self.nodes.values() {
+                if let Ok(log) = std::fs::read_to_string(&node.log) {
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- node {} log (last lines) ---", node.id);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A background writer: puts unique keys through the given nodes until stopped, and records
+/// which writes were acknowledged.
+#[derive(Debug)]
+pub struct Writer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<WriterLog>,
+}
+
+/// What a [`Writer`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct WriterLog {
+    /// Acknowledged writes: key -> value.
+    pub acked: BTreeMap<String, String>,
+    /// Writes that failed with a definite "not applied" status.
+    pub failed: u64,
+    /// Writes whose outcome is unknown.
+    pub unknown: u64,
+}
+
+impl Writer {
+    /// Starts `clients` concurrent writers putting `prefix/<client>-<n>` through `channels`.
+    pub fn start(prefix: &str, channels: Vec<Channel>, clients: usize) -> Writer {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let prefix = prefix.to_string();
+        let task = tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let channels = channels.clone();
+                let stop_rx = stop_rx.clone();
+                let prefix = prefix.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut log = WriterLog::default();
+                    let mut n = 0u64;
+                    while !*stop_rx.borrow() {
+                        n += 1;
+                        let key = format!("{prefix}/{c}-{n}");
+                        let value = format!("v{n}");
+                        let mut kv =
+                            KvClient::new(channels[(c + n as usize) % channels.len()].clone());
+                        match kv
+                            .put(pb::PutRequest {
+                                key: key.clone().into(),
+                                value: value.clone().into(),
+                                request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+                            })
+                            .await
+                        {
+                            Ok(_) => {
+                                log.acked.insert(key, value);
+                            }
+                            Err(s) if s.code() == tonic::Code::Unavailable => log.failed += 1,
+                            Err(_) => log.unknown += 1,
+                        }
+                    }
+                    log
+                }));
+            }
+            let mut all = WriterLog::default();
+            for t in tasks {
+                if let Ok(log) = t.await {
+                    all.acked.extend(log.acked);
+                    all.failed += log.failed;
+                    all.unknown += log.unknown;
+                }
+            }
+            all
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops the writers and returns what they saw.
+    pub async fn stop(self) -> WriterLog {
+        let _ = self.stop.send(true);
+        self.task.await.expect("writer task")
+    }
+}

@@ -570,6 +570,41 @@ async fn terminate() {
     std::future::pending().await
 }
 
+/// The whole `coffer` program: parses the command line, installs logging, runs the command.
+pub fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Server(_) | Command::Dev { .. } => "info,openraft=warn",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // One process-wide crypto provider for rustls (ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Runs a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<u8> {
     match cli.command {

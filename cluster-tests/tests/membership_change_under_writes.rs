@@ -1,0 +1,67 @@
+//! While writes continue: a fourth node joins as a learner (a read replica), is promoted to
+//! voter, and an original voter is removed. No acknowledged write is lost and the new member
+//! serves linearizable reads.
+
+use std::time::Duration;
+
+use coffer_api::v1 as pb;
+use coffer_cluster_tests::{Cluster, ClusterOptions, Writer, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_change_under_writes() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    let channels = [1, 2, 3].map(|id| cluster.channel(id)).to_vec();
+    let writer = Writer::start("load", channels, 4);
+
+    let new = cluster.add_node(4);
+    let (api, peer) = (new.api.to_string(), new.peer.to_string());
+    cluster.spawn(4);
+    let via = cluster.other_than(leader);
+    cluster
+        .admin(via)
+        .add_learner(pb::AddLearnerRequest {
+            id: 4,
+            api_addr: api,
+            peer_addr: peer,
+        })
+        .await
+        .expect("add learner through a follower");
+    // A learner is a read replica: it serves linearizable reads.
+    cluster.must_put(leader, "probe", "1").await;
+    cluster.must_get_equal(4, "probe", "1").await;
+
+    cluster
+        .admin(4)
+        .promote(pb::NodeRequest { id: 4 })
+        .await
+        .expect("promote");
+    let victim = cluster.other_than(leader);
+    cluster
+        .admin(leader)
+        .remove(pb::NodeRequest { id: victim })
+        .await
+        .expect("remove");
+    let status = wait_until(Duration::from_secs(10), "the new membership", || async {
+        let s = cluster.status(4).await?;
+        let voters: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+        (voters.len() == 3 && voters.contains(&4) && !voters.contains(&victim)).then_some(s)
+    })
+    .await;
+    assert!(
+        status.members.iter().all(|m| m.id != victim),
+        "removed node is gone"
+    );
+    cluster.kill(victim);
+
+    let log = writer.stop().await;
+    assert!(!log.acked.is_empty());
+    cluster.must_put(4, "after", "change").await;
+    cluster.must_converge(Duration::from_secs(20)).await;
+    for id in cluster.running() {
+        let stored = cluster.must_list_local(id, "load/").await;
+        for (k, v) in &log.acked {
+            assert_eq!(stored.get(k), Some(v), "node {id} lost {k}");
+        }
+    }
+}
