@@ -261,12 +261,12 @@ impl ServerArgs {
             .election_timeout_ms
             .or(file.election_timeout_ms)
             .unwrap_or(defaults.election_timeout_ms);
-        if election_timeout_ms <= heartbeat_ms * 2 {
+        if heartbeat_ms == 0 || election_timeout_ms <= heartbeat_ms.saturating_mul(2) {
             bail!(
-                "--election-timeout-ms ({election_timeout_ms}) must be more than twice --heartbeat-ms ({heartbeat_ms})"
+                "--election-timeout-ms ({election_timeout_ms}) must be more than twice --heartbeat-ms ({heartbeat_ms}), which must be positive"
             );
         }
-        let raft = Settings {
+        let mut raft = Settings {
             heartbeat_ms,
             election_timeout_ms,
             snapshot_logs: self
@@ -298,6 +298,12 @@ impl ServerArgs {
             .unwrap_or(1 << 20);
         if max_value_bytes == 0 || max_value_bytes > 64 << 20 {
             bail!("--max-value-bytes must be between 1 and 67108864 (64 MiB)");
+        }
+        // A key, a transaction's framing and the entry's own encoding come on top of the value.
+        raft.max_entry_bytes = max_value_bytes + (1 << 20);
+        let too_long = |d: Duration| d > Duration::from_secs(3600);
+        if too_long(raft.write_timeout) || too_long(raft.read_timeout) {
+            bail!("--write-timeout-ms and --read-timeout-ms must be at most 3600000 (one hour)");
         }
         Ok(NodeConfig {
             node_id,

@@ -68,7 +68,10 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             tls: files.clone(),
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
-            raft: Settings::default(),
+            raft: Settings {
+                max_entry_bytes: 2 << 20,
+                ..Settings::default()
+            },
         };
         let tls = TlsMaterial::load(&files)?;
         nodes.push(server::start(cfg, tls).await?);

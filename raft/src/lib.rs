@@ -52,6 +52,8 @@ pub struct Settings {
     pub snapshot_timeout: Duration,
     /// Writes in flight on this node beyond which new ones are refused at once.
     pub max_pending_writes: usize,
+    /// The largest encoded log entry to expect (bounds append batches).
+    pub max_entry_bytes: usize,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             membership_timeout: Duration::from_secs(30),
             snapshot_timeout: Duration::from_secs(120),
             max_pending_writes: 4096,
+            max_entry_bytes: 2 << 20,
         }
     }
 }

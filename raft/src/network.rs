@@ -170,7 +170,10 @@ impl PeerConnection {
     {
         let client = self.client()?;
         let data = encode(req).map_err(|s| status_error(&s))?;
-        let ttl = option.hard_ttl();
+        // openraft's deadline is one heartbeat interval, too short for a large batch: allow at
+        // least half a second plus the transfer time at a modest 32 MiB/s.
+        let ttl = option.hard_ttl().max(Duration::from_millis(500))
+            + Duration::from_secs_f64(data.len() as f64 / (32.0 * 1024.0 * 1024.0));
         let response = tokio::time::timeout(ttl, call(client, Payload { data }))
             .await
             .map_err(|_| {
@@ -212,6 +215,17 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.unary(RPCTypes::Vote, &rpc, &option, |mut c, p| async move {
             c.vote(p).await
+        })
+        .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(RPCTypes::Vote, &rpc, &option, |mut c, p| async move {
+            c.pre_vote(p).await
         })
         .await
     }

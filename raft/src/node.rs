@@ -135,9 +135,14 @@ impl RaftNode {
             cluster_name: "coffer".into(),
             heartbeat_interval: settings.heartbeat_ms,
             election_timeout_min: settings.election_timeout_ms,
-            election_timeout_max: settings.election_timeout_ms * 2,
+            election_timeout_max: settings.election_timeout_ms.saturating_mul(2),
             install_snapshot_timeout: settings.snapshot_timeout.as_millis() as u64,
-            max_payload_entries: 256,
+            // Keep one append batch well under the peer message limit even with the
+            // largest entries.
+            max_payload_entries: (crate::MAX_PEER_MESSAGE as u64
+                / 2
+                / settings.max_entry_bytes.max(1) as u64)
+                .clamp(1, 256),
             snapshot_policy: if settings.snapshot_logs == 0 {
                 SnapshotPolicy::Never
             } else {
@@ -216,7 +221,9 @@ impl RaftNode {
     /// Waits until the metrics change (a leader appears, say), at most a short while.
     async fn wait_for_change(&self, deadline: Instant) {
         let mut rx = self.raft.metrics();
-        let pause = remaining(deadline).min(Duration::from_millis(self.settings.heartbeat_ms * 2));
+        let pause = remaining(deadline).min(Duration::from_millis(
+            self.settings.heartbeat_ms.saturating_mul(2),
+        ));
         let _ = tokio::time::timeout(pause, rx.changed()).await;
     }
 
@@ -335,7 +342,7 @@ impl RaftNode {
         if m.state != ServerState::Leader || m.membership_config.voter_ids().count() < 2 {
             return None;
         }
-        let limit = Duration::from_millis(self.settings.election_timeout_ms * 4);
+        let limit = Duration::from_millis(self.settings.election_timeout_ms.saturating_mul(4));
         match &m.last_quorum_acked {
             Some(at) if at.elapsed() <= limit => None,
             Some(at) => Some(format!(
@@ -392,7 +399,15 @@ impl RaftNode {
                 attempted: true,
                 why: s.message().to_string(),
             })?;
-        result
+        match result {
+            // The leader stopping (a restart, a failed disk) is not this node's failure: the
+            // operation may have been proposed there, and another leader can take it.
+            Err(Attempt::Fail(Error::Fatal(why))) => Err(Attempt::Retry {
+                attempted: true,
+                why: format!("leader {leader} stopped: {why}"),
+            }),
+            other => other,
+        }
     }
 
     /// Makes local reads linearizable: obtains a read index (from the leader when this node

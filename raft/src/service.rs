@@ -56,6 +56,11 @@ impl Peer for PeerService {
         reply(&self.node.raft().vote(rpc).await)
     }
 
+    async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(&req.into_inner().data)?;
+        reply(&self.node.raft().pre_vote(rpc).await)
+    }
+
     async fn install_snapshot(
         &self,
         req: Request<Streaming<SnapshotChunk>>,
@@ -67,14 +72,21 @@ impl Peer for PeerService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let vote: Vote = decode(&first.vote)?;
         let meta: SnapshotMeta = decode(&first.meta)?;
+        let too_big = |len: usize| {
+            Status::resource_exhausted(format!(
+                "snapshot of more than {len} bytes is over the limit of {} bytes",
+                self.max_snapshot_bytes
+            ))
+        };
         let mut data = first.data;
+        if data.len() as u64 > self.max_snapshot_bytes {
+            return Err(too_big(data.len()));
+        }
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if (data.len() + chunk.data.len()) as u64 > self.max_snapshot_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot larger than the limit of {} bytes (raise max_snapshot_bytes)",
-                    self.max_snapshot_bytes
-                )));
+            let len = data.len() + chunk.data.len();
+            if len as u64 > self.max_snapshot_bytes {
+                return Err(too_big(len));
             }
             data.extend_from_slice(&chunk.data);
         }

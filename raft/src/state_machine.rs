@@ -86,7 +86,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(m) = &membership_bytes {
             meta.push((MEMBERSHIP, m.as_slice()));
         }
-        let results = self.store.apply(&inputs, &meta)?;
+        // redb waits for the flusher's fsync when it holds the write lock: block in place so
+        // the runtime moves other tasks (heartbeats, RPCs) off this worker meanwhile.
+        let results = crate::codec::blocking(|| self.store.apply(&inputs, &meta))?;
         drop(inputs);
         for ((_, responder), result) in batch.into_iter().zip(results) {
             if let Some(responder) = responder {
@@ -102,7 +104,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> io::Result<()> {
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = snapshot.len(), "installing snapshot");
-        self.store.install_snapshot(&encode_io(meta)?, &snapshot)?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let (store, meta_bytes) = (self.store.clone(), encode_io(meta)?);
+        // Installing a large image blocks for a while: keep it off the async workers.
+        tokio::task::spawn_blocking(move || store.install_snapshot(index, &meta_bytes, &snapshot))
+            .await
+            .map_err(io::Error::other)??;
         Ok(())
     }
 
@@ -121,14 +128,27 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        let (image, view) = self.store.export_image()?;
-        let (last_log_id, last_membership) = read_position(&view)?;
-        drop(view);
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-        };
-        self.store.save_snapshot(&encode_io(&meta)?, &image)?;
+        let store = self.store.clone();
+        let (meta, image) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let (image, view) = store.export_image()?;
+            let (last_log_id, last_membership) = read_position(&view)?;
+            drop(view);
+            let meta = SnapshotMeta {
+                last_log_id,
+                last_membership,
+            };
+            let index = meta.last_log_id.map_or(0, |l| l.index);
+            let saved = store.save_snapshot(index, &encode_io(&meta)?, &image)?;
+            if !saved {
+                tracing::info!(
+                    index,
+                    "a newer snapshot was installed meanwhile; this one is not kept"
+                );
+            }
+            Ok((meta, image))
+        })
+        .await
+        .map_err(io::Error::other)??;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = image.len(), "built snapshot");
         Ok(Snapshot {
             meta,

@@ -421,7 +421,11 @@ impl Store {
                 }
                 let result = apply_txn(&mut kv, &mut revision, &cmd.txn)?;
                 if let Some(id) = &cmd.request_id {
-                    let encoded = postcard::to_stdvec(&result).map_err(|e| corrupt("dedup", e))?;
+                    // Remember the result without the previous values themselves: a retry
+                    // learns what happened, and old values (ciphertext of secrets, perhaps
+                    // large) are not kept around in the table and its snapshots.
+                    let encoded = postcard::to_stdvec(&without_values(&result))
+                        .map_err(|e| corrupt("dedup", e))?;
                     dedup
                         .insert(id.0.as_slice(), encoded.as_slice())
                         .map_err(redb_err)?;
@@ -464,15 +468,27 @@ impl Store {
         Ok((bytes, view))
     }
 
-    /// Durably saves a snapshot (opaque metadata and an image) as the current one.
-    pub fn save_snapshot(&self, meta: &[u8], image: &[u8]) -> Result<()> {
+    /// Durably saves a snapshot (opaque metadata and an image) taken at log position `index`
+    /// as the current one, unless the current one is newer: a snapshot built from older state
+    /// while a newer one was being installed must not replace it. Returns whether it was saved.
+    pub fn save_snapshot(&self, index: u64, meta: &[u8], image: &[u8]) -> Result<bool> {
         let wtx = self.write(Durability::Immediate)?;
         {
             let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            let current = match snap.get("index").map_err(redb_err)? {
+                Some(v) => Some(bytes_u64("snapshot", v.value())?),
+                None => None,
+            };
+            if current.is_some_and(|c| c > index) {
+                return Ok(false);
+            }
+            snap.insert("index", u64_bytes(index).as_slice())
+                .map_err(redb_err)?;
             snap.insert("meta", meta).map_err(redb_err)?;
             snap.insert("data", image).map_err(redb_err)?;
         }
-        self.commit(wtx)
+        self.commit(wtx)?;
+        Ok(true)
     }
 
     /// The current snapshot (metadata, image), if any.
@@ -488,9 +504,10 @@ impl Store {
         })
     }
 
-    /// Replaces the whole state machine with `image` and saves it as the current snapshot, in
-    /// one durable commit. An image that does not decode changes nothing.
-    pub fn install_snapshot(&self, meta: &[u8], image: &[u8]) -> Result<()> {
+    /// Replaces the whole state machine with `image` (taken at log position `index`) and saves
+    /// it as the current snapshot, in one durable commit. An image that does not decode changes
+    /// nothing.
+    pub fn install_snapshot(&self, index: u64, meta: &[u8], image: &[u8]) -> Result<()> {
         let decoded: Image =
             postcard::from_bytes(image).map_err(|e| StorageError::BadSnapshot(e.to_string()))?;
         if decoded.format != IMAGE_FORMAT {
@@ -522,6 +539,8 @@ impl Store {
                 order.insert(*k, v.as_slice()).map_err(redb_err)?;
             }
             let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            snap.insert("index", u64_bytes(index).as_slice())
+                .map_err(redb_err)?;
             snap.insert("meta", meta).map_err(redb_err)?;
             snap.insert("data", image).map_err(redb_err)?;
         }
@@ -579,11 +598,13 @@ fn flusher(
         if result.is_ok()
             && let Some(observer) = &on_flush
         {
-            observer(FlushEvent {
+            let event = FlushEvent {
                 duration: started.elapsed(),
                 entries,
                 appends: batch.len(),
-            });
+            };
+            // A panicking observer must not take the callbacks down with it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| observer(event)));
         }
         for request in batch {
             let r = match &result {
@@ -596,23 +617,27 @@ fn flusher(
 }
 
 /// One `Immediate` commit: makes every earlier non-durable commit durable (one fsync).
+/// Any error marks the store failed: the entries it should have made durable may not be.
 fn durable_commit(shared: &Shared) -> Result<()> {
     shared.check()?;
     fail::fail_point!("storage::fsync", |_| {
         Err(shared.fail("injected fsync error (failpoint storage::fsync)".into()))
     });
-    let mut wtx = shared.db.begin_write().map_err(redb_err)?;
+    let fail = |e: StorageError| shared.fail(format!("durable commit failed: {e}"));
+    let mut wtx = shared.db.begin_write().map_err(redb_err).map_err(fail)?;
     wtx.set_durability(Durability::Immediate)
-        .map_err(redb_err)?;
+        .map_err(redb_err)
+        .map_err(fail)?;
     {
         // A write keeps the commit from being empty, so it always reaches the disk.
-        let mut meta = wtx.open_table(META).map_err(redb_err)?;
-        let n = match meta.get("flushes").map_err(redb_err)? {
-            Some(v) => bytes_u64("meta", v.value())?,
+        let mut meta = wtx.open_table(META).map_err(redb_err).map_err(fail)?;
+        let n = match meta.get("flushes").map_err(redb_err).map_err(fail)? {
+            Some(v) => bytes_u64("meta", v.value()).map_err(fail)?,
             None => 0,
         };
         meta.insert("flushes", u64_bytes(n + 1).as_slice())
-            .map_err(redb_err)?;
+            .map_err(redb_err)
+            .map_err(fail)?;
     }
     shared.commit(wtx)
 }
@@ -727,6 +752,29 @@ fn apply_txn(
         revision: *revision,
         results,
     })
+}
+
+/// A result with the previous values' bytes left out (metadata kept).
+fn without_values(result: &TxnResult) -> TxnResult {
+    let strip = |prev: &Option<KvEntry>| {
+        prev.as_ref().map(|e| KvEntry {
+            value: Vec::new(),
+            ..e.clone()
+        })
+    };
+    TxnResult {
+        succeeded: result.succeeded,
+        revision: result.revision,
+        results: result
+            .results
+            .iter()
+            .map(|r| match r {
+                OpResult::Put { prev } => OpResult::Put { prev: strip(prev) },
+                OpResult::Delete { prev } => OpResult::Delete { prev: strip(prev) },
+                OpResult::DeletePrefix { deleted } => OpResult::DeletePrefix { deleted: *deleted },
+            })
+            .collect(),
+    }
 }
 
 /// The smallest key greater than every key with this prefix; `None` when there is none.
@@ -979,6 +1027,22 @@ mod tests {
         let again = must_apply(&s, &cmd);
         assert_eq!(first, again);
         assert_eq!(s.read().unwrap().get(b"n").unwrap().unwrap().version, 1);
+        // The remembered result keeps the previous value's metadata, not its bytes.
+        let overwrite = Command {
+            request_id: Some(RequestId([8; 16])),
+            txn: Txn::ops(vec![put("n", "2")]),
+        };
+        let first = must_apply(&s, &overwrite);
+        let OpResult::Put { prev: Some(prev) } = &first.results[0] else {
+            panic!("expected a previous value")
+        };
+        assert_eq!(prev.value, b"1");
+        let retried = must_apply(&s, &overwrite);
+        let OpResult::Put { prev: Some(prev) } = &retried.results[0] else {
+            panic!("expected a previous value")
+        };
+        assert!(prev.value.is_empty());
+        assert_eq!(prev.version, 1);
     }
 
     #[test]
@@ -1070,9 +1134,9 @@ mod tests {
                 txn: Txn::ops(vec![put("stale", "1")]),
             },
         );
-        assert!(b.install_snapshot(b"meta", b"garbage").is_err());
+        assert!(b.install_snapshot(9, b"meta", b"garbage").is_err());
         assert!(b.read().unwrap().get(b"stale").unwrap().is_some());
-        b.install_snapshot(b"meta", &image).unwrap();
+        b.install_snapshot(9, b"meta", &image).unwrap();
         assert_eq!(
             a.read().unwrap().digest().unwrap(),
             b.read().unwrap().digest().unwrap()
@@ -1080,8 +1144,13 @@ mod tests {
         assert!(b.read().unwrap().get(b"stale").unwrap().is_none());
         assert_eq!(
             b.current_snapshot().unwrap().unwrap(),
-            (b"meta".to_vec(), image)
+            (b"meta".to_vec(), image.clone())
         );
+        // A snapshot built from older state never replaces a newer installed one.
+        assert!(!b.save_snapshot(5, b"old", b"old-image").unwrap());
+        assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"meta".to_vec());
+        assert!(b.save_snapshot(12, b"new", &image).unwrap());
+        assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"new".to_vec());
     }
 
     #[test]
