@@ -231,12 +231,16 @@ impl Cluster {
         }
     }
 
-    /// Whether a node's process has exited, with its exit code.
+    /// Whether a node's process has exited, with its exit code. An exited process no longer
+    /// counts as running.
     pub fn exited(&mut self, id: u64) -> Option<Option<i32>> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let child = node.child.as_mut()?;
         match child.try_wait() {
-            Ok(Some(status)) => Some(status.code()),
+            Ok(Some(status)) => {
+                node.child = None;
+                Some(status.code())
+            }
             _ => None,
         }
     }

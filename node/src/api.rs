@@ -417,10 +417,7 @@ impl Cluster for Api {
                 .node
                 .change_membership(MembershipChange::AddLearner {
                     id: r.id,
-                    member: Member {
-                        peer_addr: r.peer_addr,
-                        api_addr: r.api_addr,
-                    },
+                    member: Member::new(r.peer_addr, r.api_addr),
                 })
                 .await
                 .map_err(raft_status)?;
@@ -482,8 +479,6 @@ impl Cluster for Api {
         self.timed("Snapshot", async {
             let before = self.node.status().snapshot;
             self.node.trigger_snapshot().await.map_err(raft_status)?;
-            use openraft::async_runtime::WatchReceiver;
-            let mut rx = self.node.raft().metrics();
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
             loop {
                 let s = self.node.status();
@@ -492,14 +487,14 @@ impl Cluster for Api {
                         snapshot_index: s.snapshot,
                     });
                 }
-                if tokio::time::timeout_at(deadline, rx.changed())
-                    .await
-                    .is_err()
-                {
+                if tokio::time::Instant::now() >= deadline {
                     return Err(Status::deadline_exceeded(
                         "the snapshot did not finish within 30 s",
                     ));
                 }
+                self.node
+                    .wait_changed(std::time::Duration::from_millis(200))
+                    .await;
             }
         })
         .await

@@ -167,13 +167,7 @@ pub fn parse_member(s: &str) -> Result<(NodeId, Member)> {
     if id == 0 || peer.is_empty() || api.is_empty() {
         bail!("initial member {s:?} must look like ID=PEER_ADDR/API_ADDR with ID > 0");
     }
-    Ok((
-        id,
-        Member {
-            peer_addr: peer.trim().to_string(),
-            api_addr: api.trim().to_string(),
-        },
-    ))
+    Ok((id, Member::new(peer.trim(), api.trim())))
 }
 
 impl ServerArgs {
@@ -211,16 +205,14 @@ impl ServerArgs {
             .or(file.peer_addr)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7701)));
         let metrics_addr = self.metrics_addr.or(file.metrics_addr);
-        let member = Member {
-            api_addr: self
-                .advertise_api_addr
-                .or(file.advertise_api_addr)
-                .unwrap_or_else(|| api_addr.to_string()),
-            peer_addr: self
-                .advertise_peer_addr
+        let member = Member::new(
+            self.advertise_peer_addr
                 .or(file.advertise_peer_addr)
                 .unwrap_or_else(|| peer_addr.to_string()),
-        };
+            self.advertise_api_addr
+                .or(file.advertise_api_addr)
+                .unwrap_or_else(|| api_addr.to_string()),
+        );
         let need = |v: Option<PathBuf>, flag: &str| {
             v.with_context(|| format!("--{flag} is required: Coffer has no plaintext mode"))
         };
@@ -246,7 +238,7 @@ impl ServerArgs {
                 None => bail!(
                     "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster is added with `coffer cluster add-learner`"
                 ),
-                Some(m) if *m != member => bail!(
+                Some(m) if !m.same_addresses(&member) => bail!(
                     "--initial-member gives node {node_id} the addresses {m}, but this node advertises {member}"
                 ),
                 Some(_) => {}

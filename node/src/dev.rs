@@ -45,13 +45,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
     let mut members = BTreeMap::new();
     for id in &ids {
         let (api, peer, metrics) = (free_port()?, free_port()?, free_port()?);
-        members.insert(
-            *id,
-            Member {
-                peer_addr: peer.to_string(),
-                api_addr: api.to_string(),
-            },
-        );
+        members.insert(*id, Member::new(peer.to_string(), api.to_string()));
         plan.push((*id, api, peer, metrics));
     }
     let mut nodes = Vec::new();

@@ -22,6 +22,7 @@ use crate::tls::TlsMaterial;
 pub const DB_FILE: &str = "coffer.redb";
 const META_NODE_ID: &str = "node_id";
 const META_CLUSTER: &str = "cluster_name";
+const META_INCARNATION: &str = "incarnation";
 
 /// Largest snapshot a node accepts from a peer.
 const MAX_SNAPSHOT_BYTES: u64 = 8 << 30;
@@ -56,7 +57,8 @@ impl RunningNode {
 }
 
 /// Opens the store and checks that the data directory belongs to this node and cluster.
-fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<Store> {
+/// Returns it with the data directory's incarnation (random, made when it was created).
+fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<(Store, u64)> {
     let backend = match &cfg.data {
         DataLocation::Memory => Backend::Memory,
         DataLocation::Dir(dir) => {
@@ -79,6 +81,13 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<Store> {
     let stored_cluster = store.meta_get(META_CLUSTER)?;
     match (stored_id, stored_cluster) {
         (None, None) => {
+            let incarnation = loop {
+                let i: u64 = rand::random();
+                if i != 0 {
+                    break i;
+                }
+            };
+            store.meta_put(META_INCARNATION, &incarnation.to_le_bytes(), true)?;
             store.meta_put(META_NODE_ID, &cfg.node_id.to_le_bytes(), true)?;
             store.meta_put(META_CLUSTER, cfg.cluster_name.as_bytes(), true)?;
         }
@@ -106,15 +115,20 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<Store> {
             bail!("the data directory's identity records are incomplete; restore it from a backup")
         }
     }
-    Ok(store)
+    let incarnation = store
+        .meta_get(META_INCARNATION)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_le_bytes)
+        .context("the data directory's incarnation record is missing; restore it from a backup")?;
+    Ok((store, incarnation))
 }
 
 /// Starts a node: binds its listeners, starts Raft, bootstraps a new cluster if configured.
 pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let metrics = Metrics::new(cfg.node_id)?;
-    let store = open_store(&cfg, &metrics)?;
+    let (store, incarnation) = open_store(&cfg, &metrics)?;
     let pool = PeerPool::new(tls.peer_client(), Duration::from_secs(2));
-    let node = RaftNode::start(cfg.node_id, cfg.raft.clone(), store, pool).await?;
+    let node = RaftNode::start(cfg.node_id, incarnation, cfg.raft.clone(), store, pool).await?;
 
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await
@@ -197,7 +211,6 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let watched = node.clone();
     let stop_on_fatal = stop_tx.clone();
     tasks.push(tokio::spawn(async move {
-        let mut rx = watched.raft().metrics();
         loop {
             if let Some(why) = watched.fatal() {
                 tracing::error!(reason = %why, "node stopped serving");
@@ -205,25 +218,21 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 let _ = stop_on_fatal.send(true);
                 return;
             }
-            use openraft::async_runtime::WatchReceiver;
-            if tokio::time::timeout(Duration::from_millis(500), rx.changed())
-                .await
-                .is_ok_and(|r| r.is_err())
-            {
-                return;
-            }
+            watched.wait_changed(Duration::from_millis(500)).await;
         }
     }));
 
     if !cfg.initial_members.is_empty() && !node.is_initialized().await? {
         let first = cfg.initial_members.keys().next().copied();
         if first == Some(cfg.node_id) {
-            let created = node.initialize(cfg.initial_members.clone()).await?;
-            tracing::info!(
-                created,
-                members = cfg.initial_members.len(),
-                "bootstrapped a new cluster"
-            );
+            // The other members may start later: wait for them in the background.
+            let (bootstrapper, members) = (node.clone(), cfg.initial_members.clone());
+            tasks.push(tokio::spawn(async move {
+                match bootstrapper.bootstrap(members).await {
+                    Ok(created) => tracing::info!(created, "bootstrapped a new cluster"),
+                    Err(e) => tracing::error!(error = %e, "cannot bootstrap the cluster"),
+                }
+            }));
         } else {
             tracing::info!(bootstrapper = ?first, "waiting for the bootstrapping member to contact this node");
         }

@@ -29,7 +29,7 @@ pub use network::{MAX_PEER_MESSAGE, Network, PeerPool};
 pub use node::{MembershipChange, NodeStatus, RaftNode, Written};
 pub use service::PeerService;
 pub use state_machine::StateMachine;
-pub use types::{LogId, Member, NodeId, TypeConfig};
+pub use types::{LogId, Member, NodeId, NodeInfo, TypeConfig};
 
 /// Tuning of one node's Raft.
 #[derive(Debug, Clone)]

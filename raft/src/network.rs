@@ -113,6 +113,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             self_id: self.self_id,
             target,
+            target_incarnation: node.incarnation,
             client,
             snapshot_timeout: self.snapshot_timeout,
         }
@@ -124,6 +125,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerConnection {
     self_id: NodeId,
     target: NodeId,
+    target_incarnation: u64,
     client: Result<PeerClient<Channel>, String>,
     snapshot_timeout: Duration,
 }
@@ -174,7 +176,12 @@ impl PeerConnection {
         // least half a second plus the transfer time at a modest 32 MiB/s.
         let ttl = option.hard_ttl().max(Duration::from_millis(500))
             + Duration::from_secs_f64(data.len() as f64 / (32.0 * 1024.0 * 1024.0));
-        let response = tokio::time::timeout(ttl, call(client, Payload { data }))
+        let payload = Payload {
+            data,
+            target_id: self.target,
+            target_incarnation: self.target_incarnation,
+        };
+        let response = tokio::time::timeout(ttl, call(client, payload))
             .await
             .map_err(|_| {
                 RPCError::Timeout(Timeout {
@@ -248,12 +255,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             vote: vote_bytes,
             meta: meta_bytes,
             data: pieces.next().map(<[u8]>::to_vec).unwrap_or_default(),
+            target_id: self.target,
+            target_incarnation: self.target_incarnation,
         });
         for piece in pieces {
             chunks.push(SnapshotChunk {
-                vote: Vec::new(),
-                meta: Vec::new(),
                 data: piece.to_vec(),
+                ..SnapshotChunk::default()
             });
         }
         tracing::info!(

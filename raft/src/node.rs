@@ -102,6 +102,10 @@ pub struct NodeStatus {
 /// One cluster member.
 pub struct RaftNode {
     id: NodeId,
+    incarnation: u64,
+    /// Set when this node must stop serving for a reason Raft does not know (e.g. it was
+    /// addressed as an earlier incarnation of itself).
+    poisoned: std::sync::Mutex<Option<String>>,
     raft: Raft<TypeConfig, StateMachine>,
     store: Store,
     pool: PeerPool,
@@ -127,6 +131,7 @@ impl RaftNode {
     /// (see [`RaftNode::peer_service`]).
     pub async fn start(
         id: NodeId,
+        incarnation: u64,
         settings: Settings,
         store: Store,
         pool: PeerPool,
@@ -167,6 +172,8 @@ impl RaftNode {
         .map_err(|e| Error::Fatal(e.to_string()))?;
         Ok(Arc::new(RaftNode {
             id,
+            incarnation,
+            poisoned: std::sync::Mutex::new(None),
             raft,
             store,
             pool,
@@ -189,6 +196,114 @@ impl RaftNode {
     /// The local store (reads after [`RaftNode::linearize`], or stale reads).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// This node's data directory incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// What this node tells peers about itself.
+    pub async fn info(&self) -> crate::types::NodeInfo {
+        crate::types::NodeInfo {
+            id: self.id,
+            incarnation: self.incarnation,
+            initialized: self.is_initialized().await.unwrap_or(true),
+        }
+    }
+
+    /// Asks the node at `peer_addr` who it is.
+    pub async fn peer_info(&self, peer_addr: &str) -> Result<crate::types::NodeInfo, Error> {
+        let mut client = self.pool.client(peer_addr).map_err(Error::Unavailable)?;
+        let call = client.info(Payload::default());
+        let response = tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .map_err(|_| Error::Unavailable(format!("{peer_addr} did not answer in time")))?
+            .map_err(|s| Error::Unavailable(format!("{peer_addr}: {}", s.message())))?;
+        decode(&response.into_inner().data).map_err(|s| Error::Unavailable(s.message().to_string()))
+    }
+
+    /// A peer addressed this node as an earlier incarnation of itself. If this node never
+    /// joined a cluster, its data directory was replaced: it stops serving rather than rejoin
+    /// with an empty log under its old id.
+    pub(crate) async fn refuse_stale_incarnation(&self, expected: u64) {
+        if self.is_initialized().await.unwrap_or(true) {
+            tracing::warn!(
+                expected,
+                "refused a Raft message meant for another incarnation"
+            );
+            return;
+        }
+        self.poison(format!(
+            "the cluster knows node {} with data directory incarnation {expected:x}, but this data \
+             directory is a new one ({:x}): a wiped node must not rejoin under its old id. Remove \
+             node {} with `coffer cluster remove {}` and join this one with a new --node-id",
+            self.id, self.incarnation, self.id, self.id
+        ));
+    }
+
+    fn poison(&self, why: String) {
+        tracing::error!(reason = %why, "node stops serving");
+        if let Ok(mut p) = self.poisoned.lock()
+            && p.is_none()
+        {
+            *p = Some(why);
+        }
+    }
+
+    /// Forms a new cluster with `members` as its voters, once every member answered with its
+    /// incarnation (waiting for them as long as it takes). Returns `false` when this node's log
+    /// already has a membership. Fails, and stops this node, when another member already
+    /// belongs to a cluster: this node's empty log means its data directory was replaced.
+    pub async fn bootstrap(&self, mut members: BTreeMap<NodeId, Member>) -> Result<bool, Error> {
+        for (id, member) in members.iter_mut() {
+            if *id == self.id {
+                member.incarnation = self.incarnation;
+                continue;
+            }
+            let mut warned = false;
+            let info = loop {
+                if self.is_initialized().await? {
+                    return Ok(false);
+                }
+                match self.peer_info(&member.peer_addr).await {
+                    Ok(info) => break info,
+                    Err(e) => {
+                        if !warned {
+                            tracing::info!(member = id, error = %e, "waiting for an initial member");
+                            warned = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            if info.id != *id {
+                let why = format!(
+                    "initial member {id} at {} says it is node {}: fix --initial-member",
+                    member.peer_addr, info.id
+                );
+                self.poison(why.clone());
+                return Err(Error::Config(why));
+            }
+            if info.initialized {
+                let why = format!(
+                    "node {id} already belongs to a cluster but this node's log is empty: its data \
+                     directory was replaced. Remove node {} from the cluster and join this one with \
+                     a new --node-id (never bootstrap twice)",
+                    self.id
+                );
+                self.poison(why.clone());
+                return Err(Error::Config(why));
+            }
+            member.incarnation = info.incarnation;
+        }
+        self.initialize(members).await
+    }
+
+    /// Waits until the node's Raft state changes, at most `timeout`.
+    pub async fn wait_changed(&self, timeout: Duration) {
+        let mut rx = self.raft.metrics();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
     }
 
     /// Forms a new cluster with `members` as its voters. Returns `false` when this node's log
@@ -231,6 +346,9 @@ impl RaftNode {
     pub fn fatal(&self) -> Option<String> {
         if self.store.is_failed() {
             return Some("storage failed".into());
+        }
+        if let Some(why) = self.poisoned.lock().ok().and_then(|p| p.clone()) {
+            return Some(why);
         }
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
@@ -375,25 +493,35 @@ impl RaftNode {
                 why,
             })?;
         let data = encode(&req).map_err(|s| Attempt::Fail(Error::Invalid(s.message().into())))?;
-        let response =
-            match tokio::time::timeout(remaining(deadline), call(client, Payload { data })).await {
-                Err(_) => {
-                    return Err(Attempt::Retry {
-                        attempted: true,
-                        why: format!("leader {leader} did not answer before the deadline"),
-                    });
-                }
-                Ok(Err(status)) => {
-                    // A refused connection never reached the leader; anything else might have.
-                    let connect = status.code() == tonic::Code::Unavailable
-                        && status.message().contains("connect");
-                    return Err(Attempt::Retry {
-                        attempted: !connect,
-                        why: format!("leader {leader} unreachable: {}", status.message()),
-                    });
-                }
-                Ok(Ok(r)) => r,
-            };
+        let response = match tokio::time::timeout(
+            remaining(deadline),
+            call(
+                client,
+                Payload {
+                    data,
+                    ..Payload::default()
+                },
+            ),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(Attempt::Retry {
+                    attempted: true,
+                    why: format!("leader {leader} did not answer before the deadline"),
+                });
+            }
+            Ok(Err(status)) => {
+                // A refused connection never reached the leader; anything else might have.
+                let connect = status.code() == tonic::Code::Unavailable
+                    && status.message().contains("connect");
+                return Err(Attempt::Retry {
+                    attempted: !connect,
+                    why: format!("leader {leader} unreachable: {}", status.message()),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
         let result: Result<Resp, Attempt> =
             decode(&response.into_inner().data).map_err(|s| Attempt::Retry {
                 attempted: true,
@@ -494,8 +622,37 @@ impl RaftNode {
         }
     }
 
-    /// Changes the membership through the leader. Changes are serialized at the leader.
-    pub async fn change_membership(&self, change: MembershipChange) -> Result<u64, Error> {
+    /// Changes the membership through the leader. Changes are serialized at the leader. A new
+    /// learner must be running: it is asked for its id and incarnation first.
+    pub async fn change_membership(&self, mut change: MembershipChange) -> Result<u64, Error> {
+        if let MembershipChange::AddLearner { id, member } = &mut change {
+            // The new node may still be starting: give it a few seconds to answer.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let info = loop {
+                match self.peer_info(&member.peer_addr).await {
+                    Ok(info) => break info,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(Error::Unavailable(format!(
+                            "the new node must be running to be added: {e}"
+                        )));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            if info.id != *id {
+                return Err(Error::Invalid(format!(
+                    "the node at {} is node {}, not node {id}",
+                    member.peer_addr, info.id
+                )));
+            }
+            if info.initialized {
+                return Err(Error::Invalid(format!(
+                    "the node at {} already belongs to a cluster; a new member starts with an empty data directory",
+                    member.peer_addr
+                )));
+            }
+            member.incarnation = info.incarnation;
+        }
         let deadline = Instant::now() + self.settings.membership_timeout;
         let mut why;
         loop {

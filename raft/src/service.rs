@@ -36,7 +36,10 @@ impl PeerService {
 }
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
-    Ok(Response::new(Payload { data: encode(v)? }))
+    Ok(Response::new(Payload {
+        data: encode(v)?,
+        ..Payload::default()
+    }))
 }
 
 /// A deadline the caller sent, capped so a bad peer cannot park a task for long.
@@ -44,21 +47,54 @@ fn deadline(millis: u64) -> Instant {
     Instant::now() + Duration::from_millis(millis.min(60_000))
 }
 
+impl PeerService {
+    /// Refuses a Raft message meant for another node or another incarnation of this node.
+    async fn check_target(&self, target_id: u64, target_incarnation: u64) -> Result<(), Status> {
+        if target_id != 0 && target_id != self.node.id() {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {target_id}: check the cluster's addresses",
+                self.node.id()
+            )));
+        }
+        if target_incarnation != 0 && target_incarnation != self.node.incarnation() {
+            self.node.refuse_stale_incarnation(target_incarnation).await;
+            return Err(Status::failed_precondition(format!(
+                "node {} has a new data directory (incarnation {:x}, the cluster knows {:x}); \
+                 it must not rejoin under its old id: remove it and add it with a new id",
+                self.node.id(),
+                self.node.incarnation(),
+                target_incarnation
+            )));
+        }
+        Ok(())
+    }
+
+    async fn raft_payload(&self, req: Request<Payload>) -> Result<Vec<u8>, Status> {
+        let p = req.into_inner();
+        self.check_target(p.target_id, p.target_incarnation).await?;
+        Ok(p.data)
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc = decode(&self.raft_payload(req).await?)?;
         reply(&self.node.raft().append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc = decode(&self.raft_payload(req).await?)?;
         reply(&self.node.raft().vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc = decode(&self.raft_payload(req).await?)?;
         reply(&self.node.raft().pre_vote(rpc).await)
+    }
+
+    async fn info(&self, _req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        reply(&self.node.info().await)
     }
 
     async fn install_snapshot(
@@ -70,6 +106,8 @@ impl Peer for PeerService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        self.check_target(first.target_id, first.target_incarnation)
+            .await?;
         let vote: Vote = decode(&first.vote)?;
         let meta: SnapshotMeta = decode(&first.meta)?;
         let too_big = |len: usize| {

@@ -4,13 +4,44 @@ use serde::{Deserialize, Serialize};
 
 pub use coffer_storage::{Command, TxnResult};
 
-/// A cluster member's addresses, as stored in the Raft membership.
+/// A cluster member's addresses and incarnation, as stored in the Raft membership.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// `host:port` of the node-to-node (peer) listener.
     pub peer_addr: String,
     /// `host:port` of the client API listener.
     pub api_addr: String,
+    /// The random id of the node's data directory, learned when the node joined. A node whose
+    /// data directory was replaced has another one, and Raft messages meant for the old one are
+    /// refused (openraft #898: a wiped node must never rejoin under its old id). 0: not known.
+    pub incarnation: u64,
+}
+
+impl Member {
+    /// A member whose incarnation is not known yet.
+    pub fn new(peer_addr: impl Into<String>, api_addr: impl Into<String>) -> Member {
+        Member {
+            peer_addr: peer_addr.into(),
+            api_addr: api_addr.into(),
+            incarnation: 0,
+        }
+    }
+
+    /// Whether both members have the same addresses (incarnations aside).
+    pub fn same_addresses(&self, other: &Member) -> bool {
+        self.peer_addr == other.peer_addr && self.api_addr == other.api_addr
+    }
+}
+
+/// What a node says about itself on the peer port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: NodeId,
+    /// Its data directory's incarnation.
+    pub incarnation: u64,
+    /// Whether its log holds a membership (it belongs to a cluster).
+    pub initialized: bool,
 }
 
 impl std::fmt::Display for Member {
