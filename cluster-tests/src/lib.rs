@@ -114,20 +114,25 @@ where
     }
 }
 
+/// Issues node certificates with `coffer certs` (creating the cluster CA on first use).
+fn must_issue_certs(dir: &Path, ids: std::ops::RangeInclusive<u64>) {
+    let node_args: Vec<String> = ids
+        .flat_map(|id| ["--node".to_string(), format!("{id}={}", node_ip(id))])
+        .collect();
+    let out = Command::new(coffer_bin())
+        .args(["certs", "--dir"])
+        .arg(dir)
+        .args(&node_args)
+        .output()
+        .expect("run coffer certs");
+    assert!(out.status.success(), "coffer certs failed: {out:?}");
+}
+
 impl Cluster {
     /// Starts `n` voters that bootstrap a new cluster, and waits for a leader.
     pub async fn start(n: u64, options: ClusterOptions) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let node_args: Vec<String> = (1..=n + 4)
-            .flat_map(|id| ["--node".to_string(), format!("{id}={}", node_ip(id))])
-            .collect();
-        let out = Command::new(coffer_bin())
-            .args(["certs", "--dir"])
-            .arg(dir.path().join("tls"))
-            .args(&node_args)
-            .output()
-            .expect("run coffer certs");
-        assert!(out.status.success(), "coffer certs failed: {out:?}");
+        must_issue_certs(&dir.path().join("tls"), 1..=n);
         let ca_pem = std::fs::read(dir.path().join("tls/ca.pem")).expect("ca.pem");
         let mut cluster = Cluster {
             dir,
@@ -166,8 +171,10 @@ impl Cluster {
         );
     }
 
-    /// Prepares a new node (not started, not a member) with fresh addresses.
+    /// Prepares a new node (not started, not a member) with fresh addresses and a certificate
+    /// issued later by the same cluster CA.
     pub fn add_node(&mut self, id: u64) -> &NodeProc {
+        must_issue_certs(&self.dir.path().join("tls"), id..=id);
         let ip = node_ip(id);
         self.add_node_proc(id, free_addr(&ip), free_addr(&ip), false);
         &self.nodes[&id]
@@ -285,7 +292,7 @@ impl Cluster {
     /// A node's status, if it answers.
     pub async fn status(&self, id: u64) -> Option<pb::StatusResponse> {
         self.admin(id)
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest { digest: true })
             .await
             .ok()
             .map(|r| r.into_inner())

@@ -20,6 +20,8 @@ use crate::metrics::Metrics;
 pub const MAX_KEY_BYTES: usize = 4096;
 /// Most operations in one transaction.
 pub const MAX_TXN_OPS: usize = 128;
+/// A list page ends once the values in it pass this many bytes (at least one key per page).
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
 
 /// Shared state of the API services.
 #[derive(Debug, Clone)]
@@ -176,10 +178,35 @@ fn kv(e: KvEntry, keys_only: bool) -> pb::KeyValue {
     }
 }
 
+/// Ends a page early once its values pass [`MAX_PAGE_BYTES`] (keeping at least one key).
+fn cap_page(mut entries: Vec<KvEntry>, more: bool, keys_only: bool) -> (Vec<KvEntry>, bool) {
+    if keys_only {
+        return (entries, more);
+    }
+    let mut bytes = 0;
+    let mut keep = entries.len();
+    for (i, e) in entries.iter().enumerate() {
+        bytes += e.key.len() + e.value.len();
+        if bytes > MAX_PAGE_BYTES && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    if keep < entries.len() {
+        entries.truncate(keep);
+        return (entries, true);
+    }
+    (entries, more)
+}
+
 fn op_response(r: OpResult) -> pb::OpResponse {
     match r {
-        OpResult::Put { prev } | OpResult::Delete { prev } => pb::OpResponse {
+        OpResult::Put { prev } => pb::OpResponse {
             deleted: 0,
+            prev: prev.map(|e| kv(e, false)),
+        },
+        OpResult::Delete { prev } => pb::OpResponse {
+            deleted: u64::from(prev.is_some()),
             prev: prev.map(|e| kv(e, false)),
         },
         OpResult::DeletePrefix { deleted } => pb::OpResponse {
@@ -284,6 +311,7 @@ impl Kv for Api {
             let view = self.node.store().read().map_err(storage_status)?;
             let after = (!r.start_after.is_empty()).then_some(r.start_after.as_slice());
             let (entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
+            let (entries, more) = cap_page(entries, more, r.keys_only);
             let revision = view.revision().map_err(storage_status)?;
             Ok(pb::ListResponse {
                 header: self.header(revision, index),
@@ -352,8 +380,9 @@ impl Kv for Api {
 impl Cluster for Api {
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let want_digest = req.into_inner().digest;
         self.timed("Status", async {
             let s = self.node.status();
             let view = self.node.store().read().map_err(storage_status)?;
@@ -386,7 +415,11 @@ impl Cluster for Api {
                     .collect(),
                 fatal: self.node.fatal().unwrap_or_default(),
                 revision: view.revision().map_err(storage_status)?,
-                digest: view.digest().map_err(storage_status)?,
+                digest: if want_digest {
+                    view.digest().map_err(storage_status)?
+                } else {
+                    0
+                },
                 cluster_id: self.cluster_name.clone(),
                 fsyncs: self.metrics.flush_totals().0,
                 flushed_entries: self.metrics.flush_totals().1,
@@ -498,5 +531,52 @@ impl Cluster for Api {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value_len: usize) -> KvEntry {
+        KvEntry {
+            key: key.as_bytes().to_vec(),
+            value: vec![0; value_len],
+            version: 1,
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn a_page_ends_once_its_values_pass_the_byte_limit() {
+        let big = MAX_PAGE_BYTES / 2 - 16;
+        let (page, more) = cap_page(
+            vec![entry("a", big), entry("b", big), entry("c", big)],
+            false,
+            false,
+        );
+        assert_eq!(page.len(), 2);
+        assert!(more, "the caller must be told to ask for the rest");
+        // A single value larger than the limit still gets a page of its own.
+        let (page, more) = cap_page(vec![entry("a", MAX_PAGE_BYTES * 2)], false, false);
+        assert_eq!((page.len(), more), (1, false));
+        // Keys only: no values, no cap.
+        let (page, _) = cap_page(
+            vec![entry("a", big), entry("b", big), entry("c", big)],
+            false,
+            true,
+        );
+        assert_eq!(page.len(), 3);
+    }
+
+    #[test]
+    fn request_ids_are_empty_or_16_bytes() {
+        assert_eq!(parse_request_id(&[]).unwrap(), None);
+        assert!(parse_request_id(&[7; 16]).unwrap().is_some());
+        assert_eq!(
+            parse_request_id(&[1, 2]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -93,12 +93,15 @@ fn key(i: usize, size: usize) -> Vec<u8> {
 
 async fn leader_flush_totals(target: &Target) -> Result<Option<(String, u64, u64)>> {
     let mut cluster = ClusterClient::new(target.connect().await?);
-    let status = cluster.status(pb::StatusRequest {}).await?.into_inner();
+    let status = cluster
+        .status(pb::StatusRequest::default())
+        .await?
+        .into_inner();
     let Some(leader) = status.members.iter().find(|m| m.id == status.leader_id) else {
         return Ok(None);
     };
     let mut c = ClusterClient::new(target.channel_to(&leader.api_addr)?);
-    let s = c.status(pb::StatusRequest {}).await?.into_inner();
+    let s = c.status(pb::StatusRequest::default()).await?.into_inner();
     Ok(Some((leader.api_addr.clone(), s.fsyncs, s.flushed_entries)))
 }
 

@@ -393,7 +393,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
     let target = client.target()?;
     let mut first = target.cluster().await?;
     let view = first
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest { digest: false })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -413,7 +413,8 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
         let role = if m.voter { "voter" } else { "learner" };
         let answer = async {
             let mut c = ClusterClient::new(target.channel_to(&m.api_addr)?);
-            anyhow::Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+            let digest = client.format == Format::Json;
+            anyhow::Ok(c.status(pb::StatusRequest { digest }).await?.into_inner())
         }
         .await;
         match answer {
@@ -468,6 +469,9 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
 }
 
 async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> {
+    // Membership changes and snapshots may take up to 30 s on the server: wait longer than it.
+    let mut client = client.clone();
+    client.timeout = client.timeout.max(60.0);
     let target = client.target()?;
     let mut c = target.cluster().await?;
     let index = match op {

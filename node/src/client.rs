@@ -63,7 +63,7 @@ impl Target {
         for addr in &self.addrs {
             let channel = self.channel_to(addr)?;
             let mut probe = ClusterClient::new(channel.clone());
-            match probe.status(coffer_api::v1::StatusRequest {}).await {
+            match probe.status(coffer_api::v1::StatusRequest::default()).await {
                 Ok(_) => return Ok(channel),
                 Err(e) => errors.push(format!("{addr}: {}", e.message())),
             }

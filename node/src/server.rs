@@ -123,6 +123,19 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<(Store, u64)> {
     Ok((store, incarnation))
 }
 
+/// Accepted connections with Nagle's algorithm off: small gRPC frames must not wait for a
+/// delayed ACK (that costs ~40 ms per request).
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// Starts a node: binds its listeners, starts Raft, bootstraps a new cluster if configured.
 pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let metrics = Metrics::new(cfg.node_id)?;
@@ -153,7 +166,8 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
-    let max_message = cfg.max_value_bytes + (1 << 20);
+    // A request carries at most one value (plus framing); a response at most a list page.
+    let max_message = (cfg.max_value_bytes + (1 << 20)).max(crate::api::MAX_PAGE_BYTES * 2);
     let api_server = Server::builder()
         .tls_config(tls.api_server())
         .context("API TLS configuration")?
@@ -167,7 +181,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(coffer_api::v1::cluster_server::ClusterServer::new(api));
     let mut stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(api_listener);
+        let incoming = no_delay(api_listener);
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -185,7 +199,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES));
     let mut stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(peer_listener);
+        let incoming = no_delay(peer_listener);
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };

@@ -102,6 +102,9 @@ impl TlsMaterial {
     }
 }
 
+/// Subject name of every Coffer cluster CA made by `coffer certs` and `coffer dev`.
+const CA_NAME: &str = "coffer cluster CA";
+
 /// A CA that signs node certificates.
 pub struct CertAuthority {
     params: CertificateParams,
@@ -116,14 +119,21 @@ impl std::fmt::Debug for CertAuthority {
 }
 
 impl CertAuthority {
-    /// A new self-signed CA.
-    pub fn generate(name: &str) -> Result<CertAuthority> {
+    /// The CA's parameters: its certificates are issued under this subject, and certificates
+    /// it signs name it as issuer (with the key identifier derived from its key).
+    fn params() -> Result<CertificateParams> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
+        dn.push(DnType::CommonName, CA_NAME);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(params)
+    }
+
+    /// A new self-signed CA.
+    pub fn generate() -> Result<CertAuthority> {
+        let params = Self::params()?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(CertAuthority {
@@ -131,6 +141,22 @@ impl CertAuthority {
             params,
             key,
         })
+    }
+
+    /// A CA from its certificate and key (PEM), to issue more node certificates.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<CertAuthority> {
+        let key = KeyPair::from_pem(key_pem).context("the CA key is not a PEM private key")?;
+        let params = Self::params()?;
+        Ok(CertAuthority {
+            params,
+            key,
+            pem: cert_pem.to_string(),
+        })
+    }
+
+    /// The CA private key (PEM).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// The CA certificate (PEM).
@@ -182,12 +208,30 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     }
 }
 
-/// Generates a CA and one certificate per node into `dir`: `ca.pem`, `node-<id>.pem`,
-/// `node-<id>-key.pem`. Each node certificate names `localhost`, `127.0.0.1` and its hosts.
+/// Writes one certificate per node into `dir` (`node-<id>.pem`, `node-<id>-key.pem`), signed by
+/// the CA in `dir` (`ca.pem`, `ca-key.pem`), which is created when missing: run it again later
+/// to issue certificates for new nodes. Each node certificate names `localhost`, `127.0.0.1`
+/// and its hosts. Keep `ca-key.pem` offline in production.
 pub fn generate_cluster_certs(dir: &Path, nodes: &[(u64, Vec<String>)]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let ca = CertAuthority::generate("coffer cluster CA")?;
-    fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let ca = if ca_cert.exists() && ca_key.exists() {
+        CertAuthority::load(
+            &fs::read_to_string(&ca_cert)?,
+            &fs::read_to_string(&ca_key)?,
+        )?
+    } else if ca_cert.exists() {
+        bail!(
+            "{} exists without its key {}: use another directory, or put the key there",
+            ca_cert.display(),
+            ca_key.display()
+        );
+    } else {
+        let ca = CertAuthority::generate()?;
+        write_private(&ca_key, &ca.key_pem())?;
+        fs::write(&ca_cert, ca.cert_pem())?;
+        ca
+    };
     for (id, hosts) in nodes {
         let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         for h in hosts {

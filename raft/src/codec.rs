@@ -24,13 +24,3 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, tonic::Status> 
     postcard::from_bytes(b)
         .map_err(|e| tonic::Status::invalid_argument(format!("malformed peer message: {e}")))
 }
-
-/// Runs blocking storage work on the current task. On a multi-threaded runtime the worker is
-/// handed over first (`block_in_place`), so other tasks (heartbeats, RPCs) keep running while
-/// redb waits for the flusher's fsync; on a single-threaded runtime it just runs.
-pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}

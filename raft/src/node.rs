@@ -156,6 +156,9 @@ impl RaftNode {
             max_in_snapshot_log_to_keep: settings.logs_to_keep,
             purge_batch_size: 256,
             enable_pre_vote: Some(true),
+            // Replicate entries as soon as they are appended locally, so the leader's fsync
+            // runs in parallel with the followers' instead of before them.
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()

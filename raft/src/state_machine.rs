@@ -86,9 +86,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(m) = &membership_bytes {
             meta.push((MEMBERSHIP, m.as_slice()));
         }
-        // redb waits for the flusher's fsync when it holds the write lock: block in place so
-        // the runtime moves other tasks (heartbeats, RPCs) off this worker meanwhile.
-        let results = crate::codec::blocking(|| self.store.apply(&inputs, &meta))?;
+        // A direct call: the commit is not durable (no fsync of its own) and at most waits for
+        // the flusher's fsync (a fraction of a millisecond). Handing the worker over with
+        // block_in_place was measured to triple the write latency.
+        let results = self.store.apply(&inputs, &meta)?;
         drop(inputs);
         for ((_, responder), result) in batch.into_iter().zip(results) {
             if let Some(responder) = responder {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Measures the replicated store core with `coffer bench`: put and linearizable get at
+# concurrency 1 and 64, against a 3-node `coffer dev` cluster (in memory) and against three
+# `coffer server` processes with file storage (fsync on every commit). Prints one line per run.
+#   scripts/bench-core.sh [seconds per run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+cargo build --release -p coffer-node --quiet
+bin=$PWD/target/release/coffer
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+run_benches() {
+  local label=$1
+  for op in put get; do
+    for c in 1 64; do
+      printf '%-6s %-4s c=%-3s ' "$label" "$op" "$c"
+      "$bin" bench --op "$op" --concurrency "$c" --duration "$secs" --json \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print("ops/s=%.0f p50=%.2fms p99=%.2fms errors=%d%s" % (r["ops_per_sec"], r["p50_ms"], r["p99_ms"], r["errors"], ("" if r["entries_per_fsync"] is None else " entries/fsync=%.1f" % r["entries_per_fsync"])))'
+    done
+  done
+}
+
+# 1. The transient cluster.
+"$bin" dev --nodes 3 --dir "$work/dev" > "$work/dev.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -f "$work/dev/env" ] && break; sleep 0.1; done
+# shellcheck disable=SC1091
+source "$work/dev/env"
+run_benches dev
+kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
+
+# 2. Three processes with file storage.
+"$bin" certs --dir "$work/tls" --node 1 --node 2 --node 3 > /dev/null
+members=()
+for i in 1 2 3; do members+=(--initial-member "$i=127.0.0.1:$((17700 + 10 * i + 1))/127.0.0.1:$((17700 + 10 * i))"); done
+for i in 1 2 3; do
+  "$bin" server --node-id "$i" --data-dir "$work/data-$i" \
+    --api-addr "127.0.0.1:$((17700 + 10 * i))" --peer-addr "127.0.0.1:$((17700 + 10 * i + 1))" \
+    --tls-cert "$work/tls/node-$i.pem" --tls-key "$work/tls/node-$i-key.pem" --tls-ca "$work/tls/ca.pem" \
+    "${members[@]}" > "$work/server-$i.log" 2>&1 &
+  pids+=($!)
+done
+export COFFER_ADDR=127.0.0.1:17710,127.0.0.1:17720,127.0.0.1:17730 COFFER_CACERT=$work/tls/ca.pem
+for _ in $(seq 100); do "$bin" status > /dev/null 2>&1 && "$bin" kv put bench/ready --value 1 > /dev/null 2>&1 && break; sleep 0.2; done
+run_benches file
