@@ -70,6 +70,8 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     /// Whether this node was one of the initial voters (passes --initial-member).
     pub initial: bool,
+    /// Extra environment for the next start (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -165,6 +167,7 @@ impl Cluster {
                 peer,
                 data_dir,
                 initial,
+                env: Vec::new(),
                 child: None,
                 log,
             },
@@ -202,7 +205,8 @@ impl Cluster {
             .args(["--snapshot-logs", &self.options.snapshot_logs.to_string()])
             .args(["--logs-to-keep", &self.options.logs_to_keep.to_string()])
             .args(&self.options.extra_args)
-            .env("RUST_LOG", "info,openraft=info");
+            .env("RUST_LOG", "info,openraft=info")
+            .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if node.initial {
             for m in &self.initial_members {
                 cmd.args(["--initial-member", m]);

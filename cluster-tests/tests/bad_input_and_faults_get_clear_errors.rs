@@ -124,6 +124,38 @@ async fn bad_input_and_faults_get_clear_errors() {
         "{stderr}"
     );
 
+    // A corrupt database file is refused, never reinitialized.
+    let corrupt_dir = cluster.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt_dir).expect("mkdir");
+    std::fs::write(corrupt_dir.join("coffer.redb"), vec![0x5a; 8192]).expect("garbage");
+    let mut cmd = std::process::Command::new(foreign.get_program());
+    let mut skip = false;
+    for (i, a) in args.iter().enumerate() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--initial-member" {
+            skip = true;
+        } else if i > 0 && args[i - 1] == "--data-dir" {
+            cmd.arg(&corrupt_dir);
+        } else {
+            cmd.arg(a);
+        }
+    }
+    let out = cmd.output().expect("run server on a corrupt data dir");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("never reinitializes"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(corrupt_dir.join("coffer.redb")).expect("still there"),
+        vec![0x5a; 8192],
+        "the corrupt file was modified"
+    );
+
     // No quorum: with two of three nodes down, a write fails with UNAVAILABLE, boundedly.
     let survivor = leader;
     for id in cluster.running() {
