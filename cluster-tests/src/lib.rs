@@ -72,6 +72,8 @@ pub struct NodeProc {
     pub initial: bool,
     /// Extra environment for the next start (e.g. `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// Extra flags for the next start (e.g. `--metrics-addr`).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -168,6 +170,7 @@ impl Cluster {
                 data_dir,
                 initial,
                 env: Vec::new(),
+                extra_args: Vec::new(),
                 child: None,
                 log,
             },
@@ -205,6 +208,7 @@ impl Cluster {
             .args(["--snapshot-logs", &self.options.snapshot_logs.to_string()])
             .args(["--logs-to-keep", &self.options.logs_to_keep.to_string()])
             .args(&self.options.extra_args)
+            .args(&node.extra_args)
             .env("RUST_LOG", "info,openraft=info")
             .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if node.initial {

@@ -1,0 +1,106 @@
+//! Every node serves Prometheus metrics on its own port (Raft positions, request counts and
+//! latencies, fsync latency and the group commit batch size) and gRPC reflection on the API
+//! port, so `grpcurl list` shows the public services.
+
+use std::time::Duration;
+
+use coffer_cluster_tests::{Cluster, ClusterOptions, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_reflection_are_served() {
+    let port = std::net::TcpListener::bind("127.0.0.11:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cluster = Cluster::start(1, ClusterOptions::default()).await;
+    // Restart node 1 with a metrics listener.
+    cluster.kill(1);
+    let addr = format!("127.0.0.11:{port}");
+    cluster.nodes.get_mut(&1).expect("node").extra_args =
+        vec!["--metrics-addr".into(), addr.clone()];
+    cluster.spawn(1);
+    cluster.must_wait_leader(Duration::from_secs(10)).await;
+    for i in 0..20 {
+        cluster.must_put(1, &format!("m/{i}"), "v").await;
+    }
+    cluster.must_get_equal(1, "m/0", "v").await;
+
+    let text = wait_until(Duration::from_secs(10), "the metrics endpoint", || {
+        http_get(&addr, "/metrics")
+    })
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        metric(&text, "coffer_requests_total{code=\"Ok\",method=\"Put\"").unwrap_or(0.0) >= 20.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "coffer_request_duration_seconds_count{method=\"Get\""
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(metric(&text, "coffer_storage_fsyncs_total").unwrap_or(0.0) >= 1.0);
+    assert!(metric(&text, "coffer_storage_entries_per_fsync_count").unwrap_or(0.0) >= 1.0);
+    assert!(metric(&text, "coffer_storage_fsync_duration_seconds_count").unwrap_or(0.0) >= 1.0);
+    assert!(
+        metric(&text, "coffer_raft_index{kind=\"applied\"").unwrap_or(0.0) >= 20.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "coffer_raft_is_leader"), Some(1.0));
+    assert_eq!(metric(&text, "coffer_fatal"), Some(0.0));
+    let health = http_get(&addr, "/health").await.expect("health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    let mut reflection = ServerReflectionClient::new(cluster.channel(1));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("message")
+        .expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"coffer.v1.Kv".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"coffer.v1.Cluster".to_string()),
+        "{names:?}"
+    );
+}
