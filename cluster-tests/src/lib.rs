@@ -219,6 +219,36 @@ impl Cluster {
         cmd
     }
 
+    /// A one-off `coffer server` command with node `ports_of`'s flags, but claiming to be node
+    /// `node_id`, on `data_dir`, without `--initial-member`: for starts that must be refused.
+    pub fn offline_command(&self, ports_of: u64, node_id: u64, data_dir: &Path) -> Command {
+        let template = self.server_command(ports_of);
+        let args: Vec<String> = template
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut cmd = Command::new(template.get_program());
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "--node-id" => {
+                    cmd.args(["--node-id", &node_id.to_string()]);
+                    i += 2;
+                }
+                "--data-dir" => {
+                    cmd.arg("--data-dir").arg(data_dir);
+                    i += 2;
+                }
+                "--initial-member" => i += 2,
+                other => {
+                    cmd.arg(other);
+                    i += 1;
+                }
+            }
+        }
+        cmd
+    }
+
     /// Starts (or restarts) a node's process; its output goes to its log file.
     pub fn spawn(&mut self, id: u64) {
         let mut cmd = self.server_command(id);

@@ -89,33 +89,10 @@ async fn bad_input_and_faults_get_clear_errors() {
 
     // A data directory of node 2 offered to node 1 is refused with a message saying so.
     let follower = cluster.other_than(leader);
-    let mut foreign = cluster.server_command(follower);
     let foreign_dir = cluster.nodes[&follower].data_dir.clone();
     cluster.kill(follower);
     let other_id = if follower == 1 { 2 } else { 1 };
-    let args: Vec<String> = foreign
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut cmd = std::process::Command::new(foreign.get_program());
-    let mut skip = false;
-    for (i, a) in args.iter().enumerate() {
-        if skip {
-            skip = false;
-            continue;
-        }
-        if a == "--node-id" {
-            cmd.args(["--node-id", &other_id.to_string()]);
-            skip = true;
-        } else if a == "--initial-member" {
-            skip = true;
-        } else if i > 0 && args[i - 1] == "--data-dir" {
-            cmd.arg(&foreign_dir);
-        } else {
-            cmd.arg(a);
-        }
-    }
-    let _ = &mut foreign;
+    let mut cmd = cluster.offline_command(follower, other_id, &foreign_dir);
     let out = cmd.output().expect("run server on a foreign data dir");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -128,21 +105,7 @@ async fn bad_input_and_faults_get_clear_errors() {
     let corrupt_dir = cluster.path().join("corrupt");
     std::fs::create_dir_all(&corrupt_dir).expect("mkdir");
     std::fs::write(corrupt_dir.join("coffer.redb"), vec![0x5a; 8192]).expect("garbage");
-    let mut cmd = std::process::Command::new(foreign.get_program());
-    let mut skip = false;
-    for (i, a) in args.iter().enumerate() {
-        if skip {
-            skip = false;
-            continue;
-        }
-        if a == "--initial-member" {
-            skip = true;
-        } else if i > 0 && args[i - 1] == "--data-dir" {
-            cmd.arg(&corrupt_dir);
-        } else {
-            cmd.arg(a);
-        }
-    }
+    let mut cmd = cluster.offline_command(follower, follower, &corrupt_dir);
     let out = cmd.output().expect("run server on a corrupt data dir");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

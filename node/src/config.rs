@@ -87,6 +87,9 @@ pub struct ServerArgs {
     /// Writes in flight on this node beyond which new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "COFFER_MAX_PENDING_WRITES")]
     pub max_pending_writes: Option<usize>,
+    /// Linearizable reads waiting on this node beyond which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "COFFER_MAX_PENDING_READS")]
+    pub max_pending_reads: Option<usize>,
 }
 
 /// The same options as read from a TOML file.
@@ -114,6 +117,7 @@ struct FileConfig {
     snapshot_logs: Option<u64>,
     logs_to_keep: Option<u64>,
     max_pending_writes: Option<usize>,
+    max_pending_reads: Option<usize>,
 }
 
 /// Where a node keeps its data.
@@ -281,6 +285,11 @@ impl ServerArgs {
                 .max_pending_writes
                 .or(file.max_pending_writes)
                 .unwrap_or(defaults.max_pending_writes)
+                .max(1),
+            max_pending_reads: self
+                .max_pending_reads
+                .or(file.max_pending_reads)
+                .unwrap_or(defaults.max_pending_reads)
                 .max(1),
             ..defaults
         };

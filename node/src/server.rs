@@ -136,6 +136,26 @@ fn no_delay(
     })
 }
 
+/// Serves a gRPC router on a listener until `stop` turns true.
+fn serve(
+    name: &'static str,
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(no_delay(listener), shutdown)
+            .await
+        {
+            tracing::error!(error = %e, listener = name, "server stopped");
+        }
+    })
+}
+
 /// Starts a node: binds its listeners, starts Raft, bootstraps a new cluster if configured.
 pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let metrics = Metrics::new(cfg.node_id)?;
@@ -179,37 +199,13 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 .max_encoding_message_size(max_message),
         )
         .add_service(coffer_api::v1::cluster_server::ClusterServer::new(api));
-    let mut stop = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let incoming = no_delay(api_listener);
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = api_server
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    }));
+    tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
 
     let peer_server = Server::builder()
         .tls_config(tls.peer_server())
         .context("peer TLS configuration")?
         .add_service(PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES));
-    let mut stop = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let incoming = no_delay(peer_listener);
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = peer_server
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "peer server stopped");
-        }
-    }));
+    tasks.push(serve("peer", peer_server, peer_listener, stop_rx.clone()));
 
     let metrics_addr = match cfg.metrics_addr {
         Some(addr) => {

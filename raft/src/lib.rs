@@ -52,6 +52,9 @@ pub struct Settings {
     pub snapshot_timeout: Duration,
     /// Writes in flight on this node beyond which new ones are refused at once.
     pub max_pending_writes: usize,
+    /// Linearizable reads waiting for a read index on this node beyond which new ones are
+    /// refused at once.
+    pub max_pending_reads: usize,
     /// The largest encoded log entry to expect (bounds append batches).
     pub max_entry_bytes: usize,
 }
@@ -68,6 +71,7 @@ impl Default for Settings {
             membership_timeout: Duration::from_secs(30),
             snapshot_timeout: Duration::from_secs(120),
             max_pending_writes: 4096,
+            max_pending_reads: 8192,
             max_entry_bytes: 2 << 20,
         }
     }
@@ -84,9 +88,9 @@ pub enum Error {
     /// it at most once.
     #[error("outcome unknown: {0}; retry with the same request id to apply it at most once")]
     OutcomeUnknown(String),
-    /// Too many writes in flight on this node.
-    #[error("overloaded: {0} writes already in flight on this node; retry with backoff")]
-    Overloaded(usize),
+    /// Too many requests in flight on this node.
+    #[error("overloaded: {0} already in flight on this node; retry with backoff")]
+    Overloaded(String),
     /// A request Raft refuses (e.g. promoting a node that is not a learner).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -111,6 +111,7 @@ pub struct RaftNode {
     pool: PeerPool,
     settings: Settings,
     write_permits: Arc<Semaphore>,
+    read_permits: Arc<Semaphore>,
     admin_lock: tokio::sync::Mutex<()>,
 }
 
@@ -159,6 +160,11 @@ impl RaftNode {
             // Replicate entries as soon as they are appended locally, so the leader's fsync
             // runs in parallel with the followers' instead of before them.
             broadcast_submitted_on_append: Some(true),
+            // A restarted leader must not resume its old leadership: its persisted commit index
+            // may be behind what the cluster acknowledged (save_committed is not fsynced), and
+            // a read index computed from it would miss acknowledged writes (seen in the
+            // full-restart scenario). A fresh election commits a new no-op first.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
@@ -181,6 +187,7 @@ impl RaftNode {
             store,
             pool,
             write_permits: Arc::new(Semaphore::new(settings.max_pending_writes)),
+            read_permits: Arc::new(Semaphore::new(settings.max_pending_reads)),
             settings,
             admin_lock: tokio::sync::Mutex::new(()),
         }))
@@ -372,7 +379,9 @@ impl RaftNode {
             .write_permits
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Error::Overloaded(self.settings.max_pending_writes))?;
+            .map_err(|_| {
+                Error::Overloaded(format!("{} writes", self.settings.max_pending_writes))
+            })?;
         let deadline = Instant::now() + self.settings.write_timeout;
         let mut attempted = false;
         let mut why;
@@ -545,6 +554,12 @@ impl RaftNode {
     /// follows, confirmed by a quorum heartbeat) and waits until this node applied it. Returns
     /// the read index.
     pub async fn linearize(&self) -> Result<u64, Error> {
+        let _permit = self.read_permits.try_acquire().map_err(|_| {
+            Error::Overloaded(format!(
+                "{} linearizable reads",
+                self.settings.max_pending_reads
+            ))
+        })?;
         let deadline = Instant::now() + self.settings.read_timeout;
         let mut why;
         loop {
