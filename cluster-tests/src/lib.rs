@@ -6,6 +6,8 @@
 //! deadline ([`wait_until`]), never a bare sleep.
 #![forbid(unsafe_code)]
 
+pub mod workload;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,6 +47,8 @@ pub struct ClusterOptions {
     pub logs_to_keep: u64,
     /// Extra flags for every node.
     pub extra_args: Vec<String>,
+    /// Extra environment for every node (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +57,7 @@ impl Default for ClusterOptions {
             snapshot_logs: 10_000,
             logs_to_keep: 1_000,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -210,6 +215,12 @@ impl Cluster {
             .args(&self.options.extra_args)
             .args(&node.extra_args)
             .env("RUST_LOG", "info,openraft=info")
+            .envs(
+                self.options
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if node.initial {
             for m in &self.initial_members {
@@ -276,6 +287,60 @@ impl Cluster {
         }
     }
 
+    /// Stops a node's process with SIGSTOP (a long GC pause, a frozen VM).
+    pub fn pause(&self, id: u64) {
+        self.signal(id, "-STOP");
+    }
+
+    /// Resumes a paused node with SIGCONT.
+    pub fn resume(&self, id: u64) {
+        self.signal(id, "-CONT");
+    }
+
+    fn signal(&self, id: u64, sig: &str) {
+        let pid = self.nodes[&id]
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("the node runs");
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid} failed");
+    }
+
+    /// Cuts node `id` off from every other node in both directions (iptables on its loopback
+    /// address; clients still reach it). The partition heals when the guard is dropped.
+    pub fn isolate(&self, id: u64) -> Partition {
+        let mut rules = Vec::new();
+        for other in self.nodes.keys().filter(|o| **o != id) {
+            for (src, dst) in [
+                (node_ip(id), node_ip(*other)),
+                (node_ip(*other), node_ip(id)),
+            ] {
+                rules.push(vec![
+                    "OUTPUT".to_string(),
+                    "-s".into(),
+                    src,
+                    "-d".into(),
+                    dst,
+                    "-j".into(),
+                    "DROP".into(),
+                ]);
+            }
+        }
+        for rule in &rules {
+            let status = Command::new("iptables")
+                .arg("-I")
+                .args(rule)
+                .status()
+                .expect("run iptables (the partition tests need it, as root)");
+            assert!(status.success(), "iptables -I {rule:?} failed");
+        }
+        Partition { rules }
+    }
+
     /// Whether a node's process has exited, with its exit code. An exited process no longer
     /// counts as running.
     pub fn exited(&mut self, id: u64) -> Option<Option<i32>> {
@@ -307,13 +372,19 @@ impl Cluster {
 
     /// A channel to a node's API.
     pub fn channel(&self, id: u64) -> Channel {
+        self.channel_with_timeout(id, Duration::from_secs(10))
+    }
+
+    /// A channel to a node's API whose requests give up after `timeout` (workload clients use
+    /// a short one, so a paused or cut-off node costs them little).
+    pub fn channel_with_timeout(&self, id: u64, timeout: Duration) -> Channel {
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
         Endpoint::from_shared(format!("https://{}", self.nodes[&id].api))
             .expect("endpoint")
             .tls_config(tls)
             .expect("tls")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
             .connect_lazy()
     }
 
@@ -477,6 +548,20 @@ impl Drop for Cluster {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A network partition made by [`Cluster::isolate`]; dropping it heals the network.
+#[derive(Debug)]
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let _ = Command::new("iptables").arg("-D").args(rule).status();
         }
     }
 }

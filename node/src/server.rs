@@ -160,7 +160,10 @@ fn serve(
 pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let metrics = Metrics::new(cfg.node_id)?;
     let (store, incarnation) = open_store(&cfg, &metrics)?;
-    let pool = PeerPool::new(tls.peer_client(), Duration::from_secs(2));
+    // Outgoing peer connections leave from the peer listener's address when it is a specific
+    // one (not 0.0.0.0 / ::), so each node's traffic carries its own source address.
+    let local_ip = Some(cfg.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
+    let pool = PeerPool::new(tls.peer_client(), Duration::from_secs(2), local_ip);
     let node = RaftNode::start(cfg.node_id, incarnation, cfg.raft.clone(), store, pool).await?;
 
     let api_listener = TcpListener::bind(cfg.api_addr)

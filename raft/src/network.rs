@@ -33,6 +33,7 @@ const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 pub struct PeerPool {
     tls: ClientTlsConfig,
     connect_timeout: Duration,
+    local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -43,11 +44,18 @@ impl std::fmt::Debug for PeerPool {
 }
 
 impl PeerPool {
-    /// A pool whose channels use `tls` (node certificate and cluster CA).
-    pub fn new(tls: ClientTlsConfig, connect_timeout: Duration) -> PeerPool {
+    /// A pool whose channels use `tls` (node certificate and cluster CA). With `local_ip`,
+    /// outgoing connections originate from that address (the node's own peer address), so
+    /// firewalls and fault injection can tell nodes apart by source address.
+    pub fn new(
+        tls: ClientTlsConfig,
+        connect_timeout: Duration,
+        local_ip: Option<std::net::IpAddr>,
+    ) -> PeerPool {
         PeerPool {
             tls,
             connect_timeout,
+            local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -66,6 +74,7 @@ impl PeerPool {
                     .tls_config(self.tls.clone())
                     .map_err(|e| format!("peer TLS config: {e}"))?
                     .connect_timeout(self.connect_timeout)
+                    .local_address(self.local_ip)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
