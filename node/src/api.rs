@@ -66,7 +66,7 @@ impl Api {
             revision,
             node_id: self.node.id(),
             raft_index,
-            leader_id: self.node.status().leader.unwrap_or(0),
+            leader_id: self.node.leader_id().unwrap_or(0),
         })
     }
 
@@ -106,7 +106,7 @@ impl Api {
     async fn read_point(&self, consistency: i32) -> Result<u64, Status> {
         match pb::Consistency::try_from(consistency) {
             Ok(pb::Consistency::Linearizable) => self.node.linearize().await.map_err(raft_status),
-            Ok(pb::Consistency::Stale) => Ok(self.node.status().applied),
+            Ok(pb::Consistency::Stale) => Ok(self.node.applied_index()),
             Err(_) => Err(Status::invalid_argument(format!(
                 "unknown consistency {consistency}; use LINEARIZABLE (0) or STALE (1)"
             ))),

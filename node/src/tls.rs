@@ -73,11 +73,6 @@ impl TlsMaterial {
         })
     }
 
-    /// From PEM bytes.
-    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> TlsMaterial {
-        TlsMaterial { cert, key, ca }
-    }
-
     fn identity(&self) -> Identity {
         Identity::from_pem(&self.cert, &self.key)
     }

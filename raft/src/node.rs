@@ -769,7 +769,21 @@ impl RaftNode {
         }
     }
 
-    /// This node's view of the cluster.
+    /// The leader this node knows of, cheaply (for per-request headers).
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// The highest log index applied to this node's state machine, cheaply.
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    /// This node's view of the cluster (builds member maps: not for per-request use).
     pub fn status(&self) -> NodeStatus {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
