@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coffer_api::v1 as pb;
-use coffer_api::v1::kv_client::KvClient;
-use coffer_chaos::{History, Op, OpKind, Outcome};
+use coffer_chaos::{History, Op, Outcome};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -25,73 +23,10 @@ fn key(k: usize) -> String {
     format!("reg/{k}")
 }
 
-/// Records one read of `key` through `channel` as client `client`.
 async fn read(channel: Channel, client: u32, key: &str, start: Instant) -> Op {
-    let invoked = start.elapsed().as_nanos() as u64;
-    let r = KvClient::new(channel)
-        .get(pb::GetRequest {
-            key: key.as_bytes().to_vec(),
-            consistency: pb::Consistency::Linearizable as i32,
-        })
-        .await;
-    let completed = start.elapsed().as_nanos() as u64;
-    let (seen, outcome) = match r {
-        Ok(resp) => {
-            let value = resp
-                .into_inner()
-                .kv
-                .and_then(|kv| String::from_utf8(kv.value).ok())
-                .and_then(|s| s.parse().ok());
-            (value, Outcome::Ok)
-        }
-        Err(s) if s.code() == tonic::Code::NotFound => (None, Outcome::Ok),
-        // A failed read observed nothing.
-        Err(_) => (None, Outcome::Failed),
-    };
-    Op {
-        client,
-        key: key.to_string(),
-        kind: OpKind::Read(seen),
-        invoked,
-        completed,
-        outcome,
-    }
-}
-
-async fn write(channel: Channel, client: u32, key: &str, value: u64, start: Instant) -> Op {
-    let invoked = start.elapsed().as_nanos() as u64;
-    let r = KvClient::new(channel)
-        .put(pb::PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.to_string().into_bytes(),
-            request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-        })
-        .await;
-    let completed = start.elapsed().as_nanos() as u64;
-    let outcome = match r {
-        Ok(_) => Outcome::Ok,
-        // The API's contract: these were certainly not applied.
-        Err(s)
-            if matches!(
-                s.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::ResourceExhausted
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::FailedPrecondition
-            ) =>
-        {
-            Outcome::Failed
-        }
-        Err(_) => Outcome::Unknown,
-    };
-    Op {
-        client,
-        key: key.to_string(),
-        kind: OpKind::Write(value),
-        invoked,
-        completed,
-        outcome,
-    }
+    coffer_chaos::workload::read_op(channel, client, key, start)
+        .await
+        .0
 }
 
 impl Workload {
@@ -112,7 +47,14 @@ impl Workload {
                     let k = key(((pick >> 8) % keys as u64) as usize);
                     let op = if (pick >> 16).is_multiple_of(2) {
                         // Unique values: client in the high bits, a counter in the low ones.
-                        write(channel, client, &k, (u64::from(client) << 32) | n, start).await
+                        coffer_chaos::workload::write_op(
+                            channel,
+                            client,
+                            &k,
+                            (u64::from(client) << 32) | n,
+                            start,
+                        )
+                        .await
                     } else {
                         read(channel, client, &k, start).await
                     };

@@ -1,4 +1,6 @@
 //! Prometheus metrics of one node, served on their own port (`/metrics`), plus `/health`.
+//! Test builds (`failpoints` feature) also take `PUT`/`DELETE /failpoints/{name}` there, so the
+//! chaos harness can inject disk and network faults into a running node.
 //!
 //! Raft gauges are refreshed from the node's status at scrape time; request and storage metrics
 //! are recorded as they happen. No label ever carries a key, a value or any secret material.
@@ -214,6 +216,28 @@ pub async fn serve(
                 }
             }),
         );
+    #[cfg(feature = "failpoints")]
+    let app = app.route(
+        "/failpoints/{name}",
+        axum::routing::put(
+            |axum::extract::Path(name): axum::extract::Path<String>, body: String| async move {
+                match fail::cfg(&name, body.trim()) {
+                    Ok(()) => {
+                        tracing::warn!(failpoint = %name, action = %body.trim(), "failpoint set");
+                        (axum::http::StatusCode::OK, "set".to_string())
+                    }
+                    Err(e) => (axum::http::StatusCode::BAD_REQUEST, e),
+                }
+            },
+        )
+        .delete(
+            |axum::extract::Path(name): axum::extract::Path<String>| async move {
+                fail::remove(&name);
+                tracing::warn!(failpoint = %name, "failpoint removed");
+                "removed"
+            },
+        ),
+    );
     let handle = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

@@ -159,6 +159,18 @@ fn remote_fatal<E: std::fmt::Display>(target: NodeId, e: E) -> RPCError<TypeConf
     )))
 }
 
+/// Test builds only (`failpoints` feature): `raft::peer_delay=return(MS)` delays every outgoing
+/// Raft RPC of this node by MS milliseconds, inside its deadline, as chaos-mesh's NetworkChaos
+/// `delay` would on the pod's egress (netem is not available where the harness runs).
+async fn injected_delay() {
+    #[cfg(feature = "failpoints")]
+    if let Some(Some(ms)) = fail::eval("raft::peer_delay", |arg| {
+        arg.and_then(|a| a.trim().parse::<u64>().ok())
+    }) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
 impl PeerConnection {
     fn client(&self) -> Result<PeerClient<Channel>, RPCError<TypeConfig>> {
         self.client
@@ -190,7 +202,11 @@ impl PeerConnection {
             target_id: self.target,
             target_incarnation: self.target_incarnation,
         };
-        let response = tokio::time::timeout(ttl, call(client, payload))
+        let call = async move {
+            injected_delay().await;
+            call(client, payload).await
+        };
+        let response = tokio::time::timeout(ttl, call)
             .await
             .map_err(|_| {
                 RPCError::Timeout(Timeout {
