@@ -16,6 +16,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::history::{History, Op, OpKind, Outcome, Value};
 
+/// The value unknown writes nobody observed stand in with (workloads never write it).
+const UNOBSERVED: Value = u64::MAX;
+
 /// Most search steps per key before giving up with [`KeyVerdict::Unknown`].
 pub const DEFAULT_STEP_BUDGET: u64 = 1_000_000;
 
@@ -105,14 +108,48 @@ struct Event {
 
 fn check_key(all: &[&Op], budget: u64) -> KeyVerdict {
     // Keep what carries information; unknown outcomes complete "never". An unknown write whose
-    // value no read saw may as well not have happened (values are unique), so it is dropped:
-    // pending forever, it would only multiply the orders to explore.
+    // value no read saw only matters as "some value nobody expects": it can explain a
+    // compare-and-set that failed. So it is dropped (pending forever, it would only multiply
+    // the orders to explore) unless a failed compare-and-set completed after it was invoked;
+    // the ones kept all write one stand-in value, since no operation tells them apart.
     let observed: HashSet<Value> = all
         .iter()
         .filter(|o| o.outcome == Outcome::Ok)
         .filter_map(|o| match o.kind {
             OpKind::Read(Some(v)) => Some(v),
+            OpKind::Cas {
+                expected: Some(v), ..
+            } => Some(v),
             _ => None,
+        })
+        .collect();
+    let last_failed_cas = all
+        .iter()
+        .filter(|o| {
+            o.outcome == Outcome::Ok
+                && matches!(
+                    o.kind,
+                    OpKind::Cas {
+                        succeeded: false,
+                        ..
+                    }
+                )
+        })
+        .map(|o| o.completed)
+        .max();
+    let stand_ins: Vec<Op> = all
+        .iter()
+        .filter(|o| match o.kind {
+            OpKind::Write(v) => {
+                o.outcome == Outcome::Unknown
+                    && !observed.contains(&v)
+                    && last_failed_cas.is_some_and(|t| o.invoked < t)
+            }
+            _ => false,
+        })
+        .map(|o| Op {
+            kind: OpKind::Write(UNOBSERVED),
+            ..(*o).clone()
         })
         .collect();
     let ops: Vec<&Op> = all
@@ -125,6 +162,7 @@ fn check_key(all: &[&Op], budget: u64) -> KeyVerdict {
             (Outcome::Unknown, OpKind::Cas { .. }) => true,
             (Outcome::Ok, _) => true,
         })
+        .chain(stand_ins.iter())
         .collect();
     if ops.is_empty() {
         return KeyVerdict::Linearizable;
@@ -416,6 +454,39 @@ mod tests {
             10,
             Outcome::Ok,
         );
+        assert!(is_violation(&h.verdict()));
+    }
+
+    #[test]
+    fn an_unobserved_unknown_write_can_explain_a_failed_cas() {
+        // Seen in a chaos run: the value read is 1, a write of 5 times out (nobody reads 5), and
+        // a compare-and-set expecting 1 fails. Linearizable: the write took effect in between.
+        let failed_cas = OpKind::Cas {
+            expected: Some(1),
+            new: 7,
+            succeeded: false,
+        };
+        let h = H::new()
+            .w(1, 1, 0, 1)
+            .r(2, Some(1), 2, 3)
+            .op(3, OpKind::Write(5), 2, 3, Outcome::Unknown)
+            .op(2, failed_cas.clone(), 4, 5, Outcome::Ok)
+            .w(1, 9, 6, 7)
+            .r(2, Some(9), 8, 9);
+        assert_eq!(h.verdict(), KeyVerdict::Linearizable);
+        // Without that write the failed compare-and-set has no explanation.
+        let h =
+            H::new()
+                .w(1, 1, 0, 1)
+                .r(2, Some(1), 2, 3)
+                .op(2, failed_cas.clone(), 4, 5, Outcome::Ok);
+        assert!(is_violation(&h.verdict()));
+        // A write invoked after the compare-and-set completed cannot explain it either.
+        let h = H::new()
+            .w(1, 1, 0, 1)
+            .r(2, Some(1), 2, 3)
+            .op(2, failed_cas, 4, 5, Outcome::Ok)
+            .op(3, OpKind::Write(5), 6, 7, Outcome::Unknown);
         assert!(is_violation(&h.verdict()));
     }
 

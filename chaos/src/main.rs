@@ -25,6 +25,12 @@ enum Cmd {
     Run(RunArgs),
     /// List the scenarios.
     List,
+    /// Re-check a history a failing run kept (its history.json) with the linearizability
+    /// checker; exit code 1 when it is not linearizable.
+    Check {
+        /// The history.json file.
+        history: PathBuf,
+    },
     /// Measure leader failover: kill -9 the leader, time until a write succeeds.
     Failover {
         /// Rounds.
@@ -154,6 +160,17 @@ async fn failover(runs: usize, nodes: u64, bin: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn recheck(path: &Path) -> Result<bool> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let recorded: coffer_chaos::workload::Recorded = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a history.json of coffer-chaos", path.display()))?;
+    let verdict = coffer_chaos::check(&recorded.history);
+    for (key, v) in &verdict.keys {
+        println!("{key}: {v:?}");
+    }
+    Ok(verdict.is_linearizable())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -166,6 +183,7 @@ fn main() -> ExitCode {
                 Ok(true)
             }
             Cmd::Run(args) => run(args).await,
+            Cmd::Check { history } => recheck(&history),
             Cmd::Failover {
                 runs,
                 nodes,

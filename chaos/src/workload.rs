@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use coffer_api::v1 as pb;
 use coffer_api::v1::kv_client::KvClient;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -34,7 +34,7 @@ pub fn register_key(k: usize) -> String {
 pub const SET_PREFIX: &str = "set/";
 
 /// A stale (local) read.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StaleRead {
     /// The client.
     pub client: u32,
@@ -53,7 +53,7 @@ pub struct StaleRead {
 }
 
 /// One attempted set insertion.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetAdd {
     /// The key added.
     pub key: String,
@@ -66,7 +66,7 @@ pub struct SetAdd {
 }
 
 /// Everything the clients recorded.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Recorded {
     /// Register operations, for the linearizability checker.
     pub history: History,
