@@ -90,6 +90,16 @@ pub enum Command {
         #[arg(long = "node", required = true)]
         nodes: Vec<String>,
     },
+    /// Generates a key pair (Ed25519 to sign, X25519 to receive encrypted data): OUT.key
+    /// (private, mode 0600) and OUT.pub (share it). One format for operators, administrators
+    /// and clients.
+    Keygen(KeygenArgs),
+    /// Operator commands (key ceremony).
+    Operator {
+        /// Which operation.
+        #[command(subcommand)]
+        op: OperatorCommand,
+    },
     /// Reads and writes keys.
     Kv {
         /// Which operation.
@@ -123,6 +133,24 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// `coffer keygen` options.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Output path without extension: writes OUT.key and OUT.pub (never overwrites).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A comment for the public key line (e.g. who owns it).
+    #[arg(long, default_value = "")]
+    pub comment: String,
+}
+
+/// `coffer operator` operations.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Same as `coffer keygen`.
+    Keygen(KeygenArgs),
 }
 
 /// `coffer kv` operations.
@@ -518,6 +546,18 @@ async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> 
     Ok(())
 }
 
+fn keygen_command(args: KeygenArgs) -> Result<()> {
+    let pair = crate::keys::KeyPair::generate()?;
+    let (key, public) = pair.save(&args.out, &args.comment)?;
+    println!(
+        "wrote {} (private, mode 0600: keep it) and {} (public: share it)\nfingerprint {}",
+        key.display(),
+        public.display(),
+        pair.public().fingerprint()
+    );
+    Ok(())
+}
+
 fn certs_command(dir: PathBuf, nodes: Vec<String>) -> Result<()> {
     let mut parsed = Vec::new();
     for n in nodes {
@@ -615,6 +655,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Server(args) => server_command(*args).await,
         Command::Dev { nodes, dir } => crate::dev::run(nodes, &dir).await.map(|()| 0),
         Command::Certs { dir, nodes } => certs_command(dir, nodes).map(|()| 0),
+        Command::Keygen(args)
+        | Command::Operator {
+            op: OperatorCommand::Keygen(args),
+        } => keygen_command(args).map(|()| 0),
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),

@@ -7,11 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod barrier;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod keys;
 pub mod metrics;
 pub mod server;
+pub mod threshold;
 pub mod tls;

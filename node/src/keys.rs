@@ -1,0 +1,414 @@
+//! Key pairs for operators, administrators and (later) every client identity: one format for all.
+//!
+//! A key pair is an Ed25519 signing key (to sign unseal submissions, logins and requests) and an
+//! X25519 key (to receive data encrypted to it with HPKE, RFC 9180: share files, wrapped data,
+//! sealed responses).
+//!
+//! Files: `NAME.key` holds both private keys, PEM-armoured, mode 0600 (a key file that group or
+//! others can read is refused when loaded); `NAME.pub` is one line, `coffer-key-v1 <base64 of the
+//! two public keys> [comment]`, safe to share.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use zeroize::{Zeroize, Zeroizing};
+
+type Kem = hpke::kem::X25519HkdfSha256;
+type Kdf = hpke::kdf::HkdfSha256;
+type Aead = hpke::aead::ChaCha20Poly1305;
+
+const PRIVATE_LABEL: &str = "COFFER PRIVATE KEY";
+const PUBLIC_PREFIX: &str = "coffer-key-v1";
+const VERSION: u8 = 1;
+/// Bytes of an HPKE encapsulated key (X25519).
+const ENC_LEN: usize = 32;
+
+/// A public key: what an operator or client hands out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    sign: [u8; 32],
+    encrypt: [u8; 32],
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", self.fingerprint())
+    }
+}
+
+/// A private key pair. Its secret bytes are wiped when it is dropped and never printed.
+pub struct KeyPair {
+    seed: Zeroizing<[u8; 32]>,
+    x25519: Zeroizing<[u8; 32]>,
+    signer: Ed25519KeyPair,
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyPair({}, private)", self.public.fingerprint())
+    }
+}
+
+/// The operating system's generator (through ring), in the `rand_core` version `hpke` takes.
+struct SystemRng;
+
+impl hpke::rand_core::RngCore for SystemRng {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.fill_bytes(&mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill_bytes(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        // The kernel's generator does not fail once booted; if it did, no key may be made.
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), dest)
+            .expect("the system random number generator failed");
+    }
+}
+
+impl hpke::rand_core::CryptoRng for SystemRng {}
+
+fn random_32() -> Result<Zeroizing<[u8; 32]>> {
+    let mut b = Zeroizing::new([0u8; 32]);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *b)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    Ok(b)
+}
+
+impl KeyPair {
+    /// A new random key pair.
+    pub fn generate() -> Result<KeyPair> {
+        KeyPair::from_secrets(random_32()?, random_32()?)
+    }
+
+    fn from_secrets(seed: Zeroizing<[u8; 32]>, x25519: Zeroizing<[u8; 32]>) -> Result<KeyPair> {
+        let signer = Ed25519KeyPair::from_seed_unchecked(&*seed)
+            .map_err(|_| anyhow::anyhow!("invalid Ed25519 private key"))?;
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&*x25519)
+            .map_err(|_| anyhow::anyhow!("invalid X25519 private key"))?;
+        let pk = Kem::sk_to_pk(&sk);
+        let mut encrypt = [0u8; 32];
+        encrypt.copy_from_slice(&pk.to_bytes());
+        let mut sign = [0u8; 32];
+        sign.copy_from_slice(signer.public_key().as_ref());
+        Ok(KeyPair {
+            seed,
+            x25519,
+            signer,
+            public: PublicKey { sign, encrypt },
+        })
+    }
+
+    /// The public half.
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// An Ed25519 signature over `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(self.signer.sign(message).as_ref());
+        sig
+    }
+
+    /// Decrypts what [`PublicKey::seal`] encrypted to this key with the same `info`.
+    pub fn open(&self, info: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        if sealed.len() < ENC_LEN {
+            bail!("the encrypted data is truncated");
+        }
+        let (enc, ct) = sealed.split_at(ENC_LEN);
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc)
+            .map_err(|_| anyhow::anyhow!("the encrypted data is corrupt"))?;
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&*self.x25519)
+            .map_err(|_| anyhow::anyhow!("invalid X25519 private key"))?;
+        let pt = hpke::single_shot_open::<Aead, Kdf, Kem>(&OpModeR::Base, &sk, &enc, info, ct, &[])
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "cannot decrypt: it was encrypted to another key, for another purpose, or altered"
+                )
+            })?;
+        Ok(Zeroizing::new(pt))
+    }
+
+    /// The private key file's text.
+    fn to_pem(&self) -> Zeroizing<String> {
+        let mut raw = Zeroizing::new(Vec::with_capacity(65));
+        raw.push(VERSION);
+        raw.extend_from_slice(&*self.seed);
+        raw.extend_from_slice(&*self.x25519);
+        let b64 = Zeroizing::new(B64.encode(&*raw));
+        Zeroizing::new(format!(
+            "-----BEGIN {PRIVATE_LABEL}-----\n{}\n-----END {PRIVATE_LABEL}-----\n",
+            *b64
+        ))
+    }
+
+    /// Parses a private key file's text.
+    pub fn from_pem(text: &str) -> Result<KeyPair> {
+        let body: String = text
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| *l != format!("-----BEGIN {PRIVATE_LABEL}-----"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        if body.is_empty() {
+            bail!(
+                "not a Coffer private key (expected a {PRIVATE_LABEL} block; make one with `coffer keygen`)"
+            );
+        }
+        let mut raw = Zeroizing::new(
+            B64.decode(body.as_bytes())
+                .context("the private key is corrupt (bad base64)")?,
+        );
+        if raw.len() != 65 || raw[0] != VERSION {
+            raw.zeroize();
+            bail!("the private key is corrupt or of an unknown version");
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        let mut x = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&raw[1..33]);
+        x.copy_from_slice(&raw[33..65]);
+        KeyPair::from_secrets(seed, x)
+    }
+
+    /// Loads a private key file, refusing one that group or others can read.
+    pub fn load(path: &Path) -> Result<KeyPair> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("cannot read the key file {}", path.display()))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                bail!(
+                    "the key file {} can be read by others (mode {mode:o}); run `chmod 600 {}` and check nobody copied it",
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the key file {}", path.display()))?,
+        );
+        KeyPair::from_pem(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Writes `OUT.key` (0600) and `OUT.pub`; never overwrites an existing file.
+    pub fn save(&self, out: &Path, comment: &str) -> Result<(PathBuf, PathBuf)> {
+        let (key, public) = (with_ext(out, "key"), with_ext(out, "pub"));
+        for p in [&key, &public] {
+            if p.exists() {
+                bail!(
+                    "{} already exists: remove it or choose another --out (a key is never overwritten)",
+                    p.display()
+                );
+            }
+        }
+        if let Some(dir) = key.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        crate::tls::write_private(&key, &self.to_pem())?;
+        std::fs::write(&public, format!("{}\n", self.public.to_line(comment)))
+            .with_context(|| format!("cannot write {}", public.display()))?;
+        Ok((key, public))
+    }
+}
+
+fn with_ext(out: &Path, ext: &str) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+impl PublicKey {
+    /// The public key file's line.
+    pub fn to_line(&self, comment: &str) -> String {
+        let mut raw = Vec::with_capacity(64);
+        raw.extend_from_slice(&self.sign);
+        raw.extend_from_slice(&self.encrypt);
+        let line = format!("{PUBLIC_PREFIX} {}", B64.encode(raw));
+        if comment.is_empty() {
+            line
+        } else {
+            format!("{line} {comment}")
+        }
+    }
+
+    /// Parses a public key line (`coffer-key-v1 BASE64 [comment]`).
+    pub fn parse(line: &str) -> Result<PublicKey> {
+        let mut parts = line.split_whitespace();
+        if parts.next() != Some(PUBLIC_PREFIX) {
+            bail!(
+                "not a Coffer public key (expected a line starting with {PUBLIC_PREFIX}; `coffer keygen` writes NAME.pub)"
+            );
+        }
+        let raw = B64
+            .decode(parts.next().unwrap_or("").as_bytes())
+            .context("the public key is corrupt (bad base64)")?;
+        if raw.len() != 64 {
+            bail!("the public key is corrupt (wrong length)");
+        }
+        let (mut sign, mut encrypt) = ([0u8; 32], [0u8; 32]);
+        sign.copy_from_slice(&raw[..32]);
+        encrypt.copy_from_slice(&raw[32..]);
+        <Kem as hpke::Kem>::PublicKey::from_bytes(&encrypt)
+            .map_err(|_| anyhow::anyhow!("the public key's X25519 part is invalid"))?;
+        Ok(PublicKey { sign, encrypt })
+    }
+
+    /// Loads a public key file.
+    pub fn load(path: &Path) -> Result<PublicKey> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the public key file {}", path.display()))?;
+        PublicKey::parse(text.trim()).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Both public keys, 64 bytes (for storing in replicated state).
+    pub fn to_bytes(&self) -> [u8; 64] {
+        let mut raw = [0u8; 64];
+        raw[..32].copy_from_slice(&self.sign);
+        raw[32..].copy_from_slice(&self.encrypt);
+        raw
+    }
+
+    /// From [`PublicKey::to_bytes`].
+    pub fn from_bytes(raw: &[u8]) -> Result<PublicKey> {
+        if raw.len() != 64 {
+            bail!("a public key is 64 bytes, not {}", raw.len());
+        }
+        let mut line = String::from(PUBLIC_PREFIX);
+        line.push(' ');
+        line.push_str(&B64.encode(raw));
+        PublicKey::parse(&line)
+    }
+
+    /// `SHA256:` and the hex of the first 16 bytes of the SHA-256 of both public keys.
+    pub fn fingerprint(&self) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, &self.to_bytes());
+        let hex: String = d.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("SHA256:{hex}")
+    }
+
+    /// Checks an Ed25519 signature over `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<()> {
+        UnparsedPublicKey::new(&ED25519, &self.sign)
+            .verify(message, signature)
+            .map_err(|_| anyhow::anyhow!("bad signature for key {}", self.fingerprint()))
+    }
+
+    /// Encrypts `plaintext` to this key with HPKE (base mode, DHKEM(X25519, HKDF-SHA256),
+    /// HKDF-SHA256, ChaCha20-Poly1305). `info` names the purpose; opening needs the same.
+    /// Output: the encapsulated key (32 bytes), then the ciphertext and tag.
+    pub fn seal(&self, info: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&self.encrypt)
+            .map_err(|_| anyhow::anyhow!("invalid X25519 public key"))?;
+        let mut rng = SystemRng;
+        let (enc, ct) = hpke::single_shot_seal::<Aead, Kdf, Kem, _>(
+            &OpModeS::Base,
+            &pk,
+            info,
+            plaintext,
+            &[],
+            &mut rng,
+        )
+        .map_err(|e| anyhow::anyhow!("encryption failed: {e}"))?;
+        let mut out = enc.to_bytes().to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify_and_reject_tampering() {
+        let k = KeyPair::generate().expect("keygen");
+        let sig = k.sign(b"unseal share 1");
+        k.public().verify(b"unseal share 1", &sig).expect("good");
+        assert!(k.public().verify(b"unseal share 2", &sig).is_err());
+        let other = KeyPair::generate().expect("keygen");
+        assert!(other.public().verify(b"unseal share 1", &sig).is_err());
+    }
+
+    #[test]
+    fn seal_opens_only_with_the_right_key_and_purpose() {
+        let k = KeyPair::generate().expect("keygen");
+        let sealed = k.public().seal(b"share", b"secret bytes").expect("seal");
+        assert_eq!(
+            &k.open(b"share", &sealed).expect("open")[..],
+            b"secret bytes"
+        );
+        assert!(k.open(b"wrap", &sealed).is_err(), "other purpose");
+        let other = KeyPair::generate().expect("keygen");
+        assert!(other.open(b"share", &sealed).is_err(), "other key");
+        let mut bad = sealed.clone();
+        *bad.last_mut().expect("non-empty") ^= 1;
+        assert!(k.open(b"share", &bad).is_err(), "altered");
+        assert!(k.open(b"share", &sealed[..10]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn files_round_trip_and_are_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("ops/alice");
+        let k = KeyPair::generate().expect("keygen");
+        let (key, public) = k.save(&out, "alice@example").expect("save");
+        let loaded = KeyPair::load(&key).expect("load");
+        assert_eq!(loaded.public(), k.public());
+        let p = PublicKey::load(&public).expect("load pub");
+        assert_eq!(&p, k.public());
+        assert_eq!(PublicKey::from_bytes(&p.to_bytes()).expect("bytes"), p);
+        let err = k.save(&out, "").expect_err("exists");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        // The private key never shows in Debug output.
+        assert!(!format!("{loaded:?}").contains(&B64.encode(*loaded.seed)));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, _) = KeyPair::generate()
+            .expect("keygen")
+            .save(&dir.path().join("k"), "")
+            .expect("save");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = KeyPair::load(&key).expect_err("refused");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_files_get_clear_errors() {
+        assert!(KeyPair::from_pem("hello").is_err());
+        let bad = format!("-----BEGIN {PRIVATE_LABEL}-----\n!!!\n-----END {PRIVATE_LABEL}-----\n");
+        assert!(
+            KeyPair::from_pem(&bad)
+                .expect_err("bad")
+                .to_string()
+                .contains("corrupt")
+        );
+        assert!(PublicKey::parse("ssh-ed25519 AAAA").is_err());
+        assert!(PublicKey::parse("coffer-key-v1 AAAA").is_err());
+    }
+}
