@@ -353,6 +353,9 @@ impl Workload {
                     };
                     let key = register_key(((r >> 16) % shape.keys as u64) as usize);
                     let epoch = targets.epoch(node);
+                    // Paced: local reads are cheap, and unpaced they would take the CPU the
+                    // register and set clients need on a two-core machine.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     let got = get(channel, &key, pb::Consistency::Stale).await;
                     // A read that raced a restart of its node proves nothing about monotonicity.
                     if let Ok((value, mod_revision)) = got
