@@ -15,6 +15,7 @@ use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
+use crate::seal::{Operator, Refused, Seal, Submission};
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -30,6 +31,7 @@ pub struct Api {
     metrics: Metrics,
     max_value_bytes: usize,
     cluster_name: String,
+    seal: Arc<Seal>,
 }
 
 impl Api {
@@ -39,12 +41,14 @@ impl Api {
         metrics: Metrics,
         max_value_bytes: usize,
         cluster_name: String,
+        seal: Arc<Seal>,
     ) -> Api {
         Api {
             node,
             metrics,
             max_value_bytes,
             cluster_name,
+            seal,
         }
     }
 
@@ -73,6 +77,11 @@ impl Api {
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
         if key.is_empty() {
             return Err(Status::invalid_argument("the key must not be empty"));
+        }
+        if key[0] == 0 {
+            return Err(Status::invalid_argument(
+                "keys starting with a NUL byte are reserved for Coffer itself",
+            ));
         }
         if key.len() > MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -307,10 +316,17 @@ impl Kv for Api {
                 }
                 n => n as usize,
             };
+            if r.prefix.first() == Some(&0) {
+                return Err(Status::invalid_argument(
+                    "keys starting with a NUL byte are reserved for Coffer itself",
+                ));
+            }
             let index = self.read_point(r.consistency).await?;
             let view = self.node.store().read().map_err(storage_status)?;
             let after = (!r.start_after.is_empty()).then_some(r.start_after.as_slice());
-            let (entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
+            let (mut entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
+            // Coffer's own keys (the seal configuration) sort first; they are not listed.
+            entries.retain(|e| e.key.first() != Some(&0));
             let (entries, more) = cap_page(entries, more, r.keys_only);
             let revision = view.revision().map_err(storage_status)?;
             Ok(pb::ListResponse {
@@ -423,6 +439,7 @@ impl Cluster for Api {
                 cluster_id: self.cluster_name.clone(),
                 fsyncs: self.metrics.flush_totals().0,
                 flushed_entries: self.metrics.flush_totals().1,
+                seal: self.seal.summary(),
             })
         })
         .await
@@ -529,6 +546,116 @@ impl Cluster for Api {
                     .wait_changed(std::time::Duration::from_millis(200))
                     .await;
             }
+        })
+        .await
+    }
+}
+
+fn refused_status(e: Refused) -> Status {
+    match e {
+        Refused::Other(e) => Status::internal(format!("{e:#}")),
+        e => Status::failed_precondition(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::seal_server::Seal for Api {
+    async fn init(
+        &self,
+        req: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("Init", async {
+            if r.operator_names.len() != r.operator_keys.len() {
+                return Err(Status::invalid_argument(
+                    "give one operator name per operator key",
+                ));
+            }
+            let operators = r
+                .operator_keys
+                .into_iter()
+                .zip(r.operator_names)
+                .map(|(public_key, name)| Operator { name, public_key })
+                .collect();
+            let done = self
+                .seal
+                .init(operators, r.threshold, r.admin_key)
+                .await
+                .map_err(|e| {
+                    let msg = format!("{e:#}");
+                    if msg.contains("already initialized") {
+                        Status::failed_precondition(msg)
+                    } else if msg.contains("not committed") {
+                        Status::unavailable(msg)
+                    } else {
+                        Status::invalid_argument(msg)
+                    }
+                })?;
+            Ok(pb::InitResponse {
+                cluster_id: done.cluster_id,
+                encrypted_shares: done.encrypted_shares,
+            })
+        })
+        .await
+    }
+
+    async fn seal_status(
+        &self,
+        _req: Request<pb::SealStatusRequest>,
+    ) -> Result<Response<pb::SealStatusResponse>, Status> {
+        self.timed("SealStatus", async {
+            let internal = |e: anyhow::Error| Status::internal(format!("{e:#}"));
+            let Some(config) = self.seal.config().map_err(internal)? else {
+                return Ok(pb::SealStatusResponse {
+                    node_id: self.node.id(),
+                    sealed: true,
+                    ..Default::default()
+                });
+            };
+            let progress = self.seal.progress().map_err(internal)?;
+            Ok(pb::SealStatusResponse {
+                node_id: self.node.id(),
+                initialized: true,
+                sealed: progress.as_ref().is_none_or(|p| p.sealed),
+                cluster_id: config.cluster_id,
+                threshold: config.threshold,
+                operator_names: config.operators.iter().map(|o| o.name.clone()).collect(),
+                operator_keys: config
+                    .operators
+                    .iter()
+                    .map(|o| o.public_key.clone())
+                    .collect(),
+                submitted: progress.map(|p| p.submitted).unwrap_or_default(),
+                master_ciphertext: config.master_ciphertext,
+            })
+        })
+        .await
+    }
+
+    async fn unseal(
+        &self,
+        req: Request<pb::UnsealRequest>,
+    ) -> Result<Response<pb::UnsealResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("Unseal", async {
+            let p = self
+                .seal
+                .submit(
+                    Submission {
+                        cluster_id: r.cluster_id,
+                        operator_index: r.operator_index,
+                        share: r.decryption_share,
+                        signature: r.signature,
+                    },
+                    true,
+                )
+                .await
+                .map_err(refused_status)?;
+            Ok(pb::UnsealResponse {
+                sealed: p.sealed,
+                threshold: p.threshold,
+                submitted: p.submitted,
+            })
         })
         .await
     }

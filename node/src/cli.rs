@@ -49,7 +49,7 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn target(&self) -> Result<Target> {
+    pub(crate) fn target(&self) -> Result<Target> {
         Target::new(
             &self.addr,
             self.ca_cert.as_deref(),
@@ -151,6 +151,39 @@ pub struct KeygenArgs {
 pub enum OperatorCommand {
     /// Same as `coffer keygen`.
     Keygen(KeygenArgs),
+    /// Initializes a running, uninitialized cluster: master key, keyring, a threshold key set
+    /// for the operators; writes one share file per operator, encrypted to that operator's key.
+    /// No token of any kind is created.
+    Init {
+        /// An operator's public key file (`coffer keygen` writes NAME.pub); once per operator.
+        #[arg(long = "operator-key", required = true)]
+        operator_keys: Vec<PathBuf>,
+        /// Operators needed to unseal.
+        #[arg(long)]
+        threshold: u32,
+        /// The first administrator's public key file.
+        #[arg(long)]
+        admin_key: PathBuf,
+        /// Where to write the share files (NAME.share per operator key NAME.pub).
+        #[arg(long, default_value = ".")]
+        share_dir: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Takes part in the unseal ceremony: decrypts your share with your key, computes a
+    /// decryption share here, signs it and sends only that (to any node; it reaches them all).
+    Unseal {
+        /// Your operator private key file.
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
+        /// Your share file (from `coffer operator init`).
+        #[arg(long)]
+        share: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// `coffer kv` operations.
@@ -228,7 +261,7 @@ pub enum ClusterCommand {
     Snapshot,
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
@@ -428,7 +461,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
     let mut rows = vec![
         vec![
             "NODE", "API", "ROLE", "STATE", "TERM", "LEADER", "LAST LOG", "COMMIT", "APPLIED",
-            "SNAPSHOT", "REVISION",
+            "SNAPSHOT", "REVISION", "SEAL",
         ]
         .into_iter()
         .map(String::from)
@@ -463,6 +496,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
                     s.applied_index.to_string(),
                     s.snapshot_index.to_string(),
                     s.revision.to_string(),
+                    s.seal.clone(),
                 ]);
                 json_nodes.push(serde_json::json!({
                     "id": m.id, "api_addr": m.api_addr, "role": role, "state": s.state,
@@ -470,7 +504,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
                     "commit_index": s.commit_index, "applied_index": s.applied_index,
                     "snapshot_index": s.snapshot_index, "revision": s.revision,
                     "digest": format!("{:016x}", s.digest), "fatal": s.fatal,
-                    "replication_lag": s.replication_lag,
+                    "replication_lag": s.replication_lag, "seal": s.seal,
                 }));
             }
             Err(e) => {
@@ -659,6 +693,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         | Command::Operator {
             op: OperatorCommand::Keygen(args),
         } => keygen_command(args).map(|()| 0),
+        Command::Operator { op } => crate::operator::run(op).await.map(|()| 0),
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),

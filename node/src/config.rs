@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// Largest value accepted, in bytes.
     #[arg(long, env = "COFFER_MAX_VALUE_BYTES")]
     pub max_value_bytes: Option<usize>,
+    /// How long an unseal ceremony's progress is kept, in seconds (default 600): shares older
+    /// than that are dropped and the ceremony starts over.
+    #[arg(long, env = "COFFER_UNSEAL_PROGRESS_TTL_S")]
+    pub unseal_progress_ttl_s: Option<u64>,
     /// How long a write may wait for a leader and a commit, in milliseconds.
     #[arg(long, env = "COFFER_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
@@ -110,6 +114,7 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     initial_members: Option<Vec<String>>,
     max_value_bytes: Option<usize>,
+    unseal_progress_ttl_s: Option<u64>,
     write_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -152,6 +157,8 @@ pub struct NodeConfig {
     pub initial_members: BTreeMap<NodeId, Member>,
     /// Largest value accepted.
     pub max_value_bytes: usize,
+    /// How long unseal progress is kept.
+    pub unseal_progress_ttl: Duration,
     /// Raft tuning.
     pub raft: Settings,
 }
@@ -306,7 +313,16 @@ impl ServerArgs {
         if too_long(raft.write_timeout) || too_long(raft.read_timeout) {
             bail!("--write-timeout-ms and --read-timeout-ms must be at most 3600000 (one hour)");
         }
+        let unseal_progress_ttl = Duration::from_secs(
+            self.unseal_progress_ttl_s
+                .or(file.unseal_progress_ttl_s)
+                .unwrap_or(600),
+        );
+        if unseal_progress_ttl.is_zero() || unseal_progress_ttl > Duration::from_secs(86_400) {
+            bail!("--unseal-progress-ttl-s must be between 1 and 86400 (a day)");
+        }
         Ok(NodeConfig {
+            unseal_progress_ttl,
             node_id,
             cluster_name: self
                 .cluster_name

@@ -62,6 +62,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             tls: files.clone(),
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
+            unseal_progress_ttl: Duration::from_secs(600),
             raft: Settings {
                 max_entry_bytes: 2 << 20,
                 ..Settings::default()

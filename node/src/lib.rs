@@ -15,6 +15,8 @@ pub mod config;
 pub mod dev;
 pub mod keys;
 pub mod metrics;
+pub mod operator;
+pub mod seal;
 pub mod server;
 pub mod threshold;
 pub mod tls;

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 use crate::api::Api;
 use crate::config::{DataLocation, NodeConfig};
 use crate::metrics::{self, Metrics};
+use crate::seal::Seal;
 use crate::tls::TlsMaterial;
 
 /// File name of the database inside the data directory.
@@ -179,11 +180,16 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let (fatal_tx, fatal_rx) = watch::channel(None);
     let mut tasks = Vec::new();
 
+    // Every node starts sealed; unseal shares relayed by other members reach it over the peer
+    // channel.
+    let seal = Seal::new(node.clone(), cfg.unseal_progress_ttl);
+    node.set_app_handler(seal.app_handler());
     let api = Api::new(
         node.clone(),
         metrics.clone(),
         cfg.max_value_bytes,
         cfg.cluster_name.clone(),
+        seal,
     );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
@@ -201,7 +207,10 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )
-        .add_service(coffer_api::v1::cluster_server::ClusterServer::new(api));
+        .add_service(coffer_api::v1::cluster_server::ClusterServer::new(
+            api.clone(),
+        ))
+        .add_service(coffer_api::v1::seal_server::SealServer::new(api));
     tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
 
     let peer_server = Server::builder()

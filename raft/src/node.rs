@@ -99,8 +99,20 @@ pub struct NodeStatus {
     pub fatal: Option<String>,
 }
 
+/// Handles application messages from peers (see [`RaftNode::set_app_handler`]): the request's
+/// bytes in, the answer's bytes (or a refusal) out.
+pub type AppHandler = Arc<
+    dyn Fn(
+            Vec<u8>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// One cluster member.
 pub struct RaftNode {
+    app_handler: std::sync::OnceLock<AppHandler>,
     id: NodeId,
     incarnation: u64,
     /// Set when this node must stop serving for a reason Raft does not know (e.g. it was
@@ -180,6 +192,7 @@ impl RaftNode {
         .await
         .map_err(|e| Error::Fatal(e.to_string()))?;
         Ok(Arc::new(RaftNode {
+            app_handler: std::sync::OnceLock::new(),
             id,
             incarnation,
             poisoned: std::sync::Mutex::new(None),
@@ -191,6 +204,47 @@ impl RaftNode {
             settings,
             admin_lock: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Registers the handler of application messages from peers (once; later calls are
+    /// ignored). Until then such messages are refused as UNAVAILABLE.
+    pub fn set_app_handler(&self, handler: AppHandler) {
+        let _ = self.app_handler.set(handler);
+    }
+
+    pub(crate) fn app_handler(&self) -> Option<&AppHandler> {
+        self.app_handler.get()
+    }
+
+    /// The other members (voters and learners) with their addresses.
+    pub fn peers(&self) -> Vec<(NodeId, Member)> {
+        let s = self.status();
+        s.voters
+            .iter()
+            .chain(s.learners.iter())
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, m)| (*id, m.clone()))
+            .collect()
+    }
+
+    /// Sends an application message to the member at `peer_addr` over the node-to-node
+    /// channel (mutual TLS) and returns its handler's answer.
+    pub async fn send_app(
+        &self,
+        peer_addr: &str,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Error> {
+        let mut client = self.pool.client(peer_addr).map_err(Error::Unavailable)?;
+        let call = client.app(Payload {
+            data,
+            ..Payload::default()
+        });
+        let response = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| Error::Unavailable(format!("{peer_addr} did not answer in time")))?
+            .map_err(|s| Error::Unavailable(format!("{peer_addr}: {}", s.message())))?;
+        Ok(response.into_inner().data)
     }
 
     /// This node's id.

@@ -153,6 +153,19 @@ impl Peer for PeerService {
         reply(&self.node.read_index_local(deadline(millis)).await)
     }
 
+    async fn app(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let Some(handler) = self.node.app_handler() else {
+            return Err(Status::unavailable("this node is still starting"));
+        };
+        match handler(req.into_inner().data).await {
+            Ok(data) => Ok(Response::new(Payload {
+                data,
+                ..Payload::default()
+            })),
+            Err(why) => Err(Status::failed_precondition(why)),
+        }
+    }
+
     async fn admin(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let (change, millis): (MembershipChange, u64) = decode(&req.into_inner().data)?;
         reply(

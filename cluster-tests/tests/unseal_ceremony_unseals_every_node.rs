@@ -1,0 +1,245 @@
+//! The key ceremony on a three-node cluster: three operators and an administrator make keys;
+//! init with threshold 2 writes one share file per operator; a second init is refused; a share
+//! opened with the wrong key, a corrupt share file, a decryption share that does not verify
+//! (named, not counted) and a duplicate submission each get their own clear error; then two
+//! operators' shares, sent to two different nodes, unseal all three nodes; a restarted node is
+//! sealed again.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use coffer_api::v1 as pb;
+use coffer_api::v1::seal_client::SealClient;
+use coffer_cluster_tests::{Cluster, ClusterOptions, coffer_bin, wait_until};
+use coffer_node::keys::KeyPair;
+use coffer_node::seal::{SHARE_INFO, ShareFile, unseal_message};
+
+fn run(cluster: &Cluster, via: u64, args: &[&str]) -> Output {
+    Command::new(coffer_bin())
+        .args(args)
+        .args(["--addr", &cluster.nodes[&via].api.to_string()])
+        .arg("--ca-cert")
+        .arg(cluster.path().join("tls/ca.pem"))
+        .output()
+        .expect("run coffer")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+async fn seal_of(cluster: &Cluster, id: u64) -> Option<String> {
+    cluster.status(id).await.map(|s| s.seal)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let k = keys.path();
+    for name in ["alice", "bob", "carol", "admin"] {
+        let out = Command::new(coffer_bin())
+            .args(["keygen", "--out", &p(k, name)])
+            .output()
+            .expect("keygen");
+        ok(&out);
+    }
+    assert_eq!(seal_of(&cluster, 1).await.as_deref(), Some("uninitialized"));
+
+    let init = |share_dir: &str| {
+        run(
+            &cluster,
+            1,
+            &[
+                "operator",
+                "init",
+                "--operator-key",
+                &p(k, "alice.pub"),
+                "--operator-key",
+                &p(k, "bob.pub"),
+                "--operator-key",
+                &p(k, "carol.pub"),
+                "--threshold",
+                "2",
+                "--admin-key",
+                &p(k, "admin.pub"),
+                "--share-dir",
+                &p(k, share_dir),
+            ],
+        )
+    };
+    let out = ok(&init("shares"));
+    assert!(out.contains("2 of 3 operators"), "{out}");
+    refused(&init("again"), "already initialized");
+
+    // Every node applies the configuration and is sealed.
+    for id in 1..=3 {
+        wait_until(Duration::from_secs(10), "every node sealed", || async {
+            (seal_of(&cluster, id).await.as_deref() == Some("sealed (0 of 2)")).then_some(())
+        })
+        .await;
+    }
+
+    let shares = k.join("shares");
+    let unseal = |via: u64, key: &str, share: &str| {
+        run(
+            &cluster,
+            via,
+            &[
+                "operator",
+                "unseal",
+                "--key",
+                &p(k, key),
+                "--share",
+                &p(&shares, share),
+            ],
+        )
+    };
+    // Another operator's share file with my key.
+    refused(&unseal(1, "bob.key", "alice.share"), "use your own key");
+    // A corrupt share file.
+    std::fs::write(shares.join("broken.share"), "{ not json").expect("write");
+    refused(&unseal(1, "carol.key", "broken.share"), "is corrupt");
+
+    // Carol signs a decryption share made from Alice's share: it does not verify as Carol's.
+    let alice = KeyPair::load(&k.join("alice.key")).expect("alice");
+    let carol = KeyPair::load(&k.join("carol.key")).expect("carol");
+    let file: ShareFile =
+        serde_json::from_str(&std::fs::read_to_string(shares.join("alice.share")).expect("read"))
+            .expect("share file");
+    let mut seal = SealClient::new(cluster.channel(2));
+    let status = seal
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .expect("seal status")
+        .into_inner();
+    let sealed_share: Vec<u8> = (0..file.encrypted_share.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&file.encrypted_share[i..i + 2], 16).expect("hex"))
+        .collect();
+    let mut info = SHARE_INFO.to_vec();
+    info.extend_from_slice(file.cluster_id.as_bytes());
+    let alices_secret = alice.open(&info, &sealed_share).expect("open");
+    let decryption =
+        coffer_node::threshold::decryption_share(&alices_secret, &status.master_ciphertext)
+            .expect("decryption share");
+    let carol_index = 2;
+    let signature = carol.sign(&unseal_message(
+        &status.cluster_id,
+        &status.master_ciphertext,
+        carol_index,
+        &decryption,
+    ));
+    let bad = seal
+        .unseal(pb::UnsealRequest {
+            cluster_id: status.cluster_id.clone(),
+            operator_index: carol_index,
+            decryption_share: decryption.clone(),
+            signature: signature.to_vec(),
+        })
+        .await
+        .expect_err("a share that does not verify is refused");
+    assert_eq!(bad.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        bad.message().contains("operator carol") && bad.message().contains("does not count"),
+        "{}",
+        bad.message()
+    );
+    // Signed by someone else than the operator it claims to be.
+    let forged = seal
+        .unseal(pb::UnsealRequest {
+            cluster_id: status.cluster_id.clone(),
+            operator_index: 0,
+            decryption_share: decryption,
+            signature: signature.to_vec(),
+        })
+        .await
+        .expect_err("forged");
+    assert!(
+        forged.message().contains("not signed"),
+        "{}",
+        forged.message()
+    );
+    // For another cluster.
+    let other = seal
+        .unseal(pb::UnsealRequest {
+            cluster_id: "another-cluster".into(),
+            operator_index: 0,
+            decryption_share: Vec::new(),
+            signature: Vec::new(),
+        })
+        .await
+        .expect_err("other cluster");
+    assert!(
+        other.message().contains("another-cluster"),
+        "{}",
+        other.message()
+    );
+    assert_eq!(
+        seal_of(&cluster, 2).await.as_deref(),
+        Some("sealed (0 of 2)")
+    );
+
+    // Alice through node 2: one of two. Again: refused as a duplicate, progress kept.
+    let out = ok(&unseal(2, "alice.key", "alice.share"));
+    assert!(
+        out.contains("1 of 2") && out.contains("still sealed"),
+        "{out}"
+    );
+    refused(&unseal(2, "alice.key", "alice.share"), "already submitted");
+    // The share reached the other nodes too.
+    wait_until(Duration::from_secs(10), "alice's share relayed", || async {
+        (seal_of(&cluster, 3).await.as_deref() == Some("sealed (1 of 2: alice)")).then_some(())
+    })
+    .await;
+
+    // Bob through node 3: every node unseals.
+    let out = ok(&unseal(3, "bob.key", "bob.share"));
+    assert!(out.contains("unsealed"), "{out}");
+    for id in 1..=3 {
+        wait_until(Duration::from_secs(10), "every node unsealed", || async {
+            (seal_of(&cluster, id).await.as_deref() == Some("unsealed")).then_some(())
+        })
+        .await;
+    }
+
+    // The seal configuration lives under a reserved key that clients can neither reach nor see.
+    let mut kv = cluster.kv(2);
+    let reserved = kv
+        .get(pb::GetRequest {
+            key: coffer_node::seal::CONFIG_KEY.to_vec(),
+            consistency: 0,
+        })
+        .await
+        .expect_err("reserved key");
+    assert_eq!(reserved.code(), tonic::Code::InvalidArgument);
+    cluster.must_put(2, "app/visible", "1").await;
+    let listed = kv
+        .list(pb::ListRequest::default())
+        .await
+        .expect("list everything")
+        .into_inner();
+    assert!(!listed.kvs.is_empty());
+    assert!(listed.kvs.iter().all(|e| e.key.first() != Some(&0)));
+
+    // A restarted node starts sealed; the others stay unsealed.
+    cluster.kill(1);
+    cluster.spawn(1);
+    wait_until(Duration::from_secs(20), "node 1 back, sealed", || async {
+        (seal_of(&cluster, 1).await.as_deref() == Some("sealed (0 of 2)")).then_some(())
+    })
+    .await;
+    assert_eq!(seal_of(&cluster, 2).await.as_deref(), Some("unsealed"));
+}
