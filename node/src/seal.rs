@@ -269,7 +269,7 @@ impl Seal {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if self.config()?.is_some() {
-            bail!("this cluster is already initialized; init runs once (rekey changes operators)");
+            bail!("this cluster is already initialized; init runs once per cluster");
         }
         let master = MasterKey::generate()?;
         let keyring = Keyring::new()?;
@@ -305,7 +305,11 @@ impl Seal {
                 txn,
             })
             .await
-            .map_err(|e| anyhow::anyhow!("init was not committed: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "init was not committed: {e} (if `coffer status` shows the cluster sealed, it was, and its shares are lost: the cluster must be rebuilt)"
+                )
+            })?;
         if !written.result.succeeded {
             bail!("this cluster is already initialized (another init won); init runs once");
         }
