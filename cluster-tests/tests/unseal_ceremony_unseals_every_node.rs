@@ -3,7 +3,7 @@
 //! opened with the wrong key, a corrupt share file, a decryption share that does not verify
 //! (named, not counted) and a duplicate submission each get their own clear error; then two
 //! operators' shares, sent to two different nodes, unseal all three nodes; a restarted node is
-//! sealed again.
+//! sealed again. A second test shows that unseal progress expires.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -242,4 +242,68 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     })
     .await;
     assert_eq!(seal_of(&cluster, 2).await.as_deref(), Some("unsealed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unseal_progress_expires_and_the_ceremony_starts_over() {
+    let options = ClusterOptions {
+        extra_args: vec!["--unseal-progress-ttl-s".into(), "1".into()],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(1, options).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let k = keys.path();
+    for name in ["alice", "bob", "admin"] {
+        ok(&Command::new(coffer_bin())
+            .args(["keygen", "--out", &p(k, name)])
+            .output()
+            .expect("keygen"));
+    }
+    ok(&run(
+        &cluster,
+        1,
+        &[
+            "operator",
+            "init",
+            "--operator-key",
+            &p(k, "alice.pub"),
+            "--operator-key",
+            &p(k, "bob.pub"),
+            "--threshold",
+            "2",
+            "--admin-key",
+            &p(k, "admin.pub"),
+            "--share-dir",
+            &p(k, "shares"),
+        ],
+    ));
+    let unseal = |who: &str| {
+        run(
+            &cluster,
+            1,
+            &[
+                "operator",
+                "unseal",
+                "--key",
+                &p(k, &format!("{who}.key")),
+                "--share",
+                &p(&k.join("shares"), &format!("{who}.share")),
+            ],
+        )
+    };
+    assert!(ok(&unseal("alice")).contains("1 of 2"));
+    // Alice's share expires after a second; Bob's then starts a new ceremony.
+    wait_until(
+        Duration::from_secs(10),
+        "alice's share to expire",
+        || async {
+            (seal_of(&cluster, 1).await.as_deref() == Some("sealed (0 of 2)")).then_some(())
+        },
+    )
+    .await;
+    let out = ok(&unseal("bob"));
+    assert!(
+        out.contains("1 of 2 (bob)") && out.contains("still sealed"),
+        "{out}"
+    );
 }
