@@ -27,7 +27,10 @@ fn read_env(path: &Path) -> Option<HashMap<String, String>> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    (vars.contains_key("COFFER_ADDR") && vars.contains_key("COFFER_CACERT")).then_some(vars)
+    ["COFFER_ADDR", "COFFER_CACERT", "COFFER_OPERATOR_KEY"]
+        .iter()
+        .all(|k| vars.contains_key(*k))
+        .then_some(vars)
 }
 
 fn coffer(env: &HashMap<String, String>, args: &[&str]) -> Output {
@@ -96,6 +99,28 @@ fn cli_and_dev_quick_start() {
     assert_eq!(nodes.len(), 3);
     let leaders: Vec<_> = nodes.iter().filter(|n| n["state"] == "Leader").collect();
     assert_eq!(leaders.len(), 1, "{json}");
+    // The transient cluster is initialized and unsealed, by the same ceremony as a real one,
+    // with keys the tool generated (private ones readable by their owner only).
+    assert!(nodes.iter().all(|n| n["seal"] == "unsealed"), "{json}");
+    let keys = Path::new(&env["COFFER_OPERATOR_KEY"])
+        .parent()
+        .expect("keys dir")
+        .to_path_buf();
+    for f in [
+        "operator.key",
+        "admin.key",
+        "operator.pub",
+        "admin.pub",
+        "operator.share",
+    ] {
+        assert!(keys.join(f).exists(), "{f} in {}", keys.display());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(keys.join("admin.key"))
+        .expect("admin key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     // Every node served a linearizable read of the put, so every node applied it.
     assert!(
         nodes.iter().all(|n| n["applied_index"].as_u64() >= Some(2)),

@@ -1,5 +1,6 @@
 //! `coffer dev`: a transient cluster of N in-process nodes on localhost, all in memory, with TLS
-//! on every connection. Nothing is weakened; only persistence is absent.
+//! on every connection, initialized and unsealed with generated keys (the same ceremony as a
+//! real cluster, run by the tool). Nothing is weakened; only persistence is absent.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,7 +10,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use coffer_raft::{Member, Settings};
 
+use coffer_api::v1::cluster_client::ClusterClient;
+
+use crate::client::Target;
 use crate::config::{DataLocation, NodeConfig};
+use crate::keys::KeyPair;
 use crate::server::{self, RunningNode};
 use crate::tls::{TlsMaterial, generate_cluster_certs, node_files};
 
@@ -84,10 +89,12 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let addrs: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
+    let keys = initialize(dir, &addrs, &tls_dir.join("ca.pem")).await?;
     let env = format!(
-        "export COFFER_ADDR={}\nexport COFFER_CACERT={}\n",
+        "export COFFER_ADDR={}\nexport COFFER_CACERT={}\nexport COFFER_OPERATOR_KEY={}\n",
         addrs.join(","),
-        tls_dir.join("ca.pem").display()
+        tls_dir.join("ca.pem").display(),
+        keys.join("operator.key").display()
     );
     std::fs::write(dir.join("env"), env)?;
     Ok(DevCluster {
@@ -96,10 +103,65 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
     })
 }
 
+/// Initializes the new cluster with a freshly generated operator key (threshold 1 of 1) and
+/// administrator key in `DIR/keys/` (private keys 0600), and unseals every node with the
+/// operator's share: the same ceremony as a real cluster, done by the tool. Returns the keys
+/// directory. Keys of an earlier transient cluster in that directory are replaced: they opened
+/// nothing that still exists.
+async fn initialize(dir: &Path, addrs: &[String], ca: &Path) -> Result<PathBuf> {
+    let keys = dir.join("keys");
+    if keys.exists() {
+        std::fs::remove_dir_all(&keys)
+            .with_context(|| format!("cannot clear the old {}", keys.display()))?;
+    }
+    let operator = KeyPair::generate()?;
+    operator.save(&keys.join("operator"), "coffer dev operator")?;
+    KeyPair::generate()?.save(&keys.join("admin"), "coffer dev administrator")?;
+    let target = Target::new(addrs, Some(ca), Duration::from_secs(10))?;
+    crate::operator::init(
+        &target,
+        &[keys.join("operator.pub")],
+        1,
+        &keys.join("admin.pub"),
+        &keys,
+    )
+    .await
+    .context("initializing the transient cluster")?;
+    crate::operator::unseal(
+        &target,
+        &keys.join("operator.key"),
+        &keys.join("operator.share"),
+    )
+    .await
+    .context("unsealing the transient cluster")?;
+    // The share reaches the other nodes through the node that took it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for addr in addrs {
+        loop {
+            let mut c = ClusterClient::new(target.channel_to(addr)?);
+            let seal = c
+                .status(coffer_api::v1::StatusRequest { digest: false })
+                .await
+                .map(|s| s.into_inner().seal)
+                .unwrap_or_default();
+            if seal == "unsealed" {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {addr} of the transient cluster did not unseal within 15 s: {seal}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(keys)
+}
+
 /// Runs the transient cluster until Ctrl-C.
 pub async fn run(n: usize, dir: &Path) -> Result<()> {
     let cluster = start(n, dir).await?;
-    println!("Coffer transient cluster: {n} nodes, in memory, TLS on every connection.");
+    println!(
+        "Coffer transient cluster: {n} nodes, in memory, TLS on every connection, initialized and unsealed."
+    );
     for node in &cluster.nodes {
         println!(
             "  node {}  api {}  peer {}  metrics http://{}/metrics",
@@ -110,7 +172,7 @@ pub async fn run(n: usize, dir: &Path) -> Result<()> {
         );
     }
     println!(
-        "\nIn another shell:\n  source {}/env\n  coffer kv put app/db password=s3cret user=app\n  coffer kv get app/db\n  coffer status\n\nCtrl-C stops the cluster; its data is gone with it.",
+        "  operator key {0}/keys/operator.key (share {0}/keys/operator.share, 1 of 1), administrator key {0}/keys/admin.key\n\nIn another shell:\n  source {0}/env\n  coffer kv put app/db password=s3cret user=app\n  coffer kv get app/db\n  coffer status\n\nCtrl-C stops the cluster; its data is gone with it.",
         cluster.dir.display()
     );
     tokio::signal::ctrl_c().await?;
