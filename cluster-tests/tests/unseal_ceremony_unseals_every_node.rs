@@ -40,6 +40,51 @@ fn p(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
 }
 
+/// `coffer keygen --out DIR/NAME` for each name.
+fn keygen(dir: &Path, names: &[&str]) {
+    for name in names {
+        ok(&Command::new(coffer_bin())
+            .args(["keygen", "--out", &p(dir, name)])
+            .output()
+            .expect("keygen"));
+    }
+}
+
+/// `coffer operator init` through node 1 with the operators' keys (and admin.pub) from `dir`.
+fn init(cluster: &Cluster, dir: &Path, operators: &[&str], threshold: u32, shares: &str) -> Output {
+    let mut args = vec!["operator".to_string(), "init".to_string()];
+    for op in operators {
+        args.push("--operator-key".into());
+        args.push(p(dir, &format!("{op}.pub")));
+    }
+    args.extend([
+        "--threshold".into(),
+        threshold.to_string(),
+        "--admin-key".into(),
+        p(dir, "admin.pub"),
+        "--share-dir".into(),
+        p(dir, shares),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(cluster, 1, &args)
+}
+
+/// `coffer operator unseal` through node `via` with `key` and `share` (in `dir`/shares).
+fn unseal(cluster: &Cluster, via: u64, dir: &Path, key: &str, share: &str) -> Output {
+    run(
+        cluster,
+        via,
+        &[
+            "operator",
+            "unseal",
+            "--key",
+            &p(dir, key),
+            "--share",
+            &p(&dir.join("shares"), share),
+        ],
+    )
+}
+
 async fn seal_of(cluster: &Cluster, id: u64) -> Option<String> {
     cluster.status(id).await.map(|s| s.seal)
 }
@@ -49,40 +94,16 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await;
     let keys = tempfile::tempdir().expect("tempdir");
     let k = keys.path();
-    for name in ["alice", "bob", "carol", "admin"] {
-        let out = Command::new(coffer_bin())
-            .args(["keygen", "--out", &p(k, name)])
-            .output()
-            .expect("keygen");
-        ok(&out);
-    }
+    keygen(k, &["alice", "bob", "carol", "admin"]);
     assert_eq!(seal_of(&cluster, 1).await.as_deref(), Some("uninitialized"));
 
-    let init = |share_dir: &str| {
-        run(
-            &cluster,
-            1,
-            &[
-                "operator",
-                "init",
-                "--operator-key",
-                &p(k, "alice.pub"),
-                "--operator-key",
-                &p(k, "bob.pub"),
-                "--operator-key",
-                &p(k, "carol.pub"),
-                "--threshold",
-                "2",
-                "--admin-key",
-                &p(k, "admin.pub"),
-                "--share-dir",
-                &p(k, share_dir),
-            ],
-        )
-    };
-    let out = ok(&init("shares"));
+    let operators = ["alice", "bob", "carol"];
+    let out = ok(&init(&cluster, k, &operators, 2, "shares"));
     assert!(out.contains("2 of 3 operators"), "{out}");
-    refused(&init("again"), "already initialized");
+    refused(
+        &init(&cluster, k, &operators, 2, "again"),
+        "already initialized",
+    );
 
     // Every node applies the configuration and is sealed.
     for id in 1..=3 {
@@ -93,20 +114,7 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     }
 
     let shares = k.join("shares");
-    let unseal = |via: u64, key: &str, share: &str| {
-        run(
-            &cluster,
-            via,
-            &[
-                "operator",
-                "unseal",
-                "--key",
-                &p(k, key),
-                "--share",
-                &p(&shares, share),
-            ],
-        )
-    };
+    let unseal = |via: u64, key: &str, share: &str| unseal(&cluster, via, k, key, share);
     // Another operator's share file with my key.
     refused(&unseal(1, "bob.key", "alice.share"), "use your own key");
     // A corrupt share file.
@@ -253,42 +261,15 @@ async fn unseal_progress_expires_and_the_ceremony_starts_over() {
     let cluster = Cluster::start(1, options).await;
     let keys = tempfile::tempdir().expect("tempdir");
     let k = keys.path();
-    for name in ["alice", "bob", "admin"] {
-        ok(&Command::new(coffer_bin())
-            .args(["keygen", "--out", &p(k, name)])
-            .output()
-            .expect("keygen"));
-    }
-    ok(&run(
-        &cluster,
-        1,
-        &[
-            "operator",
-            "init",
-            "--operator-key",
-            &p(k, "alice.pub"),
-            "--operator-key",
-            &p(k, "bob.pub"),
-            "--threshold",
-            "2",
-            "--admin-key",
-            &p(k, "admin.pub"),
-            "--share-dir",
-            &p(k, "shares"),
-        ],
-    ));
+    keygen(k, &["alice", "bob", "admin"]);
+    ok(&init(&cluster, k, &["alice", "bob"], 2, "shares"));
     let unseal = |who: &str| {
-        run(
+        unseal(
             &cluster,
             1,
-            &[
-                "operator",
-                "unseal",
-                "--key",
-                &p(k, &format!("{who}.key")),
-                "--share",
-                &p(&k.join("shares"), &format!("{who}.share")),
-            ],
+            k,
+            &format!("{who}.key"),
+            &format!("{who}.share"),
         )
     };
     assert!(ok(&unseal("alice")).contains("1 of 2"));
