@@ -3,7 +3,8 @@
 //! opened with the wrong key, a corrupt share file, a decryption share that does not verify
 //! (named, not counted) and a duplicate submission each get their own clear error; then two
 //! operators' shares, sent to two different nodes, unseal all three nodes; a restarted node is
-//! sealed again. A second test shows that unseal progress expires.
+//! sealed again, and with peer unseal turned on by an operator, a restarted node unseals itself
+//! from a peer. A second test shows that unseal progress expires.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -250,6 +251,42 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     })
     .await;
     assert_eq!(seal_of(&cluster, 2).await.as_deref(), Some("unsealed"));
+
+    // Peer unseal is off by default: node 1 stays sealed through several of its attempts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        seal_of(&cluster, 1).await.as_deref(),
+        Some("sealed (0 of 2)")
+    );
+    // Only an operator may turn it on; then a restarted node unseals itself from a peer.
+    refused(
+        &run(
+            &cluster,
+            2,
+            &["operator", "peer-unseal", "on", "--key", &p(k, "admin.key")],
+        ),
+        "is not one of this cluster's operators",
+    );
+    let out = ok(&run(
+        &cluster,
+        2,
+        &["operator", "peer-unseal", "on", "--key", &p(k, "carol.key")],
+    ));
+    assert!(out.contains("peer unseal is on"), "{out}");
+    wait_until(
+        Duration::from_secs(20),
+        "node 1 unsealed by a peer",
+        || async { (seal_of(&cluster, 1).await.as_deref() == Some("unsealed")).then_some(()) },
+    )
+    .await;
+    cluster.kill(3);
+    cluster.spawn(3);
+    wait_until(
+        Duration::from_secs(20),
+        "restarted node 3 unsealed by a peer",
+        || async { (seal_of(&cluster, 3).await.as_deref() == Some("unsealed")).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

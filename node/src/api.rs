@@ -613,6 +613,7 @@ impl coffer_api::v1::seal_server::Seal for Api {
                 });
             };
             let progress = self.seal.progress().map_err(internal)?;
+            let peer = self.seal.peer_unseal().map_err(internal)?;
             Ok(pb::SealStatusResponse {
                 node_id: self.node.id(),
                 initialized: true,
@@ -627,7 +628,24 @@ impl coffer_api::v1::seal_server::Seal for Api {
                     .collect(),
                 submitted: progress.map(|p| p.submitted).unwrap_or_default(),
                 master_ciphertext: config.master_ciphertext,
+                peer_unseal: peer.0,
+                peer_unseal_revision: peer.1,
             })
+        })
+        .await
+    }
+
+    async fn set_peer_unseal(
+        &self,
+        req: Request<pb::PeerUnsealRequest>,
+    ) -> Result<Response<pb::PeerUnsealResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("SetPeerUnseal", async {
+            self.seal
+                .set_peer_unseal(r.enabled, r.operator_index, r.revision, &r.signature)
+                .await
+                .map_err(refused_status)?;
+            Ok(pb::PeerUnsealResponse {})
         })
         .await
     }

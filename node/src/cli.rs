@@ -171,6 +171,20 @@ pub enum OperatorCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Turns peer unseal on or off for the cluster (signed with your operator key). With it on,
+    /// an unsealed member unseals a restarted one over the node-to-node channel, so rolling
+    /// restarts need no ceremony; the trade-off is in docs/operations/unseal.md. Off by default.
+    PeerUnseal {
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+        /// Your operator private key file.
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Takes part in the unseal ceremony: decrypts your share with your key, computes a
     /// decryption share here, signs it and sends only that (to any node; it reaches them all).
     Unseal {

@@ -10,7 +10,7 @@ use coffer_api::v1::seal_client::SealClient;
 use crate::cli::{OperatorCommand, status_error};
 use crate::client::Target;
 use crate::keys::{KeyPair, PublicKey};
-use crate::seal::{SHARE_INFO, ShareFile, unseal_message};
+use crate::seal::{SHARE_INFO, ShareFile, peer_unseal_message, unseal_message};
 use crate::threshold;
 
 fn hex(bytes: &[u8]) -> String {
@@ -191,6 +191,46 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
     })
 }
 
+/// Signs and sends the peer-unseal setting with the operator key `key`.
+pub async fn set_peer_unseal(target: &Target, key: &Path, enabled: bool) -> Result<()> {
+    let pair = KeyPair::load(key)?;
+    let mut seal = SealClient::new(target.connect().await?);
+    let status = seal
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !status.initialized {
+        bail!("the cluster is not initialized: run `coffer operator init` first");
+    }
+    let mine = pair.public().to_bytes();
+    let index = status
+        .operator_keys
+        .iter()
+        .position(|k| k.as_slice() == mine.as_slice())
+        .with_context(|| {
+            format!(
+                "{} (key {}) is not one of this cluster's operators",
+                key.display(),
+                pair.public().fingerprint()
+            )
+        })?;
+    let signature = pair.sign(&peer_unseal_message(
+        &status.cluster_id,
+        enabled,
+        status.peer_unseal_revision,
+    ));
+    seal.set_peer_unseal(pb::PeerUnsealRequest {
+        enabled,
+        operator_index: index as u32,
+        revision: status.peer_unseal_revision,
+        signature: signature.to_vec(),
+    })
+    .await
+    .map_err(status_error)?;
+    Ok(())
+}
+
 /// Runs an operator command (not `keygen`, which needs no cluster).
 pub async fn run(op: OperatorCommand) -> Result<()> {
     match op {
@@ -214,6 +254,23 @@ pub async fn run(op: OperatorCommand) -> Result<()> {
             }
             println!(
                 "every node is sealed: {threshold} operators each run `coffer operator unseal --key <their key> --share <their share file>`"
+            );
+            Ok(())
+        }
+        OperatorCommand::PeerUnseal {
+            setting,
+            key,
+            client,
+        } => {
+            let enabled = setting == "on";
+            set_peer_unseal(&client.target()?, &key, enabled).await?;
+            println!(
+                "peer unseal is {setting}: {}",
+                if enabled {
+                    "a restarted member is unsealed by an unsealed one"
+                } else {
+                    "a restarted member needs the ceremony again"
+                }
             );
             Ok(())
         }

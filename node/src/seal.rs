@@ -34,6 +34,8 @@ use crate::threshold;
 /// Where the seal configuration lives in the replicated state (keys starting with a NUL byte
 /// are reserved: the public API refuses them).
 pub const CONFIG_KEY: &[u8] = b"\0coffer/seal/config";
+/// The cluster setting that lets an unsealed member unseal a restarted one (off when absent).
+pub const PEER_UNSEAL_KEY: &[u8] = b"\0coffer/settings/peer-unseal";
 /// The HPKE purpose of share files.
 pub const SHARE_INFO: &[u8] = b"coffer/share/v1";
 const UNSEAL_CONTEXT: &[u8] = b"coffer/unseal/v1";
@@ -98,6 +100,37 @@ pub fn unseal_message(
     m
 }
 
+/// What an operator signs to turn peer unseal on or off: the purpose, the cluster, the new
+/// value and the setting's current `mod_revision` (0 if never set).
+pub fn peer_unseal_message(cluster_id: &str, enabled: bool, revision: u64) -> Vec<u8> {
+    let mut m = b"coffer/peer-unseal/v1\0".to_vec();
+    m.extend_from_slice(cluster_id.as_bytes());
+    m.push(0);
+    m.push(u8::from(enabled));
+    m.extend_from_slice(&revision.to_be_bytes());
+    m
+}
+
+fn peer_unseal_info(cluster_id: &str) -> Vec<u8> {
+    let mut info = b"coffer/peer-unseal/master/v1".to_vec();
+    info.extend_from_slice(cluster_id.as_bytes());
+    info
+}
+
+/// Messages between members over the peer `App` RPC.
+#[derive(Debug, Serialize, Deserialize)]
+enum AppMessage {
+    /// An accepted unseal share, for the receiver to check and count.
+    Share(Submission),
+    /// A restarted member asks for the master key, encrypted to a one-time key.
+    MasterKeyFor {
+        /// Its node id (must be a member).
+        requester: u64,
+        /// The one-time public key (64 bytes).
+        key: Vec<u8>,
+    },
+}
+
 /// A share file's contents (JSON), written by `coffer operator init`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShareFile {
@@ -144,6 +177,8 @@ enum State {
     },
     Unsealed {
         keyring: Keyring,
+        /// Kept while unsealed so that peer unseal can hand it to a restarted member.
+        master: MasterKey,
     },
 }
 
@@ -399,16 +434,17 @@ impl Seal {
                         .iter()
                         .map(|(i, sub)| (*i as usize, sub.share.clone()))
                         .collect();
-                    let keyring = threshold::combine(
+                    let master = threshold::combine(
                         &config.public_set,
                         config.threshold as usize,
                         &collected,
                         &config.master_ciphertext,
                     )
                     .and_then(|secret| MasterKey::from_bytes(&secret))
-                    .and_then(|master| Keyring::open(&master, &config.keyring))
                     .map_err(Refused::Other)?;
-                    *state = State::Unsealed { keyring };
+                    let keyring =
+                        Keyring::open(&master, &config.keyring).map_err(Refused::Other)?;
+                    *state = State::Unsealed { keyring, master };
                     tracing::info!("unsealed");
                 }
             }
@@ -423,7 +459,7 @@ impl Seal {
 
     /// Passes an accepted submission to every other member (best effort; each checks it).
     async fn relay(&self, s: Submission) {
-        let Ok(data) = postcard::to_allocvec(&s) else {
+        let Ok(data) = postcard::to_allocvec(&AppMessage::Share(s)) else {
             return;
         };
         for (id, member) in self.node.peers() {
@@ -437,26 +473,171 @@ impl Seal {
         }
     }
 
-    /// The handler for submissions relayed by other members.
+    /// The handler for messages from other members: relayed shares, and peer-unseal requests.
     pub fn app_handler(self: &Arc<Self>) -> coffer_raft::AppHandler {
         let me = self.clone();
         Arc::new(move |data: Vec<u8>| {
             let me = me.clone();
             Box::pin(async move {
-                let s: Submission = postcard::from_bytes(&data)
-                    .map_err(|_| "not an unseal submission".to_string())?;
-                match me.submit(s, false).await {
-                    Ok(_) | Err(Refused::Duplicate(_)) => Ok(Vec::new()),
-                    Err(e) => Err(e.to_string()),
+                match postcard::from_bytes(&data).map_err(|_| {
+                    "not a seal message (are both nodes the same build?)".to_string()
+                })? {
+                    AppMessage::Share(s) => match me.submit(s, false).await {
+                        Ok(_) | Err(Refused::Duplicate(_)) => Ok(Vec::new()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    AppMessage::MasterKeyFor { requester, key } => {
+                        me.hand_out_master_key(requester, &key)
+                    }
                 }
             })
         })
     }
 
+    /// Whether the cluster's peer-unseal setting is on (as this node has applied it), and the
+    /// setting's `mod_revision` (0 when never set).
+    pub fn peer_unseal(&self) -> Result<(bool, u64)> {
+        let view = self
+            .node
+            .store()
+            .read()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(
+            match view
+                .get(PEER_UNSEAL_KEY)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                Some(e) => (e.value == b"on", e.mod_revision),
+                None => (false, 0),
+            },
+        )
+    }
+
+    /// Turns peer unseal on or off, on an operator's signed request. The signature covers the
+    /// setting's current `mod_revision`, and the write only applies if it is unchanged, so a
+    /// recorded request cannot be replayed later.
+    pub async fn set_peer_unseal(
+        &self,
+        enabled: bool,
+        operator_index: u32,
+        revision: u64,
+        signature: &[u8],
+    ) -> Result<(), Refused> {
+        let config = self
+            .config()
+            .map_err(Refused::Other)?
+            .ok_or(Refused::NotInitialized)?;
+        let (op, key) = config
+            .operator(operator_index)
+            .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
+        let who = format!("{} ({})", op.name, key.fingerprint());
+        let message = peer_unseal_message(&config.cluster_id, enabled, revision);
+        key.verify(&message, signature)
+            .map_err(|_| Refused::BadSignature(who))?;
+        let txn = Txn {
+            compare: vec![Compare::ModRevision(PEER_UNSEAL_KEY.to_vec(), revision)],
+            success: vec![Op::Put {
+                key: PEER_UNSEAL_KEY.to_vec(),
+                value: if enabled {
+                    b"on".to_vec()
+                } else {
+                    b"off".to_vec()
+                },
+            }],
+            failure: Vec::new(),
+        };
+        let written = self
+            .node
+            .write(Command {
+                request_id: None,
+                txn,
+            })
+            .await
+            .map_err(|e| Refused::Other(anyhow::anyhow!("the setting was not committed: {e}")))?;
+        if !written.result.succeeded {
+            return Err(Refused::Other(anyhow::anyhow!(
+                "the setting changed since the request was signed: run the command again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Answers a restarted member's request: the master key, HPKE-encrypted to the one-time key
+    /// it sent, if this node is unsealed and the cluster allows peer unseal.
+    fn hand_out_master_key(&self, requester: u64, key: &[u8]) -> Result<Vec<u8>, String> {
+        let config = self
+            .config()
+            .map_err(|e| format!("{e:#}"))?
+            .ok_or("not initialized")?;
+        let (on, _) = self.peer_unseal().map_err(|e| format!("{e:#}"))?;
+        if !on {
+            return Err("peer unseal is off in this cluster".into());
+        }
+        if !self.node.peers().iter().any(|(id, _)| *id == requester) {
+            return Err(format!("node {requester} is not a member"));
+        }
+        let recipient = PublicKey::from_bytes(key).map_err(|e| format!("{e:#}"))?;
+        match &*self.lock() {
+            State::Unsealed { master, .. } => {
+                tracing::info!(
+                    node = requester,
+                    "handing the master key to a restarted member"
+                );
+                recipient
+                    .seal(&peer_unseal_info(&config.cluster_id), master.expose())
+                    .map_err(|e| format!("{e:#}"))
+            }
+            State::Sealed { .. } => Err("this node is sealed too".into()),
+        }
+    }
+
+    /// While this node is sealed and the cluster allows peer unseal, asks the other members for
+    /// the master key every `every`. Runs until the node stops.
+    pub async fn peer_unseal_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if !self.is_sealed() || !self.peer_unseal().map(|(on, _)| on).unwrap_or(false) {
+                continue;
+            }
+            if let Err(e) = self.try_peer_unseal().await {
+                tracing::debug!(error = %e, "peer unseal not possible yet");
+            }
+        }
+    }
+
+    async fn try_peer_unseal(&self) -> Result<()> {
+        let config = self.config()?.context("not initialized")?;
+        // A one-time key: the master key travels encrypted to it, inside the peer TLS channel.
+        let once = crate::keys::KeyPair::generate()?;
+        let request = postcard::to_allocvec(&AppMessage::MasterKeyFor {
+            requester: self.node.id(),
+            key: once.public().to_bytes().to_vec(),
+        })?;
+        let mut errors = Vec::new();
+        for (id, member) in self.node.peers() {
+            match self
+                .node
+                .send_app(&member.peer_addr, request.clone(), Duration::from_secs(3))
+                .await
+            {
+                Ok(sealed) => {
+                    let secret = once.open(&peer_unseal_info(&config.cluster_id), &sealed)?;
+                    let master = MasterKey::from_bytes(&secret)?;
+                    let keyring = Keyring::open(&master, &config.keyring)?;
+                    *self.lock() = State::Unsealed { keyring, master };
+                    tracing::info!(by = id, "unsealed by a peer");
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("node {id}: {e}")),
+            }
+        }
+        bail!("no member handed out the master key: {}", errors.join("; "))
+    }
+
     /// Runs `f` with the keyring, or refuses because the node is sealed.
     pub fn with_keyring<T>(&self, f: impl FnOnce(&Keyring) -> T) -> Result<T, String> {
         match &*self.lock() {
-            State::Unsealed { keyring } => Ok(f(keyring)),
+            State::Unsealed { keyring, .. } => Ok(f(keyring)),
             State::Sealed { shares, .. } => Err(format!(
                 "sealed: {} decryption share(s) received; operators run `coffer operator unseal`",
                 shares.len()

@@ -184,6 +184,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     // channel.
     let seal = Seal::new(node.clone(), cfg.unseal_progress_ttl);
     node.set_app_handler(seal.app_handler());
+    tasks.push(tokio::spawn(
+        seal.clone().peer_unseal_loop(Duration::from_secs(1)),
+    ));
     let api = Api::new(
         node.clone(),
         metrics.clone(),
