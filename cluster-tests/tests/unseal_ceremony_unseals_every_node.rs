@@ -134,10 +134,7 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
         .await
         .expect("seal status")
         .into_inner();
-    let sealed_share: Vec<u8> = (0..file.encrypted_share.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&file.encrypted_share[i..i + 2], 16).expect("hex"))
-        .collect();
+    let sealed_share = coffer_node::operator::unhex(&file.encrypted_share).expect("hex");
     let mut info = SHARE_INFO.to_vec();
     info.extend_from_slice(file.cluster_id.as_bytes());
     let alices_secret = alice.open(&info, &sealed_share).expect("open");

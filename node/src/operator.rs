@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use coffer_api::v1 as pb;
 use coffer_api::v1::seal_client::SealClient;
+use tonic::transport::Channel;
 
 use crate::cli::{OperatorCommand, status_error};
 use crate::client::Target;
@@ -17,7 +18,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Result<Vec<u8>> {
+/// Decodes hex (as in share files).
+pub fn unhex(s: &str) -> Result<Vec<u8>> {
     let s = s.trim();
     if !s.len().is_multiple_of(2) {
         bail!("odd number of hex digits");
@@ -105,6 +107,22 @@ pub async fn init(
     })
 }
 
+/// The contacted node's seal status, or an error if it has no seal configuration.
+async fn initialized_status(seal: &mut SealClient<Channel>) -> Result<pb::SealStatusResponse> {
+    let status = seal
+        .seal_status(pb::SealStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !status.initialized {
+        bail!(
+            "node {} has no seal configuration: the cluster is not initialized (run `coffer operator init`) or this node has not caught up",
+            status.node_id
+        );
+    }
+    Ok(status)
+}
+
 /// What an unseal submission achieved.
 #[derive(Debug)]
 pub struct UnsealReport {
@@ -140,17 +158,7 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
         );
     }
     let mut seal = SealClient::new(target.connect().await?);
-    let status = seal
-        .seal_status(pb::SealStatusRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if !status.initialized {
-        bail!(
-            "node {} has no seal configuration: the cluster is not initialized (or this node has not caught up)",
-            status.node_id
-        );
-    }
+    let status = initialized_status(&mut seal).await?;
     if status.cluster_id != file.cluster_id {
         bail!(
             "{} is for cluster {}, but this cluster is {}",
@@ -195,14 +203,7 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
 pub async fn set_peer_unseal(target: &Target, key: &Path, enabled: bool) -> Result<()> {
     let pair = KeyPair::load(key)?;
     let mut seal = SealClient::new(target.connect().await?);
-    let status = seal
-        .seal_status(pb::SealStatusRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if !status.initialized {
-        bail!("the cluster is not initialized: run `coffer operator init` first");
-    }
+    let status = initialized_status(&mut seal).await?;
     let mine = pair.public().to_bytes();
     let index = status
         .operator_keys

@@ -263,18 +263,23 @@ impl Seal {
 
     /// The seal configuration this node has applied, if any.
     pub fn config(&self) -> Result<Option<SealConfig>> {
-        let view = self
-            .node
-            .store()
-            .read()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some(entry) = view.get(CONFIG_KEY).map_err(|e| anyhow::anyhow!("{e}"))? else {
+        let Some(entry) = self.reserved(CONFIG_KEY)? else {
             return Ok(None);
         };
         Ok(Some(
             postcard::from_bytes(&entry.value)
                 .context("the stored seal configuration is corrupt")?,
         ))
+    }
+
+    /// A reserved key as this node has applied it (a stale local read).
+    fn reserved(&self, key: &[u8]) -> Result<Option<coffer_storage::KvEntry>> {
+        let view = self
+            .node
+            .store()
+            .read()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        view.get(key).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Initializes the cluster. Fails if it is initialized already.
@@ -497,20 +502,10 @@ impl Seal {
     /// Whether the cluster's peer-unseal setting is on (as this node has applied it), and the
     /// setting's `mod_revision` (0 when never set).
     pub fn peer_unseal(&self) -> Result<(bool, u64)> {
-        let view = self
-            .node
-            .store()
-            .read()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(
-            match view
-                .get(PEER_UNSEAL_KEY)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-            {
-                Some(e) => (e.value == b"on", e.mod_revision),
-                None => (false, 0),
-            },
-        )
+        Ok(match self.reserved(PEER_UNSEAL_KEY)? {
+            Some(e) => (e.value == b"on", e.mod_revision),
+            None => (false, 0),
+        })
     }
 
     /// Turns peer unseal on or off, on an operator's signed request. The signature covers the
