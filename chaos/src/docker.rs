@@ -261,6 +261,61 @@ impl DockerCluster {
         Ok(cluster)
     }
 
+    /// Initializes the new cluster through node `via` with the `coffer` CLI, as an operator
+    /// would: one generated operator key (threshold 1 of 1) and an administrator key in
+    /// `keys/`, the unseal ceremony, and peer unseal turned on, so that a restarted or newly
+    /// joined member unseals itself from any live one. (A fault that stops every member at
+    /// once would need the ceremony again; no scenario does that.)
+    pub fn initialize(&self, via: u64) -> Result<()> {
+        let bin = self.binary.to_string_lossy().into_owned();
+        let keys = self.dir.join("keys");
+        let p = |name: &str| keys.join(name).to_string_lossy().into_owned();
+        let addr = self.api_addr(via);
+        let ca = self.dir.join("tls/ca.pem").to_string_lossy().into_owned();
+        for name in ["operator", "admin"] {
+            run(&bin, &["keygen", "--out", &p(name)])?;
+        }
+        let client = ["--addr", addr.as_str(), "--ca-cert", ca.as_str()];
+        let with = |args: &[&str]| -> Vec<String> {
+            args.iter()
+                .chain(client.iter())
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let runv = |args: Vec<String>| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&bin, &refs)
+        };
+        runv(with(&[
+            "operator",
+            "init",
+            "--operator-key",
+            &p("operator.pub"),
+            "--threshold",
+            "1",
+            "--admin-key",
+            &p("admin.pub"),
+            "--share-dir",
+            &p(""),
+        ]))?;
+        runv(with(&[
+            "operator",
+            "unseal",
+            "--key",
+            &p("operator.key"),
+            "--share",
+            &p("operator.share"),
+        ]))?;
+        runv(with(&[
+            "operator",
+            "peer-unseal",
+            "on",
+            "--key",
+            &p("operator.key"),
+        ]))?;
+        Ok(())
+    }
+
     /// Issues node `id`'s certificate and reserves its address; `initial` nodes bootstrap.
     pub fn prepare(&mut self, id: u64, initial: bool) -> Result<()> {
         let ip = format!("{}.{}", self.prefix, 10 + id);

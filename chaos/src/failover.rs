@@ -15,18 +15,31 @@ use crate::docker::{self, DockerCluster};
 pub async fn measure(binary: &Path, dir: &Path, nodes: u64, runs: usize) -> Result<Vec<Duration>> {
     let image = docker::ensure_image(binary)?;
     let cluster = DockerCluster::create(binary, &image, dir, nodes, 0, Vec::new())?;
+    let first = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        match cluster.leader().await {
+            0 if Instant::now() > first => bail!("the new cluster elected no leader in 30 s"),
+            0 => tokio::time::sleep(Duration::from_millis(100)).await,
+            l => break l,
+        }
+    };
+    cluster
+        .initialize(leader)
+        .context("initializing the new cluster")?;
     let mut times = Vec::new();
     for round in 0..runs {
-        // Settle: every node answers and the cluster takes writes.
+        // Settle: every node answers, is unsealed (a restarted one by its peers) and the
+        // cluster takes writes.
         let settle = Instant::now() + Duration::from_secs(60);
         let leader = loop {
             let l = cluster.leader().await;
             let mut all = l != 0;
             for id in cluster.nodes.keys() {
-                all &= cluster
-                    .status(*id, false)
-                    .await
-                    .is_some_and(|s| s.leader_id == l && s.applied_index + 10 >= s.commit_index);
+                all &= cluster.status(*id, false).await.is_some_and(|s| {
+                    s.leader_id == l
+                        && s.applied_index + 10 >= s.commit_index
+                        && s.seal == "unsealed"
+                });
             }
             if all {
                 break l;

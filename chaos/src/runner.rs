@@ -639,9 +639,13 @@ pub async fn run(cfg: &RunConfig) -> Result<Report> {
         skew_errors: Vec::new(),
     };
     h.refresh_targets()?;
-    h.leader()
+    let leader = h
+        .leader()
         .await
         .context("the new cluster elected no leader")?;
+    h.cluster
+        .initialize(leader)
+        .context("initializing and unsealing the new cluster")?;
     if h.wait_available(Duration::from_secs(30)).await.is_none() {
         bail!("the new cluster did not serve writes within 30 s");
     }

@@ -49,6 +49,10 @@ pub struct ClusterOptions {
     pub extra_args: Vec<String>,
     /// Extra environment for every node (e.g. `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// Initialize the new cluster (one operator key, threshold 1 of 1, peer unseal on) and
+    /// unseal it, as every real cluster must be before it serves data. Off only for tests of
+    /// the ceremony itself.
+    pub initialize: bool,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +62,7 @@ impl Default for ClusterOptions {
             logs_to_keep: 1_000,
             extra_args: Vec::new(),
             env: Vec::new(),
+            initialize: true,
         }
     }
 }
@@ -160,7 +165,99 @@ impl Cluster {
             cluster.spawn(id);
         }
         cluster.must_wait_leader(Duration::from_secs(20)).await;
+        if cluster.options.initialize {
+            cluster.must_initialize().await;
+        }
         cluster
+    }
+
+    /// A client target for the operator commands, over every running node.
+    pub fn target(&self) -> coffer_node::client::Target {
+        let addrs: Vec<String> = self
+            .running()
+            .iter()
+            .map(|id| self.nodes[id].api.to_string())
+            .collect();
+        coffer_node::client::Target::new(
+            &addrs,
+            Some(&self.dir.path().join("tls/ca.pem")),
+            Duration::from_secs(10),
+        )
+        .expect("client target")
+    }
+
+    /// The fixture's operator key (the only one; threshold 1) and its share file.
+    pub fn operator_files(&self) -> (PathBuf, PathBuf) {
+        let keys = self.dir.path().join("keys");
+        (keys.join("operator.key"), keys.join("operator.share"))
+    }
+
+    /// Initializes the cluster with one generated operator key (threshold 1 of 1) and an
+    /// administrator key in `keys/`, unseals it, and turns peer unseal on (so that a restarted
+    /// node unseals itself from a live one, as in a rolling restart).
+    pub async fn must_initialize(&self) {
+        let keys = self.dir.path().join("keys");
+        let operator = coffer_node::keys::KeyPair::generate().expect("key");
+        operator
+            .save(&keys.join("operator"), "test operator")
+            .expect("save key");
+        coffer_node::keys::KeyPair::generate()
+            .expect("key")
+            .save(&keys.join("admin"), "test administrator")
+            .expect("save key");
+        let target = self.target();
+        coffer_node::operator::init(
+            &target,
+            &[keys.join("operator.pub")],
+            1,
+            &keys.join("admin.pub"),
+            &keys,
+        )
+        .await
+        .expect("coffer operator init");
+        let first = self.running()[0];
+        self.must_unseal(first).await;
+        let (key, _) = self.operator_files();
+        coffer_node::operator::act(&target, &key, coffer_node::seal::Action::PeerUnseal(true))
+            .await
+            .expect("turn peer unseal on");
+        self.must_wait_unsealed(&self.running(), Duration::from_secs(20))
+            .await;
+    }
+
+    /// Submits the operator's share to node `id` (after a restart of the whole cluster, or of a
+    /// node that must not wait for peer unseal). Retries until the node takes it: a node that
+    /// just started may not have applied the seal configuration yet.
+    pub async fn must_unseal(&self, id: u64) {
+        let (key, share) = self.operator_files();
+        let target = coffer_node::client::Target::new(
+            &[self.nodes[&id].api.to_string()],
+            Some(&self.dir.path().join("tls/ca.pem")),
+            Duration::from_secs(10),
+        )
+        .expect("client target");
+        wait_until(
+            Duration::from_secs(20),
+            &format!("node {id} to take the unseal share"),
+            || async {
+                match coffer_node::operator::unseal(&target, &key, &share).await {
+                    Ok(_) => Some(()),
+                    Err(e) if format!("{e:#}").contains("already") => Some(()),
+                    Err(_) => None,
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until each of `ids` reports itself unsealed.
+    pub async fn must_wait_unsealed(&self, ids: &[u64], timeout: Duration) {
+        for id in ids {
+            wait_until(timeout, &format!("node {id} to be unsealed"), || async {
+                (self.status(*id).await?.seal == "unsealed").then_some(())
+            })
+            .await;
+        }
     }
 
     fn add_node_proc(&mut self, id: u64, api: SocketAddr, peer: SocketAddr, initial: bool) {

@@ -1,5 +1,6 @@
 //! Every node killed with SIGKILL at once and restarted: the cluster elects a leader again and
-//! every acknowledged write is intact (acknowledged means fsynced on a quorum).
+//! every acknowledged write is intact (acknowledged means fsynced on a quorum) once the
+//! operators unseal it again.
 
 use std::time::Duration;
 
@@ -26,6 +27,12 @@ async fn full_restart_keeps_data() {
         cluster.spawn(id);
     }
     cluster.must_wait_leader(Duration::from_secs(20)).await;
+    // Every node restarts sealed, and no member is left to unseal the others: the ceremony
+    // again, through one node (it passes the share on).
+    cluster.must_unseal(1).await;
+    cluster
+        .must_wait_unsealed(&[1, 2, 3], Duration::from_secs(20))
+        .await;
     for id in [1, 2, 3] {
         cluster.must_get_equal(id, "keep/000", "v0").await;
         cluster.must_get_equal(id, "keep/099", "v99").await;

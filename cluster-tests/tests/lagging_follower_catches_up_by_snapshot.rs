@@ -44,6 +44,10 @@ async fn lagging_follower_catches_up_by_snapshot() {
     );
 
     cluster.spawn(follower);
+    // It unseals itself from a live member (peer unseal is on in the fixture's clusters).
+    cluster
+        .must_wait_unsealed(&[follower], Duration::from_secs(20))
+        .await;
     wait_until(
         Duration::from_secs(30),
         "the follower to install a snapshot",

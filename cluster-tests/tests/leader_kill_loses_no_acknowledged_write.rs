@@ -50,6 +50,9 @@ async fn leader_kill_loses_no_acknowledged_write() {
     // The old leader comes back and catches up; every acknowledged write is on every node.
     cluster.spawn(old_leader);
     cluster.must_wait_leader(Duration::from_secs(15)).await;
+    cluster
+        .must_wait_unsealed(&[old_leader], Duration::from_secs(20))
+        .await;
     cluster.must_put(old_leader, "after/restart", "ok").await;
     cluster.must_converge(Duration::from_secs(20)).await;
     for id in cluster.running() {

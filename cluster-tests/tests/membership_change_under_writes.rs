@@ -27,7 +27,11 @@ async fn membership_change_under_writes() {
         })
         .await
         .expect("add learner through a follower");
-    // A learner is a read replica: it serves linearizable reads.
+    // A learner is a read replica: once a member has unsealed it (peer unseal), it serves
+    // linearizable reads.
+    cluster
+        .must_wait_unsealed(&[4], Duration::from_secs(20))
+        .await;
     cluster.must_put(leader, "probe", "1").await;
     cluster.must_get_equal(4, "probe", "1").await;
 

@@ -45,6 +45,11 @@ async fn metrics_and_reflection_are_served() {
         vec!["--metrics-addr".into(), addr.clone()];
     cluster.spawn(1);
     cluster.must_wait_leader(Duration::from_secs(10)).await;
+    // The only node restarted sealed; the ceremony again.
+    cluster.must_unseal(1).await;
+    cluster
+        .must_wait_unsealed(&[1], Duration::from_secs(20))
+        .await;
     for i in 0..20 {
         cluster.must_put(1, &format!("m/{i}"), "v").await;
     }

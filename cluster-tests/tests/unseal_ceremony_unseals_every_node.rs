@@ -4,7 +4,8 @@
 //! (named, not counted) and a duplicate submission each get their own clear error; then two
 //! operators' shares, sent to two different nodes, unseal all three nodes; a restarted node is
 //! sealed again, and with peer unseal turned on by an operator, a restarted node unseals itself
-//! from a peer. A second test shows that unseal progress expires.
+//! from a peer. No data is served before init or while sealed. A second test shows that unseal
+//! progress expires; a third rekeys 2-of-3 operators to 3-of-5 and unseals with the new shares.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -92,11 +93,29 @@ async fn seal_of(cluster: &Cluster, id: u64) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
-    let mut cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let uninitialized = ClusterOptions {
+        initialize: false,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(3, uninitialized).await;
     let keys = tempfile::tempdir().expect("tempdir");
     let k = keys.path();
     keygen(k, &["alice", "bob", "carol", "admin"]);
     assert_eq!(seal_of(&cluster, 1).await.as_deref(), Some("uninitialized"));
+
+    // No data is served before init, nor while sealed: each error says what to do.
+    let mut kv = cluster.kv(1);
+    let put = pb::PutRequest {
+        key: b"app/early".to_vec(),
+        value: b"v".to_vec(),
+        request_id: Vec::new(),
+    };
+    let early = kv.put(put.clone()).await.expect_err("uninitialized");
+    assert_eq!(early.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        early.message().contains("coffer operator init"),
+        "{early:?}"
+    );
 
     let operators = ["alice", "bob", "carol"];
     let out = ok(&init(&cluster, k, &operators, 2, "shares"));
@@ -113,6 +132,19 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
         })
         .await;
     }
+
+    let sealed = kv.put(put.clone()).await.expect_err("sealed");
+    assert_eq!(sealed.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        sealed.message().contains("coffer operator unseal"),
+        "{sealed:?}"
+    );
+    let sealed = cluster
+        .kv(3)
+        .list(pb::ListRequest::default())
+        .await
+        .expect_err("sealed");
+    assert_eq!(sealed.code(), tonic::Code::FailedPrecondition);
 
     let shares = k.join("shares");
     let unseal = |via: u64, key: &str, share: &str| unseal(&cluster, via, k, key, share);
@@ -145,12 +177,14 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     let signature = carol.sign(&unseal_message(
         &status.cluster_id,
         &status.master_ciphertext,
+        status.seal_revision,
         carol_index,
         &decryption,
     ));
     let bad = seal
         .unseal(pb::UnsealRequest {
             cluster_id: status.cluster_id.clone(),
+            seal_revision: status.seal_revision,
             operator_index: carol_index,
             decryption_share: decryption.clone(),
             signature: signature.to_vec(),
@@ -167,6 +201,7 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     let forged = seal
         .unseal(pb::UnsealRequest {
             cluster_id: status.cluster_id.clone(),
+            seal_revision: status.seal_revision,
             operator_index: 0,
             decryption_share: decryption,
             signature: signature.to_vec(),
@@ -182,6 +217,7 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     let other = seal
         .unseal(pb::UnsealRequest {
             cluster_id: "another-cluster".into(),
+            seal_revision: 0,
             operator_index: 0,
             decryption_share: Vec::new(),
             signature: Vec::new(),
@@ -290,6 +326,7 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
 async fn unseal_progress_expires_and_the_ceremony_starts_over() {
     let options = ClusterOptions {
         extra_args: vec!["--unseal-progress-ttl-s".into(), "1".into()],
+        initialize: false,
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start(1, options).await;
@@ -321,4 +358,112 @@ async fn unseal_progress_expires_and_the_ceremony_starts_over() {
         out.contains("1 of 2 (bob)") && out.contains("still sealed"),
         "{out}"
     );
+}
+
+/// `coffer operator rekey --key K --share S --new-operator-key ... --new-threshold T` by `who`
+/// through node 1, new share files into `dir`/new.
+fn rekey(cluster: &Cluster, dir: &Path, who: &str, new: &[&str], threshold: u32) -> Output {
+    let mut args = vec![
+        "operator".to_string(),
+        "rekey".into(),
+        "--key".into(),
+        p(dir, &format!("{who}.key")),
+        "--share".into(),
+        p(&dir.join("shares"), &format!("{who}.share")),
+        "--new-threshold".into(),
+        threshold.to_string(),
+        "--share-dir".into(),
+        p(dir, "new"),
+    ];
+    for n in new {
+        args.push("--new-operator-key".into());
+        args.push(p(dir, &format!("{n}.pub")));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(cluster, 1, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_to_five_operators_replaces_the_shares_and_keeps_the_data() {
+    let uninitialized = ClusterOptions {
+        initialize: false,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(3, uninitialized).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let k = keys.path();
+    let new = ["dave", "erin", "frank", "grace", "heidi"];
+    keygen(k, &["alice", "bob", "carol", "admin"]);
+    keygen(k, &new);
+    ok(&init(&cluster, k, &["alice", "bob", "carol"], 2, "shares"));
+    ok(&unseal(&cluster, 1, k, "alice.key", "alice.share"));
+    ok(&unseal(&cluster, 1, k, "bob.key", "bob.share"));
+    cluster
+        .must_wait_unsealed(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    cluster.must_put(2, "app/kept", "across-the-rekey").await;
+
+    // Alice authorizes 5 operators, 3 needed; Carol proposing something else meanwhile is
+    // refused; Bob's matching authorization completes it and writes five new share files.
+    let out = ok(&rekey(&cluster, k, "alice", &new, 3));
+    assert!(out.contains("authorized by 1 of 2 (alice)"), "{out}");
+    refused(&rekey(&cluster, k, "carol", &new[..4], 3), "another rekey");
+    let out = ok(&rekey(&cluster, k, "bob", &new, 3));
+    assert!(out.contains("3 of 5 operators"), "{out}");
+    for n in new {
+        assert!(k.join(format!("new/{n}.share")).exists(), "{n}'s share");
+    }
+
+    // The old operators are gone: Alice can no longer act, and her old share is refused.
+    let old_seal = run(
+        &cluster,
+        1,
+        &["operator", "seal", "--key", &p(k, "alice.key")],
+    );
+    refused(&old_seal, "is not one of this cluster's operators");
+    // The new operators seal the cluster; the old shares cannot unseal it.
+    ok(&run(
+        &cluster,
+        2,
+        &["operator", "seal", "--key", &p(k, "dave.key")],
+    ));
+    for id in 1..=3 {
+        wait_until(Duration::from_secs(10), "every node sealed", || async {
+            seal_of(&cluster, id)
+                .await?
+                .starts_with("sealed")
+                .then_some(())
+        })
+        .await;
+    }
+    refused(
+        &unseal(&cluster, 1, k, "alice.key", "alice.share"),
+        "replaced by a rekey",
+    );
+    // Two new shares: still sealed; the third unseals every node; the data is intact.
+    let new_share = |who: &str| {
+        run(
+            &cluster,
+            3,
+            &[
+                "operator",
+                "unseal",
+                "--key",
+                &p(k, &format!("{who}.key")),
+                "--share",
+                &p(&k.join("new"), &format!("{who}.share")),
+            ],
+        )
+    };
+    assert!(ok(&new_share("erin")).contains("1 of 3"));
+    assert!(ok(&new_share("grace")).contains("2 of 3"));
+    assert!(ok(&new_share("heidi")).contains("unsealed"));
+    cluster
+        .must_wait_unsealed(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    for id in 1..=3 {
+        cluster
+            .must_get_equal(id, "app/kept", "across-the-rekey")
+            .await;
+    }
 }

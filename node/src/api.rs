@@ -1,8 +1,10 @@
 //! The public gRPC services over the replicated store (`coffer.v1.Kv`, `coffer.v1.Cluster`).
 //!
-//! This raw store API is the first client surface. The secrets engines (with authentication,
-//! authorization and encryption) will be put in front of it; retiring it touches only this
-//! module.
+//! Every value passes the encryption barrier here: it is encrypted with the active data key
+//! (bound to its key path) before it is proposed to Raft, and decrypted after it is read. A
+//! sealed or uninitialized node serves no data (FAILED_PRECONDITION says why and what to do).
+//! This raw store API is the first client surface; the secrets engines (with authentication and
+//! authorization) will be put in front of it, and retiring it touches only this module.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,8 +16,11 @@ use coffer_raft::{Error as RaftError, Member, MembershipChange, RaftNode, Writte
 use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
 use tonic::{Request, Response, Status};
 
+use crate::barrier::Keyring;
 use crate::metrics::Metrics;
-use crate::seal::{Operator, Refused, Seal, Submission};
+use crate::seal::{
+    Action, Operator, Refused, RekeyOutcome, RekeyProposal, RekeySubmission, Seal, Submission,
+};
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -103,6 +108,77 @@ impl Api {
         Ok(())
     }
 
+    /// The keyring, or FAILED_PRECONDITION saying why data cannot be served (uninitialized or
+    /// sealed, and what to do).
+    fn keyring(&self) -> Result<Arc<Keyring>, Status> {
+        self.seal
+            .keyring()
+            .map_err(|e| Status::failed_precondition(e.to_string()))
+    }
+
+    /// Decrypts a stored entry's value (read at `key`), for a response.
+    fn open_entry(
+        &self,
+        keyring: &Keyring,
+        e: KvEntry,
+        keys_only: bool,
+    ) -> Result<pb::KeyValue, Status> {
+        let value = if keys_only {
+            Vec::new()
+        } else {
+            match keyring.decrypt(&e.key, &e.value) {
+                Ok(v) => v.to_vec(),
+                Err(_) => {
+                    // A value written under a data key this node has not opened yet (a rotation
+                    // applied a moment ago): take in the newest keyring and try once more.
+                    self.seal.refresh();
+                    let keyring = self.keyring()?;
+                    keyring
+                        .decrypt(&e.key, &e.value)
+                        .map_err(|err| {
+                            Status::data_loss(format!(
+                                "the value of {:?} cannot be decrypted: {err:#}",
+                                String::from_utf8_lossy(&e.key)
+                            ))
+                        })?
+                        .to_vec()
+                }
+            }
+        };
+        Ok(pb::KeyValue {
+            key: e.key,
+            value,
+            version: e.version,
+            create_revision: e.create_revision,
+            mod_revision: e.mod_revision,
+        })
+    }
+
+    fn open_prev(
+        &self,
+        keyring: &Keyring,
+        prev: Option<KvEntry>,
+    ) -> Result<Option<pb::KeyValue>, Status> {
+        prev.map(|e| self.open_entry(keyring, e, false)).transpose()
+    }
+
+    fn op_response(&self, keyring: &Keyring, r: OpResult) -> Result<pb::OpResponse, Status> {
+        Ok(match r {
+            OpResult::Put { prev } => pb::OpResponse {
+                deleted: 0,
+                prev: self.open_prev(keyring, prev)?,
+            },
+            OpResult::Delete { prev } => pb::OpResponse {
+                deleted: u64::from(prev.is_some()),
+                prev: self.open_prev(keyring, prev)?,
+            },
+            OpResult::DeletePrefix { deleted } => pb::OpResponse {
+                deleted,
+                prev: None,
+            },
+        })
+    }
+
     async fn write(&self, txn: Txn, request_id: &[u8]) -> Result<Written, Status> {
         let request_id = parse_request_id(request_id)?;
         self.node
@@ -122,16 +198,19 @@ impl Api {
         }
     }
 
-    fn convert_op(&self, op: pb::RequestOp) -> Result<Op, Status> {
+    /// A put of `value` at `key`, encrypted by the barrier before it reaches Raft.
+    fn sealed_put(&self, keyring: &Keyring, key: Vec<u8>, value: &[u8]) -> Result<Op, Status> {
+        self.check_key(&key)?;
+        self.check_value(value)?;
+        let value = keyring
+            .encrypt(&key, value)
+            .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+        Ok(Op::Put { key, value })
+    }
+
+    fn convert_op(&self, keyring: &Keyring, op: pb::RequestOp) -> Result<Op, Status> {
         match op.op {
-            Some(pb::request_op::Op::Put(p)) => {
-                self.check_key(&p.key)?;
-                self.check_value(&p.value)?;
-                Ok(Op::Put {
-                    key: p.key,
-                    value: p.value,
-                })
-            }
+            Some(pb::request_op::Op::Put(p)) => self.sealed_put(keyring, p.key, &p.value),
             Some(pb::request_op::Op::Delete(d)) => {
                 self.check_key(&d.key)?;
                 Ok(if d.prefix {
@@ -177,16 +256,6 @@ fn storage_status(e: coffer_storage::StorageError) -> Status {
     Status::internal(format!("this node's storage failed: {e}"))
 }
 
-fn kv(e: KvEntry, keys_only: bool) -> pb::KeyValue {
-    pb::KeyValue {
-        key: e.key,
-        value: if keys_only { Vec::new() } else { e.value },
-        version: e.version,
-        create_revision: e.create_revision,
-        mod_revision: e.mod_revision,
-    }
-}
-
 /// Ends a page early once its values pass [`MAX_PAGE_BYTES`] (keeping at least one key).
 fn cap_page(mut entries: Vec<KvEntry>, more: bool, keys_only: bool) -> (Vec<KvEntry>, bool) {
     if keys_only {
@@ -208,41 +277,16 @@ fn cap_page(mut entries: Vec<KvEntry>, more: bool, keys_only: bool) -> (Vec<KvEn
     (entries, more)
 }
 
-fn op_response(r: OpResult) -> pb::OpResponse {
-    match r {
-        OpResult::Put { prev } => pb::OpResponse {
-            deleted: 0,
-            prev: prev.map(|e| kv(e, false)),
-        },
-        OpResult::Delete { prev } => pb::OpResponse {
-            deleted: u64::from(prev.is_some()),
-            prev: prev.map(|e| kv(e, false)),
-        },
-        OpResult::DeletePrefix { deleted } => pb::OpResponse {
-            deleted,
-            prev: None,
-        },
-    }
-}
-
 #[tonic::async_trait]
 impl Kv for Api {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         self.timed("Put", async {
             let r = req.into_inner();
-            self.check_key(&r.key)?;
-            self.check_value(&r.value)?;
-            let w = self
-                .write(
-                    Txn::ops(vec![Op::Put {
-                        key: r.key,
-                        value: r.value,
-                    }]),
-                    &r.request_id,
-                )
-                .await?;
+            let keyring = self.keyring()?;
+            let put = self.sealed_put(&keyring, r.key, &r.value)?;
+            let w = self.write(Txn::ops(vec![put]), &r.request_id).await?;
             let prev = match w.result.results.into_iter().next() {
-                Some(OpResult::Put { prev }) => prev.map(|e| kv(e, false)),
+                Some(OpResult::Put { prev }) => self.open_prev(&keyring, prev)?,
                 _ => None,
             };
             Ok(pb::PutResponse {
@@ -257,6 +301,7 @@ impl Kv for Api {
         self.timed("Get", async {
             let r = req.into_inner();
             self.check_key(&r.key)?;
+            let keyring = self.keyring()?;
             let index = self.read_point(r.consistency).await?;
             let view = self.node.store().read().map_err(storage_status)?;
             let entry = view.get(&r.key).map_err(storage_status)?;
@@ -264,7 +309,7 @@ impl Kv for Api {
             match entry {
                 Some(e) => Ok(pb::GetResponse {
                     header: self.header(revision, index),
-                    kv: Some(kv(e, false)),
+                    kv: Some(self.open_entry(&keyring, e, false)?),
                 }),
                 None => Err(Status::not_found(format!(
                     "no key {:?}",
@@ -282,6 +327,7 @@ impl Kv for Api {
         self.timed("Delete", async {
             let r = req.into_inner();
             self.check_key(&r.key)?;
+            self.keyring()?;
             let op = if r.prefix {
                 Op::DeletePrefix { prefix: r.key }
             } else {
@@ -321,6 +367,7 @@ impl Kv for Api {
                     "keys starting with a NUL byte are reserved for Coffer itself",
                 ));
             }
+            let keyring = self.keyring()?;
             let index = self.read_point(r.consistency).await?;
             let view = self.node.store().read().map_err(storage_status)?;
             let after = (!r.start_after.is_empty()).then_some(r.start_after.as_slice());
@@ -331,7 +378,10 @@ impl Kv for Api {
             let revision = view.revision().map_err(storage_status)?;
             Ok(pb::ListResponse {
                 header: self.header(revision, index),
-                kvs: entries.into_iter().map(|e| kv(e, r.keys_only)).collect(),
+                kvs: entries
+                    .into_iter()
+                    .map(|e| self.open_entry(&keyring, e, r.keys_only))
+                    .collect::<Result<_, _>>()?,
                 more,
             })
         })
@@ -346,6 +396,7 @@ impl Kv for Api {
                     "a transaction has at most {MAX_TXN_OPS} compares and {MAX_TXN_OPS} operations"
                 )));
             }
+            let keyring = self.keyring()?;
             let mut compare = Vec::with_capacity(r.compare.len());
             for c in r.compare {
                 self.check_key(&c.key)?;
@@ -365,12 +416,12 @@ impl Kv for Api {
             let success = r
                 .success
                 .into_iter()
-                .map(|o| self.convert_op(o))
+                .map(|o| self.convert_op(&keyring, o))
                 .collect::<Result<Vec<_>, _>>()?;
             let failure = r
                 .failure
                 .into_iter()
-                .map(|o| self.convert_op(o))
+                .map(|o| self.convert_op(&keyring, o))
                 .collect::<Result<Vec<_>, _>>()?;
             let w = self
                 .write(
@@ -385,7 +436,12 @@ impl Kv for Api {
             Ok(pb::TxnResponse {
                 header: self.header(w.result.revision, w.index),
                 succeeded: w.result.succeeded,
-                responses: w.result.results.into_iter().map(op_response).collect(),
+                responses: w
+                    .result
+                    .results
+                    .into_iter()
+                    .map(|r| self.op_response(&keyring, r))
+                    .collect::<Result<_, _>>()?,
             })
         })
         .await
@@ -614,6 +670,8 @@ impl coffer_api::v1::seal_server::Seal for Api {
             };
             let progress = self.seal.progress().map_err(internal)?;
             let peer = self.seal.peer_unseal().map_err(internal)?;
+            let (data_key, seal_revision, keyring_revision, config_revision) =
+                self.seal.revisions().map_err(internal)?;
             Ok(pb::SealStatusResponse {
                 node_id: self.node.id(),
                 initialized: true,
@@ -630,22 +688,83 @@ impl coffer_api::v1::seal_server::Seal for Api {
                 master_ciphertext: config.master_ciphertext,
                 peer_unseal: peer.0,
                 peer_unseal_revision: peer.1,
+                seal_revision,
+                keyring_revision,
+                data_key,
+                config_revision,
             })
         })
         .await
     }
 
-    async fn set_peer_unseal(
+    async fn operator_action(
         &self,
-        req: Request<pb::PeerUnsealRequest>,
-    ) -> Result<Response<pb::PeerUnsealResponse>, Status> {
+        req: Request<pb::OperatorActionRequest>,
+    ) -> Result<Response<pb::OperatorActionResponse>, Status> {
         let r = req.into_inner();
-        self.timed("SetPeerUnseal", async {
-            self.seal
-                .set_peer_unseal(r.enabled, r.operator_index, r.revision, &r.signature)
+        self.timed("OperatorAction", async {
+            let action = Action::parse(&r.action).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown action {:?}; use \"peer-unseal on\", \"peer-unseal off\", \"seal\" or \"rotate\"",
+                    r.action
+                ))
+            })?;
+            let data_key = self
+                .seal
+                .operator_action(action, r.operator_index, r.revision, &r.signature)
                 .await
                 .map_err(refused_status)?;
-            Ok(pb::PeerUnsealResponse {})
+            Ok(pb::OperatorActionResponse { data_key })
+        })
+        .await
+    }
+
+    async fn rekey(
+        &self,
+        req: Request<pb::RekeyRequest>,
+    ) -> Result<Response<pb::RekeyResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("Rekey", async {
+            if r.new_operator_names.len() != r.new_operator_keys.len() {
+                return Err(Status::invalid_argument(
+                    "give one name per new operator key",
+                ));
+            }
+            let operators = r
+                .new_operator_keys
+                .into_iter()
+                .zip(r.new_operator_names)
+                .map(|(public_key, name)| Operator { name, public_key })
+                .collect();
+            let outcome = self
+                .seal
+                .rekey(RekeySubmission {
+                    cluster_id: r.cluster_id,
+                    config_revision: r.config_revision,
+                    proposal: RekeyProposal {
+                        operators,
+                        threshold: r.new_threshold,
+                    },
+                    operator_index: r.operator_index,
+                    share: r.decryption_share,
+                    signature: r.signature,
+                })
+                .await
+                .map_err(refused_status)?;
+            Ok(match outcome {
+                RekeyOutcome::Pending(p) => pb::RekeyResponse {
+                    done: false,
+                    threshold: p.threshold,
+                    submitted: p.submitted,
+                    ..Default::default()
+                },
+                RekeyOutcome::Done(d) => pb::RekeyResponse {
+                    done: true,
+                    cluster_id: d.cluster_id,
+                    encrypted_shares: d.encrypted_shares,
+                    ..Default::default()
+                },
+            })
         })
         .await
     }
@@ -661,6 +780,7 @@ impl coffer_api::v1::seal_server::Seal for Api {
                 .submit(
                     Submission {
                         cluster_id: r.cluster_id,
+                        seal_revision: r.seal_revision,
                         operator_index: r.operator_index,
                         share: r.decryption_share,
                         signature: r.signature,

@@ -185,6 +185,50 @@ pub enum OperatorCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Replaces the operators and threshold (e.g. 5 operators, 3 needed). T current operators
+    /// each run it with the same new keys and threshold, all against the same node; each signs
+    /// a decryption share made from their share file. The run that completes it writes the new
+    /// share files; the old ones stop working. The master key and the data do not change.
+    Rekey {
+        /// Your (current) operator private key file.
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
+        /// Your current share file.
+        #[arg(long)]
+        share: PathBuf,
+        /// A new operator's public key file; once per new operator.
+        #[arg(long = "new-operator-key", required = true)]
+        new_operator_keys: Vec<PathBuf>,
+        /// New operators needed to unseal.
+        #[arg(long)]
+        new_threshold: u32,
+        /// Where the completing run writes the new share files (NAME.share per NAME.pub).
+        #[arg(long, default_value = ".")]
+        share_dir: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Seals every node (signed with your operator key): each drops the master key and the
+    /// keyring as it applies the seal, and serves no data until the next unseal ceremony.
+    Seal {
+        /// Your operator private key file.
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Adds a new data key to the keyring (signed with your operator key; on an unsealed node).
+    /// New writes use it at once; values written under older keys stay readable. No downtime.
+    Rotate {
+        /// Your operator private key file.
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Takes part in the unseal ceremony: decrypts your share with your key, computes a
     /// decryption share here, signs it and sends only that (to any node; it reaches them all).
     Unseal {

@@ -11,7 +11,10 @@ use tonic::transport::Channel;
 use crate::cli::{OperatorCommand, status_error};
 use crate::client::Target;
 use crate::keys::{KeyPair, PublicKey};
-use crate::seal::{SHARE_INFO, ShareFile, peer_unseal_message, unseal_message};
+use crate::seal::{
+    Action, Operator, RekeyProposal, SHARE_INFO, ShareFile, action_message, rekey_message,
+    unseal_message,
+};
 use crate::threshold;
 
 fn hex(bytes: &[u8]) -> String {
@@ -45,6 +48,77 @@ pub struct InitReport {
     pub shares: Vec<(String, PathBuf)>,
 }
 
+/// Operators read from public key files: names (the file stems), keys, and the share files
+/// they will get in `share_dir` (none of which may exist yet).
+struct NewOperators {
+    names: Vec<String>,
+    keys: Vec<Vec<u8>>,
+    files: Vec<PathBuf>,
+}
+
+impl NewOperators {
+    fn load(operator_keys: &[PathBuf], threshold: u32, share_dir: &Path) -> Result<NewOperators> {
+        let mut names = Vec::new();
+        let mut keys = Vec::new();
+        for path in operator_keys {
+            let name = stem(path);
+            if names.contains(&name) {
+                bail!(
+                    "two operator key files are named {name}: share files are named after them, so give each operator a distinct file name"
+                );
+            }
+            keys.push(PublicKey::load(path)?.to_bytes().to_vec());
+            names.push(name);
+        }
+        threshold::check_threshold(keys.len(), threshold as usize)?;
+        let files: Vec<PathBuf> = names
+            .iter()
+            .map(|n| share_dir.join(format!("{n}.share")))
+            .collect();
+        if let Some(f) = files.iter().find(|f| f.exists()) {
+            bail!(
+                "{} already exists: move old share files away first (they are never overwritten)",
+                f.display()
+            );
+        }
+        Ok(NewOperators { names, keys, files })
+    }
+
+    /// Writes each operator's share file (0600).
+    fn write_shares(
+        self,
+        cluster_id: &str,
+        threshold: u32,
+        encrypted: &[Vec<u8>],
+    ) -> Result<InitReport> {
+        if encrypted.len() != self.files.len() {
+            bail!(
+                "the node returned {} shares for {} operators",
+                encrypted.len(),
+                self.files.len()
+            );
+        }
+        for (i, file) in self.files.iter().enumerate() {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let share = ShareFile {
+                cluster_id: cluster_id.to_string(),
+                operator_index: i as u32,
+                operator_fingerprint: PublicKey::from_bytes(&self.keys[i])?.fingerprint(),
+                threshold,
+                encrypted_share: hex(&encrypted[i]),
+            };
+            crate::tls::write_private(file, &serde_json::to_string_pretty(&share)?)?;
+        }
+        Ok(InitReport {
+            cluster_id: cluster_id.to_string(),
+            shares: self.names.into_iter().zip(self.files).collect(),
+        })
+    }
+}
+
 /// Initializes the cluster at `target` and writes one share file per operator into
 /// `share_dir` (never overwriting one).
 pub async fn init(
@@ -54,57 +128,95 @@ pub async fn init(
     admin_key: &Path,
     share_dir: &Path,
 ) -> Result<InitReport> {
-    let mut names = Vec::new();
-    let mut keys = Vec::new();
-    for path in operator_keys {
-        let name = stem(path);
-        if names.contains(&name) {
-            bail!(
-                "two operator key files are named {name}: share files are named after them, so give each operator a distinct file name"
-            );
-        }
-        keys.push(PublicKey::load(path)?.to_bytes().to_vec());
-        names.push(name);
-    }
-    threshold::check_threshold(keys.len(), threshold as usize)?;
+    let new = NewOperators::load(operator_keys, threshold, share_dir)?;
     let admin = PublicKey::load(admin_key)?;
-    std::fs::create_dir_all(share_dir)
-        .with_context(|| format!("cannot create {}", share_dir.display()))?;
-    let files: Vec<PathBuf> = names
-        .iter()
-        .map(|n| share_dir.join(format!("{n}.share")))
-        .collect();
-    if let Some(f) = files.iter().find(|f| f.exists()) {
-        bail!(
-            "{} already exists: move old share files away before init (they are never overwritten)",
-            f.display()
-        );
-    }
     let mut seal = SealClient::new(target.connect().await?);
     let done = seal
         .init(pb::InitRequest {
-            operator_keys: keys.clone(),
-            operator_names: names.clone(),
+            operator_keys: new.keys.clone(),
+            operator_names: new.names.clone(),
             threshold,
             admin_key: admin.to_bytes().to_vec(),
         })
         .await
         .map_err(status_error)?
         .into_inner();
-    for (i, file) in files.iter().enumerate() {
-        let share = ShareFile {
-            cluster_id: done.cluster_id.clone(),
-            operator_index: i as u32,
-            operator_fingerprint: PublicKey::from_bytes(&keys[i])?.fingerprint(),
-            threshold,
-            encrypted_share: hex(&done.encrypted_shares[i]),
-        };
-        crate::tls::write_private(file, &serde_json::to_string_pretty(&share)?)?;
+    new.write_shares(&done.cluster_id, threshold, &done.encrypted_shares)
+}
+
+/// What a rekey submission achieved.
+#[derive(Debug)]
+pub enum RekeyReport {
+    /// More current operators must run the same rekey.
+    Pending {
+        /// Current operators needed.
+        threshold: u32,
+        /// Those who authorized it so far.
+        submitted: Vec<String>,
+    },
+    /// Done: the new share files.
+    Done(InitReport),
+}
+
+/// Authorizes a rekey to the operators in `new_keys` (threshold `new_threshold`) with this
+/// operator's key and share; the submission that completes it writes the new share files into
+/// `share_dir`. Every authorizing operator runs it with the same new keys and threshold.
+pub async fn rekey(
+    target: &Target,
+    key: &Path,
+    share: &Path,
+    new_keys: &[PathBuf],
+    new_threshold: u32,
+    share_dir: &Path,
+) -> Result<RekeyReport> {
+    let new = NewOperators::load(new_keys, new_threshold, share_dir)?;
+    let mut seal = SealClient::new(target.connect().await?);
+    let status = initialized_status(&mut seal).await?;
+    let mine = my_decryption_share(key, share, &status)?;
+    let proposal = RekeyProposal {
+        operators: new
+            .names
+            .iter()
+            .zip(&new.keys)
+            .map(|(name, public_key)| Operator {
+                name: name.clone(),
+                public_key: public_key.clone(),
+            })
+            .collect(),
+        threshold: new_threshold,
+    };
+    let signature = mine.pair.sign(&rekey_message(
+        &status.cluster_id,
+        status.config_revision,
+        &proposal.digest()?,
+        mine.index,
+        &mine.share,
+    ));
+    let answer = seal
+        .rekey(pb::RekeyRequest {
+            cluster_id: status.cluster_id,
+            config_revision: status.config_revision,
+            new_operator_keys: new.keys.clone(),
+            new_operator_names: new.names.clone(),
+            new_threshold,
+            operator_index: mine.index,
+            decryption_share: mine.share,
+            signature: signature.to_vec(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !answer.done {
+        return Ok(RekeyReport::Pending {
+            threshold: answer.threshold,
+            submitted: answer.submitted,
+        });
     }
-    Ok(InitReport {
-        cluster_id: done.cluster_id,
-        shares: names.into_iter().zip(files).collect(),
-    })
+    Ok(RekeyReport::Done(new.write_shares(
+        &answer.cluster_id,
+        new_threshold,
+        &answer.encrypted_shares,
+    )?))
 }
 
 /// The contacted node's seal status, or an error if it has no seal configuration.
@@ -136,9 +248,21 @@ pub struct UnsealReport {
     pub submitted: Vec<String>,
 }
 
-/// Opens `share` with `key`, computes and signs a decryption share here, and submits it to
-/// the node at `target`.
-pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealReport> {
+/// An operator's decryption share of the master-key ciphertext, made here from their share
+/// file and key.
+struct MyShare {
+    pair: KeyPair,
+    index: u32,
+    share: Vec<u8>,
+}
+
+/// Opens `share` with `key` (checking that both belong together and to this cluster) and
+/// computes the decryption share of `status.master_ciphertext`.
+fn my_decryption_share(
+    key: &Path,
+    share: &Path,
+    status: &pb::SealStatusResponse,
+) -> Result<MyShare> {
     let pair = KeyPair::load(key)?;
     let text = std::fs::read_to_string(share)
         .with_context(|| format!("cannot read the share file {}", share.display()))?;
@@ -157,11 +281,9 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
             key.display()
         );
     }
-    let mut seal = SealClient::new(target.connect().await?);
-    let status = initialized_status(&mut seal).await?;
     if status.cluster_id != file.cluster_id {
         bail!(
-            "{} is for cluster {}, but this cluster is {}",
+            "{} is for key set {}, but this cluster's is {} (a share replaced by a rekey, or another cluster's)",
             share.display(),
             file.cluster_id,
             status.cluster_id
@@ -174,18 +296,33 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
     let secret = pair
         .open(&info, &sealed_share)
         .with_context(|| format!("cannot open {} with {}", share.display(), key.display()))?;
-    let decryption = threshold::decryption_share(&secret, &status.master_ciphertext)?;
-    let signature = pair.sign(&unseal_message(
-        &file.cluster_id,
+    let share = threshold::decryption_share(&secret, &status.master_ciphertext)?;
+    Ok(MyShare {
+        pair,
+        index: file.operator_index,
+        share,
+    })
+}
+
+/// Opens `share` with `key`, computes and signs a decryption share here, and submits it to
+/// the node at `target`.
+pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealReport> {
+    let mut seal = SealClient::new(target.connect().await?);
+    let status = initialized_status(&mut seal).await?;
+    let mine = my_decryption_share(key, share, &status)?;
+    let signature = mine.pair.sign(&unseal_message(
+        &status.cluster_id,
         &status.master_ciphertext,
-        file.operator_index,
-        &decryption,
+        status.seal_revision,
+        mine.index,
+        &mine.share,
     ));
     let answer = seal
         .unseal(pb::UnsealRequest {
-            cluster_id: file.cluster_id,
-            operator_index: file.operator_index,
-            decryption_share: decryption,
+            cluster_id: status.cluster_id,
+            seal_revision: status.seal_revision,
+            operator_index: mine.index,
+            decryption_share: mine.share,
             signature: signature.to_vec(),
         })
         .await
@@ -199,8 +336,9 @@ pub async fn unseal(target: &Target, key: &Path, share: &Path) -> Result<UnsealR
     })
 }
 
-/// Signs and sends the peer-unseal setting with the operator key `key`.
-pub async fn set_peer_unseal(target: &Target, key: &Path, enabled: bool) -> Result<()> {
+/// Signs `action` with the operator key `key` and sends it. Returns the active data key
+/// number on the node that ran it.
+pub async fn act(target: &Target, key: &Path, action: Action) -> Result<u32> {
     let pair = KeyPair::load(key)?;
     let mut seal = SealClient::new(target.connect().await?);
     let status = initialized_status(&mut seal).await?;
@@ -216,20 +354,22 @@ pub async fn set_peer_unseal(target: &Target, key: &Path, enabled: bool) -> Resu
                 pair.public().fingerprint()
             )
         })?;
-    let signature = pair.sign(&peer_unseal_message(
-        &status.cluster_id,
-        enabled,
-        status.peer_unseal_revision,
-    ));
-    seal.set_peer_unseal(pb::PeerUnsealRequest {
-        enabled,
-        operator_index: index as u32,
-        revision: status.peer_unseal_revision,
-        signature: signature.to_vec(),
-    })
-    .await
-    .map_err(status_error)?;
-    Ok(())
+    let revision = match action {
+        Action::PeerUnseal(_) => status.peer_unseal_revision,
+        Action::Seal => status.seal_revision,
+        Action::Rotate => status.keyring_revision,
+    };
+    let signature = pair.sign(&action_message(&status.cluster_id, action, revision));
+    let done = seal
+        .operator_action(pb::OperatorActionRequest {
+            action: action.as_str().into(),
+            operator_index: index as u32,
+            revision,
+            signature: signature.to_vec(),
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(done.into_inner().data_key)
 }
 
 /// Runs an operator command (not `keygen`, which needs no cluster).
@@ -264,7 +404,7 @@ pub async fn run(op: OperatorCommand) -> Result<()> {
             client,
         } => {
             let enabled = setting == "on";
-            set_peer_unseal(&client.target()?, &key, enabled).await?;
+            act(&client.target()?, &key, Action::PeerUnseal(enabled)).await?;
             println!(
                 "peer unseal is {setting}: {}",
                 if enabled {
@@ -272,6 +412,60 @@ pub async fn run(op: OperatorCommand) -> Result<()> {
                 } else {
                     "a restarted member needs the ceremony again"
                 }
+            );
+            Ok(())
+        }
+        OperatorCommand::Rekey {
+            key,
+            share,
+            new_operator_keys,
+            new_threshold,
+            share_dir,
+            client,
+        } => {
+            let target = client.target()?;
+            match rekey(
+                &target,
+                &key,
+                &share,
+                &new_operator_keys,
+                new_threshold,
+                &share_dir,
+            )
+            .await?
+            {
+                RekeyReport::Pending {
+                    threshold,
+                    submitted,
+                } => println!(
+                    "rekey authorized by {} of {threshold} ({}); the other operators run the same command against the same node",
+                    submitted.len(),
+                    submitted.join(", ")
+                ),
+                RekeyReport::Done(done) => {
+                    println!(
+                        "rekeyed: key set {} ({new_threshold} of {} operators needed to unseal); the old share files no longer work",
+                        done.cluster_id,
+                        done.shares.len()
+                    );
+                    for (n, f) in &done.shares {
+                        println!("  share for {n}: {} (encrypted to {n}'s key)", f.display());
+                    }
+                }
+            }
+            Ok(())
+        }
+        OperatorCommand::Seal { key, client } => {
+            act(&client.target()?, &key, Action::Seal).await?;
+            println!(
+                "sealed: every node drops its keys as it applies the seal; unsealing takes the ceremony again"
+            );
+            Ok(())
+        }
+        OperatorCommand::Rotate { key, client } => {
+            let n = act(&client.target()?, &key, Action::Rotate).await?;
+            println!(
+                "data key {n} is active: new writes use it; values written under older keys stay readable"
             );
             Ok(())
         }

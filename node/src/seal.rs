@@ -16,7 +16,11 @@
 //! With T valid shares a node combines them, opens the keyring and is unsealed. Shares are
 //! never written anywhere, and a ceremony's progress expires.
 //!
-//! This layer holds the keyring; encrypting the API's values with it is the next step.
+//! **While unsealed** a node holds the master key and the opened keyring, which the API uses to
+//! encrypt every value before it is proposed to Raft. Operators' signed actions change the seal
+//! cluster-wide through the replicated state: `seal` (every node drops its keys), `rotate` (a
+//! new data key) and the peer-unseal setting. Each node notices them as it applies them (the
+//! store counts changes to reserved keys; [`Seal::watch`] follows that count).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +40,10 @@ use crate::threshold;
 pub const CONFIG_KEY: &[u8] = b"\0coffer/seal/config";
 /// The cluster setting that lets an unsealed member unseal a restarted one (off when absent).
 pub const PEER_UNSEAL_KEY: &[u8] = b"\0coffer/settings/peer-unseal";
+/// The keyring, encrypted under the master key.
+pub const KEYRING_KEY: &[u8] = b"\0coffer/seal/keyring";
+/// Written by every `seal` action: a node unsealed before its `mod_revision` seals itself.
+pub const SEALED_KEY: &[u8] = b"\0coffer/seal/sealed";
 /// The HPKE purpose of share files.
 pub const SHARE_INFO: &[u8] = b"coffer/share/v1";
 const UNSEAL_CONTEXT: &[u8] = b"coffer/unseal/v1";
@@ -62,8 +70,6 @@ pub struct SealConfig {
     pub public_set: Vec<u8>,
     /// The master key encrypted under the threshold public key.
     pub master_ciphertext: Vec<u8>,
-    /// The keyring encrypted under the master key.
-    pub keyring: Vec<u8>,
     /// The first administrator's public key (for the authentication layer).
     pub admin_key: Vec<u8>,
 }
@@ -81,10 +87,13 @@ impl SealConfig {
 }
 
 /// The message an operator signs to submit a decryption share: it names the purpose, the
-/// cluster, the ciphertext (by hash), the operator and the share.
+/// cluster, the ciphertext (by hash), the seal action's revision (so a recorded submission
+/// cannot undo a later `operator seal`: decryption shares themselves never change), the
+/// operator and the share.
 pub fn unseal_message(
     cluster_id: &str,
     master_ciphertext: &[u8],
+    seal_revision: u64,
     index: u32,
     share: &[u8],
 ) -> Vec<u8> {
@@ -95,20 +104,139 @@ pub fn unseal_message(
     m.extend_from_slice(cluster_id.as_bytes());
     m.push(0);
     m.extend_from_slice(digest.as_ref());
+    m.extend_from_slice(&seal_revision.to_be_bytes());
     m.extend_from_slice(&index.to_be_bytes());
     m.extend_from_slice(share);
     m
 }
 
-/// What an operator signs to turn peer unseal on or off: the purpose, the cluster, the new
-/// value and the setting's current `mod_revision` (0 if never set).
-pub fn peer_unseal_message(cluster_id: &str, enabled: bool, revision: u64) -> Vec<u8> {
-    let mut m = b"coffer/peer-unseal/v1\0".to_vec();
+/// An operator's signed action on the seal, applied cluster-wide through the replicated state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Turn peer unseal on or off.
+    PeerUnseal(bool),
+    /// Seal every node.
+    Seal,
+    /// Add a data key and make it active.
+    Rotate,
+}
+
+impl Action {
+    /// The action's name on the wire and in the signed message.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::PeerUnseal(true) => "peer-unseal on",
+            Action::PeerUnseal(false) => "peer-unseal off",
+            Action::Seal => "seal",
+            Action::Rotate => "rotate",
+        }
+    }
+
+    /// Parses [`Action::as_str`].
+    pub fn parse(s: &str) -> Option<Action> {
+        [
+            Action::PeerUnseal(true),
+            Action::PeerUnseal(false),
+            Action::Seal,
+            Action::Rotate,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+
+    /// The reserved key the action changes (its `mod_revision` is what the operator signs).
+    pub fn key(self) -> &'static [u8] {
+        match self {
+            Action::PeerUnseal(_) => PEER_UNSEAL_KEY,
+            Action::Seal => SEALED_KEY,
+            Action::Rotate => KEYRING_KEY,
+        }
+    }
+}
+
+/// What an operator signs for an action: the purpose, the cluster, the action and the current
+/// `mod_revision` of the key it changes (0 if never set), so a signed request applies once.
+pub fn action_message(cluster_id: &str, action: Action, revision: u64) -> Vec<u8> {
+    let mut m = b"coffer/operator-action/v1\0".to_vec();
     m.extend_from_slice(cluster_id.as_bytes());
     m.push(0);
-    m.push(u8::from(enabled));
+    m.extend_from_slice(action.as_str().as_bytes());
+    m.push(0);
     m.extend_from_slice(&revision.to_be_bytes());
     m
+}
+
+/// What a rekey replaces the operators with (every submitting operator signs its digest).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RekeyProposal {
+    /// The new operators, in share order.
+    pub operators: Vec<Operator>,
+    /// Shares needed from them.
+    pub threshold: u32,
+}
+
+impl RekeyProposal {
+    /// SHA-256 of the proposal's canonical encoding.
+    pub fn digest(&self) -> Result<[u8; 32]> {
+        let bytes = postcard::to_allocvec(self)?;
+        let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Ok(out)
+    }
+}
+
+/// What a current operator signs to authorize a rekey with a decryption share: the purpose,
+/// the cluster, the seal configuration's `mod_revision`, the proposal's digest, the operator
+/// and the share.
+pub fn rekey_message(
+    cluster_id: &str,
+    config_revision: u64,
+    proposal_digest: &[u8; 32],
+    index: u32,
+    share: &[u8],
+) -> Vec<u8> {
+    let mut m = b"coffer/rekey/v1\0".to_vec();
+    m.extend_from_slice(cluster_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&config_revision.to_be_bytes());
+    m.extend_from_slice(proposal_digest);
+    m.extend_from_slice(&index.to_be_bytes());
+    m.extend_from_slice(share);
+    m
+}
+
+/// One current operator's signed authorization of a rekey.
+#[derive(Debug, Clone)]
+pub struct RekeySubmission {
+    /// The cluster's key-set id.
+    pub cluster_id: String,
+    /// The seal configuration's `mod_revision` the operator saw.
+    pub config_revision: u64,
+    /// The new operators and threshold.
+    pub proposal: RekeyProposal,
+    /// The submitting (current) operator.
+    pub operator_index: u32,
+    /// Its decryption share of the master-key ciphertext.
+    pub share: Vec<u8>,
+    /// Its signature over [`rekey_message`].
+    pub signature: Vec<u8>,
+}
+
+/// Where a rekey stands after a submission.
+#[derive(Debug)]
+pub enum RekeyOutcome {
+    /// More current operators must authorize it.
+    Pending(Progress),
+    /// Done: the new key-set id and each new operator's share, encrypted to their key.
+    Done(Initialized),
+}
+
+struct RekeyProgress {
+    digest: [u8; 32],
+    config_revision: u64,
+    shares: BTreeMap<u32, Vec<u8>>,
+    started: Instant,
 }
 
 fn peer_unseal_info(cluster_id: &str) -> Vec<u8> {
@@ -128,6 +256,9 @@ enum AppMessage {
         requester: u64,
         /// The one-time public key (64 bytes).
         key: Vec<u8>,
+        /// The `mod_revision` of the last seal action the requester has applied: a member that
+        /// has not applied it yet must not undo it.
+        seal_revision: u64,
     },
 }
 
@@ -151,6 +282,8 @@ pub struct ShareFile {
 pub struct Submission {
     /// The cluster's key-set id the operator signed.
     pub cluster_id: String,
+    /// The seal action's revision the operator signed (see [`unseal_message`]).
+    pub seal_revision: u64,
     /// The operator.
     pub operator_index: u32,
     /// The decryption share.
@@ -176,16 +309,34 @@ enum State {
         started: Option<Instant>,
     },
     Unsealed {
-        keyring: Keyring,
-        /// Kept while unsealed so that peer unseal can hand it to a restarted member.
+        keyring: Arc<Keyring>,
+        /// The stored keyring's `mod_revision` that `keyring` was opened from.
+        keyring_revision: u64,
+        /// The seal action's `mod_revision` when this node was unsealed; a newer one seals it.
+        seal_revision: u64,
+        /// Kept while unsealed: to open a rotated keyring, and for peer unseal.
         master: MasterKey,
     },
+}
+
+/// Why the data path is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Closed {
+    /// Not initialized yet.
+    #[error("this cluster is not initialized: run `coffer operator init` first")]
+    Uninitialized,
+    /// Sealed.
+    #[error(
+        "this node is sealed ({0} decryption share(s) received): operators run `coffer operator unseal`"
+    )]
+    Sealed(usize),
 }
 
 /// A node's seal: sealed (with the ceremony's progress) or unsealed (holding the keyring).
 pub struct Seal {
     node: Arc<RaftNode>,
     state: Mutex<State>,
+    rekey: tokio::sync::Mutex<Option<RekeyProgress>>,
     progress_ttl: Duration,
 }
 
@@ -248,6 +399,7 @@ impl Seal {
                 shares: BTreeMap::new(),
                 started: None,
             }),
+            rekey: tokio::sync::Mutex::new(None),
             progress_ttl,
         })
     }
@@ -289,20 +441,7 @@ impl Seal {
         threshold: u32,
         admin_key: Vec<u8>,
     ) -> Result<Initialized> {
-        threshold::check_threshold(operators.len(), threshold as usize)?;
-        let mut keys = Vec::new();
-        for (i, op) in operators.iter().enumerate() {
-            let key = PublicKey::from_bytes(&op.public_key)
-                .with_context(|| format!("operator key #{} ({})", i + 1, op.name))?;
-            if keys.contains(&key) {
-                bail!(
-                    "operator key {} ({}) is given twice: every operator needs their own key",
-                    key.fingerprint(),
-                    op.name
-                );
-            }
-            keys.push(key);
-        }
+        let keys = operator_keys(&operators, threshold)?;
         PublicKey::from_bytes(&admin_key).context("the administrator key")?;
         self.node
             .linearize()
@@ -313,29 +452,20 @@ impl Seal {
         }
         let master = MasterKey::generate()?;
         let keyring = Keyring::new()?;
-        let dealt = threshold::deal(operators.len(), threshold as usize, master.expose())?;
-        let cluster_id = uuid::Uuid::new_v4().to_string();
-        let mut encrypted_shares = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            let mut info = SHARE_INFO.to_vec();
-            info.extend_from_slice(cluster_id.as_bytes());
-            encrypted_shares.push(key.seal(&info, &dealt.shares[i])?);
-        }
-        let config = SealConfig {
-            cluster_id: cluster_id.clone(),
-            threshold,
-            operators,
-            public_set: dealt.public_set,
-            master_ciphertext: dealt.ciphertext,
-            keyring: keyring.seal(&master)?,
-            admin_key,
-        };
+        let (config, encrypted_shares) = deal(&master, operators, &keys, threshold, admin_key)?;
+        let cluster_id = config.cluster_id.clone();
         let txn = Txn {
             compare: vec![Compare::Absent(CONFIG_KEY.to_vec())],
-            success: vec![Op::Put {
-                key: CONFIG_KEY.to_vec(),
-                value: postcard::to_allocvec(&config)?,
-            }],
+            success: vec![
+                Op::Put {
+                    key: CONFIG_KEY.to_vec(),
+                    value: postcard::to_allocvec(&config)?,
+                },
+                Op::Put {
+                    key: KEYRING_KEY.to_vec(),
+                    value: keyring.seal(&master)?,
+                },
+            ],
             failure: Vec::new(),
         };
         let written = self
@@ -380,6 +510,8 @@ impl Seal {
                     shares.clear();
                     *started = None;
                 }
+                // Shares of a key set a rekey has replaced no longer count.
+                shares.retain(|_, s| s.cluster_id == config.cluster_id);
                 Progress {
                     sealed: true,
                     threshold: config.threshold,
@@ -406,9 +538,17 @@ impl Seal {
             .operator(s.operator_index)
             .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
         let who = format!("{} ({})", op.name, key.fingerprint());
+        let seal_revision = self.revision_of(SEALED_KEY).map_err(Refused::Other)?;
+        if s.seal_revision != seal_revision {
+            return Err(Refused::Other(anyhow::anyhow!(
+                "this submission was made for seal revision {}, but this node is at {seal_revision} (sealed again since, or not caught up): run `coffer operator unseal` again",
+                s.seal_revision
+            )));
+        }
         let message = unseal_message(
             &config.cluster_id,
             &config.master_ciphertext,
+            s.seal_revision,
             s.operator_index,
             &s.share,
         );
@@ -447,9 +587,7 @@ impl Seal {
                     )
                     .and_then(|secret| MasterKey::from_bytes(&secret))
                     .map_err(Refused::Other)?;
-                    let keyring =
-                        Keyring::open(&master, &config.keyring).map_err(Refused::Other)?;
-                    *state = State::Unsealed { keyring, master };
+                    *state = self.open_with(master).map_err(Refused::Other)?;
                     tracing::info!("unsealed");
                 }
             }
@@ -460,6 +598,150 @@ impl Seal {
             tokio::spawn(async move { me.relay(s).await });
         }
         Ok(progress)
+    }
+
+    /// Takes one current operator's authorization of a rekey. With T of them (for the same
+    /// proposal and configuration), combines the master key, checks it opens the keyring, deals
+    /// a new key set to the proposed operators and replaces the seal configuration (only if it
+    /// is unchanged). The master key and the data stay as they are; the old shares stop
+    /// working. Progress is kept on this node only, and expires like unseal progress.
+    pub async fn rekey(&self, s: RekeySubmission) -> Result<RekeyOutcome, Refused> {
+        let config = self
+            .config()
+            .map_err(Refused::Other)?
+            .ok_or(Refused::NotInitialized)?;
+        if s.cluster_id != config.cluster_id {
+            return Err(Refused::OtherCluster {
+                theirs: s.cluster_id,
+                ours: config.cluster_id,
+            });
+        }
+        let config_revision = self.revision_of(CONFIG_KEY).map_err(Refused::Other)?;
+        if s.config_revision != config_revision {
+            return Err(Refused::Other(anyhow::anyhow!(
+                "the seal configuration changed since this rekey was signed: run the command again"
+            )));
+        }
+        let new_keys = operator_keys(&s.proposal.operators, s.proposal.threshold)
+            .map_err(|e| Refused::Other(e.context("the new operators")))?;
+        let digest = s.proposal.digest().map_err(Refused::Other)?;
+        let (op, key) = config
+            .operator(s.operator_index)
+            .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
+        let who = format!("{} ({})", op.name, key.fingerprint());
+        let message = rekey_message(
+            &config.cluster_id,
+            config_revision,
+            &digest,
+            s.operator_index,
+            &s.share,
+        );
+        key.verify(&message, &s.signature)
+            .map_err(|_| Refused::BadSignature(who.clone()))?;
+        let valid = threshold::verify_share(
+            &config.public_set,
+            s.operator_index as usize,
+            &s.share,
+            &config.master_ciphertext,
+        )
+        .map_err(Refused::Other)?;
+        if !valid {
+            return Err(Refused::BadShare(who));
+        }
+        // One rekey at a time per node; the lock is held across the commit.
+        let mut slot = self.rekey.lock().await;
+        if slot.as_ref().is_some_and(|p| {
+            p.started.elapsed() > self.progress_ttl || p.config_revision != config_revision
+        }) {
+            *slot = None;
+        }
+        let progress = slot.get_or_insert_with(|| RekeyProgress {
+            digest,
+            config_revision,
+            shares: BTreeMap::new(),
+            started: Instant::now(),
+        });
+        if progress.digest != digest {
+            return Err(Refused::Other(anyhow::anyhow!(
+                "another rekey (other new operators or threshold) is in progress on this node, authorized by {}; submit the same proposal, or wait until it expires",
+                progress
+                    .shares
+                    .keys()
+                    .map(|i| name(&config, *i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if progress.shares.contains_key(&s.operator_index) {
+            return Err(Refused::Duplicate(who));
+        }
+        progress.shares.insert(s.operator_index, s.share);
+        if progress.shares.len() < config.threshold as usize {
+            return Ok(RekeyOutcome::Pending(Progress {
+                sealed: true,
+                threshold: config.threshold,
+                submitted: progress.shares.keys().map(|i| name(&config, *i)).collect(),
+            }));
+        }
+        let collected: BTreeMap<usize, Vec<u8>> = progress
+            .shares
+            .iter()
+            .map(|(i, sh)| (*i as usize, sh.clone()))
+            .collect();
+        *slot = None;
+        let master = threshold::combine(
+            &config.public_set,
+            config.threshold as usize,
+            &collected,
+            &config.master_ciphertext,
+        )
+        .and_then(|secret| MasterKey::from_bytes(&secret))
+        .map_err(Refused::Other)?;
+        let stored = self
+            .reserved(KEYRING_KEY)
+            .map_err(Refused::Other)?
+            .ok_or_else(|| Refused::Other(anyhow::anyhow!("the keyring is missing")))?;
+        Keyring::open(&master, &stored.value)
+            .map_err(|e| Refused::Other(e.context("the combined master key")))?;
+        let (new_config, encrypted_shares) = deal(
+            &master,
+            s.proposal.operators,
+            &new_keys,
+            s.proposal.threshold,
+            config.admin_key,
+        )
+        .map_err(Refused::Other)?;
+        let cluster_id = new_config.cluster_id.clone();
+        let txn = Txn {
+            compare: vec![Compare::ModRevision(CONFIG_KEY.to_vec(), config_revision)],
+            success: vec![Op::Put {
+                key: CONFIG_KEY.to_vec(),
+                value: postcard::to_allocvec(&new_config).map_err(|e| Refused::Other(e.into()))?,
+            }],
+            failure: Vec::new(),
+        };
+        let written = self
+            .node
+            .write(Command {
+                request_id: None,
+                txn,
+            })
+            .await
+            .map_err(|e| {
+                Refused::Other(anyhow::anyhow!(
+                    "the rekey's outcome is unknown: {e}. If `coffer operator rekey` now says the seal configuration changed, it committed and the new shares were lost with this answer: keep the cluster unsealed and move its data to a new cluster"
+                ))
+            })?;
+        if !written.result.succeeded {
+            return Err(Refused::Other(anyhow::anyhow!(
+                "the seal configuration changed while the rekey was being made: run it again"
+            )));
+        }
+        tracing::info!(cluster_id, "rekeyed");
+        Ok(RekeyOutcome::Done(Initialized {
+            cluster_id,
+            encrypted_shares,
+        }))
     }
 
     /// Passes an accepted submission to every other member (best effort; each checks it).
@@ -491,9 +773,11 @@ impl Seal {
                         Ok(_) | Err(Refused::Duplicate(_)) => Ok(Vec::new()),
                         Err(e) => Err(e.to_string()),
                     },
-                    AppMessage::MasterKeyFor { requester, key } => {
-                        me.hand_out_master_key(requester, &key)
-                    }
+                    AppMessage::MasterKeyFor {
+                        requester,
+                        key,
+                        seal_revision,
+                    } => me.hand_out_master_key(requester, &key, seal_revision),
                 }
             })
         })
@@ -508,16 +792,17 @@ impl Seal {
         })
     }
 
-    /// Turns peer unseal on or off, on an operator's signed request. The signature covers the
-    /// setting's current `mod_revision`, and the write only applies if it is unchanged, so a
-    /// recorded request cannot be replayed later.
-    pub async fn set_peer_unseal(
+    /// Runs an operator's signed action. The signature covers the current `mod_revision` of
+    /// the key the action changes, and the write applies only if it is unchanged, so a
+    /// recorded request cannot be replayed later. Returns the active data key number on this
+    /// node afterwards (0 if sealed).
+    pub async fn operator_action(
         &self,
-        enabled: bool,
+        action: Action,
         operator_index: u32,
         revision: u64,
         signature: &[u8],
-    ) -> Result<(), Refused> {
+    ) -> Result<u32, Refused> {
         let config = self
             .config()
             .map_err(Refused::Other)?
@@ -526,18 +811,42 @@ impl Seal {
             .operator(operator_index)
             .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
         let who = format!("{} ({})", op.name, key.fingerprint());
-        let message = peer_unseal_message(&config.cluster_id, enabled, revision);
-        key.verify(&message, signature)
-            .map_err(|_| Refused::BadSignature(who))?;
-        let txn = Txn {
-            compare: vec![Compare::ModRevision(PEER_UNSEAL_KEY.to_vec(), revision)],
-            success: vec![Op::Put {
-                key: PEER_UNSEAL_KEY.to_vec(),
-                value: if enabled {
+        key.verify(
+            &action_message(&config.cluster_id, action, revision),
+            signature,
+        )
+        .map_err(|_| Refused::BadSignature(who.clone()))?;
+        let value = match action {
+            Action::PeerUnseal(on) => {
+                if on {
                     b"on".to_vec()
                 } else {
                     b"off".to_vec()
-                },
+                }
+            }
+            // The value only has to change the key's mod_revision; the operator is recorded.
+            Action::Seal => who.into_bytes(),
+            Action::Rotate => {
+                let stored = self
+                    .reserved(KEYRING_KEY)
+                    .map_err(Refused::Other)?
+                    .ok_or_else(|| Refused::Other(anyhow::anyhow!("the keyring is missing")))?;
+                let state = self.lock();
+                let State::Unsealed { master, .. } = &*state else {
+                    return Err(Refused::Other(anyhow::anyhow!(
+                        "this node is sealed: send rotate to an unsealed node"
+                    )));
+                };
+                let mut keyring = Keyring::open(master, &stored.value).map_err(Refused::Other)?;
+                keyring.rotate().map_err(Refused::Other)?;
+                keyring.seal(master).map_err(Refused::Other)?
+            }
+        };
+        let txn = Txn {
+            compare: vec![Compare::ModRevision(action.key().to_vec(), revision)],
+            success: vec![Op::Put {
+                key: action.key().to_vec(),
+                value,
             }],
             failure: Vec::new(),
         };
@@ -548,18 +857,29 @@ impl Seal {
                 txn,
             })
             .await
-            .map_err(|e| Refused::Other(anyhow::anyhow!("the setting was not committed: {e}")))?;
+            .map_err(|e| Refused::Other(anyhow::anyhow!("the action was not committed: {e}")))?;
         if !written.result.succeeded {
             return Err(Refused::Other(anyhow::anyhow!(
-                "the setting changed since the request was signed: run the command again"
+                "the seal state changed since the request was signed: run the command again"
             )));
         }
-        Ok(())
+        // Take it in here before answering (a follower may not have applied it yet).
+        self.node
+            .linearize()
+            .await
+            .map_err(|e| Refused::Other(anyhow::anyhow!("committed, but {e}")))?;
+        self.refresh();
+        Ok(self.keyring().map(|k| k.active()).unwrap_or(0))
     }
 
     /// Answers a restarted member's request: the master key, HPKE-encrypted to the one-time key
     /// it sent, if this node is unsealed and the cluster allows peer unseal.
-    fn hand_out_master_key(&self, requester: u64, key: &[u8]) -> Result<Vec<u8>, String> {
+    fn hand_out_master_key(
+        &self,
+        requester: u64,
+        key: &[u8],
+        requester_seal_revision: u64,
+    ) -> Result<Vec<u8>, String> {
         let config = self
             .config()
             .map_err(|e| format!("{e:#}"))?
@@ -573,6 +893,9 @@ impl Seal {
         }
         let recipient = PublicKey::from_bytes(key).map_err(|e| format!("{e:#}"))?;
         match &*self.lock() {
+            State::Unsealed { seal_revision, .. } if *seal_revision < requester_seal_revision => {
+                Err("this node has not applied the latest seal action yet".into())
+            }
             State::Unsealed { master, .. } => {
                 tracing::info!(
                     node = requester,
@@ -607,6 +930,7 @@ impl Seal {
         let request = postcard::to_allocvec(&AppMessage::MasterKeyFor {
             requester: self.node.id(),
             key: once.public().to_bytes().to_vec(),
+            seal_revision: self.revision_of(SEALED_KEY)?,
         })?;
         let mut errors = Vec::new();
         for (id, member) in self.node.peers() {
@@ -618,8 +942,8 @@ impl Seal {
                 Ok(sealed) => {
                     let secret = once.open(&peer_unseal_info(&config.cluster_id), &sealed)?;
                     let master = MasterKey::from_bytes(&secret)?;
-                    let keyring = Keyring::open(&master, &config.keyring)?;
-                    *self.lock() = State::Unsealed { keyring, master };
+                    let unsealed = self.open_with(master)?;
+                    *self.lock() = unsealed;
                     tracing::info!(by = id, "unsealed by a peer");
                     return Ok(());
                 }
@@ -629,14 +953,104 @@ impl Seal {
         bail!("no member handed out the master key: {}", errors.join("; "))
     }
 
-    /// Runs `f` with the keyring, or refuses because the node is sealed.
-    pub fn with_keyring<T>(&self, f: impl FnOnce(&Keyring) -> T) -> Result<T, String> {
+    /// The `mod_revision` of a reserved key as this node has applied it (0 when absent).
+    fn revision_of(&self, key: &[u8]) -> Result<u64> {
+        Ok(self.reserved(key)?.map_or(0, |e| e.mod_revision))
+    }
+
+    /// The unsealed state for `master`: opens the stored keyring and notes the seal revision.
+    fn open_with(&self, master: MasterKey) -> Result<State> {
+        let stored = self
+            .reserved(KEYRING_KEY)?
+            .context("the keyring is missing from the replicated state")?;
+        Ok(State::Unsealed {
+            keyring: Arc::new(Keyring::open(&master, &stored.value)?),
+            keyring_revision: stored.mod_revision,
+            seal_revision: self.revision_of(SEALED_KEY)?,
+            master,
+        })
+    }
+
+    /// The keyring, for the data path; or why the data path is closed.
+    pub fn keyring(&self) -> Result<Arc<Keyring>, Closed> {
         match &*self.lock() {
-            State::Unsealed { keyring, .. } => Ok(f(keyring)),
-            State::Sealed { shares, .. } => Err(format!(
-                "sealed: {} decryption share(s) received; operators run `coffer operator unseal`",
-                shares.len()
-            )),
+            State::Unsealed { keyring, .. } => Ok(keyring.clone()),
+            State::Sealed { shares, .. } => {
+                if matches!(self.reserved(CONFIG_KEY), Ok(None)) {
+                    Err(Closed::Uninitialized)
+                } else {
+                    Err(Closed::Sealed(shares.len()))
+                }
+            }
+        }
+    }
+
+    /// The active data key number and the stored seal, keyring and configuration revisions
+    /// (for status).
+    pub fn revisions(&self) -> Result<(u32, u64, u64, u64)> {
+        let active = self.keyring().map(|k| k.active()).unwrap_or(0);
+        Ok((
+            active,
+            self.revision_of(SEALED_KEY)?,
+            self.revision_of(KEYRING_KEY)?,
+            self.revision_of(CONFIG_KEY)?,
+        ))
+    }
+
+    /// Takes in the seal actions this node has applied: a newer seal action seals it; a newer
+    /// keyring (a rotation) is opened with the master key. Cheap when nothing changed.
+    pub fn refresh(&self) {
+        let (Ok(sealed_at), Ok(stored)) =
+            (self.revision_of(SEALED_KEY), self.reserved(KEYRING_KEY))
+        else {
+            return;
+        };
+        let mut state = self.lock();
+        let State::Unsealed {
+            keyring,
+            keyring_revision,
+            seal_revision,
+            master,
+        } = &mut *state
+        else {
+            return;
+        };
+        if sealed_at > *seal_revision {
+            *state = State::Sealed {
+                shares: BTreeMap::new(),
+                started: None,
+            };
+            tracing::warn!("sealed by an operator's seal action; the keys are dropped");
+            return;
+        }
+        if let Some(stored) = stored
+            && stored.mod_revision > *keyring_revision
+        {
+            match Keyring::open(master, &stored.value) {
+                Ok(k) => {
+                    tracing::info!(data_key = k.active(), "the keyring was rotated");
+                    *keyring = Arc::new(k);
+                    *keyring_revision = stored.mod_revision;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot open the rotated keyring"),
+            }
+        }
+    }
+
+    /// Follows the state this node applies and calls [`Seal::refresh`] whenever a reserved key
+    /// may have changed. Runs until the node stops.
+    pub async fn watch(self: Arc<Self>) {
+        let mut seen = u64::MAX;
+        let mut changes = self.node.changes();
+        loop {
+            let now = self.node.store().reserved_changes();
+            if now != seen {
+                seen = now;
+                self.refresh();
+            }
+            if !changes.next().await {
+                return;
+            }
         }
     }
 
@@ -658,6 +1072,56 @@ impl Seal {
             Err(e) => format!("unknown ({e:#})"),
         }
     }
+}
+
+/// Checks a set of operators and a threshold; returns their public keys.
+fn operator_keys(operators: &[Operator], threshold: u32) -> Result<Vec<PublicKey>> {
+    threshold::check_threshold(operators.len(), threshold as usize)?;
+    let mut keys = Vec::new();
+    for (i, op) in operators.iter().enumerate() {
+        let key = PublicKey::from_bytes(&op.public_key)
+            .with_context(|| format!("operator key #{} ({})", i + 1, op.name))?;
+        if keys.contains(&key) {
+            bail!(
+                "operator key {} ({}) is given twice: every operator needs their own key",
+                key.fingerprint(),
+                op.name
+            );
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Deals a new threshold key set for `master` among `operators` (keys `keys`) under a new
+/// key-set id: the configuration to store and each operator's share, encrypted to them.
+fn deal(
+    master: &MasterKey,
+    operators: Vec<Operator>,
+    keys: &[PublicKey],
+    threshold: u32,
+    admin_key: Vec<u8>,
+) -> Result<(SealConfig, Vec<Vec<u8>>)> {
+    let dealt = threshold::deal(operators.len(), threshold as usize, master.expose())?;
+    let cluster_id = uuid::Uuid::new_v4().to_string();
+    let mut info = SHARE_INFO.to_vec();
+    info.extend_from_slice(cluster_id.as_bytes());
+    let encrypted_shares = keys
+        .iter()
+        .zip(&dealt.shares)
+        .map(|(key, share)| key.seal(&info, share))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        SealConfig {
+            cluster_id,
+            threshold,
+            operators,
+            public_set: dealt.public_set.clone(),
+            master_ciphertext: dealt.ciphertext.clone(),
+            admin_key,
+        },
+        encrypted_shares,
+    ))
 }
 
 fn name(config: &SealConfig, index: u32) -> String {

@@ -187,6 +187,8 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     tasks.push(tokio::spawn(
         seal.clone().peer_unseal_loop(Duration::from_secs(1)),
     ));
+    // Operators' seal and rotate actions reach this node through what it applies.
+    tasks.push(tokio::spawn(seal.clone().watch()));
     let api = Api::new(
         node.clone(),
         metrics.clone(),

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use log_store::LogStore;
 pub use network::{MAX_PEER_MESSAGE, Network, PeerPool};
-pub use node::{AppHandler, MembershipChange, NodeStatus, RaftNode, Written};
+pub use node::{AppHandler, Changes, MembershipChange, NodeStatus, RaftNode, Written};
 pub use service::PeerService;
 pub use state_machine::StateMachine;
 pub use types::{LogId, Member, NodeId, NodeInfo, TypeConfig};

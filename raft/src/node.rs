@@ -110,6 +110,27 @@ pub type AppHandler = Arc<
         + Sync,
 >;
 
+/// Notices of changes to a node's Raft state; see [`RaftNode::changes`].
+pub struct Changes {
+    rx: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::RaftMetrics<TypeConfig>,
+    >,
+}
+
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Changes")
+    }
+}
+
+impl Changes {
+    /// Waits for the next change; `false` once the node has stopped.
+    pub async fn next(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
 /// One cluster member.
 pub struct RaftNode {
     app_handler: std::sync::OnceLock<AppHandler>,
@@ -362,6 +383,14 @@ impl RaftNode {
             member.incarnation = info.incarnation;
         }
         self.initialize(members).await
+    }
+
+    /// A stream of "something changed" notices for this node's Raft state (applied entries,
+    /// leader, membership): for tasks that follow what the node applies.
+    pub fn changes(&self) -> Changes {
+        Changes {
+            rx: self.raft.metrics(),
+        }
     }
 
     /// Waits until the node's Raft state changes, at most `timeout`.

@@ -2,7 +2,7 @@
 
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,9 @@ struct Shared {
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
     dedup_capacity: u64,
+    /// Bumped after every commit that may have changed a reserved key (one starting with a
+    /// NUL byte): Coffer's own settings. Lets the node notice them without a read per entry.
+    reserved_changes: AtomicU64,
 }
 
 struct FlushRequest {
@@ -236,6 +239,7 @@ impl Store {
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             dedup_capacity: config.dedup_capacity.max(1),
+            reserved_changes: AtomicU64::new(0),
         });
         let (flush_tx, flush_rx) = mpsc::channel();
         let weak = Arc::downgrade(&shared);
@@ -393,6 +397,7 @@ impl Store {
         });
         let wtx = self.write(Durability::None)?;
         let mut results = Vec::with_capacity(inputs.len());
+        let mut touches_reserved = false;
         {
             let mut kv = wtx.open_table(KV).map_err(redb_err)?;
             let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
@@ -419,6 +424,7 @@ impl Store {
                     results.push(Some(result));
                     continue;
                 }
+                touches_reserved |= cmd.txn.may_touch_reserved();
                 let result = apply_txn(&mut kv, &mut revision, &cmd.txn)?;
                 if let Some(id) = &cmd.request_id {
                     // Remember the result without the previous values themselves: a retry
@@ -449,7 +455,16 @@ impl Store {
             }
         }
         self.commit(wtx)?;
+        if touches_reserved {
+            self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(results)
+    }
+
+    /// A counter that changes after every applied batch or installed snapshot that may have
+    /// changed a reserved key (one starting with a NUL byte). Cheap: one atomic load.
+    pub fn reserved_changes(&self) -> u64 {
+        self.shared.reserved_changes.load(Ordering::Acquire)
     }
 
     /// A consistent read view of the state machine.
@@ -544,7 +559,9 @@ impl Store {
             snap.insert("meta", meta).map_err(redb_err)?;
             snap.insert("data", image).map_err(redb_err)?;
         }
-        self.commit(wtx)
+        self.commit(wtx)?;
+        self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -945,6 +962,37 @@ mod tests {
             .pop()
             .flatten()
             .expect("a result for a command")
+    }
+
+    #[test]
+    fn only_changes_to_reserved_keys_bump_the_reserved_counter() {
+        let s = mem();
+        let apply = |txn: Txn| {
+            must_apply(
+                &s,
+                &Command {
+                    request_id: None,
+                    txn,
+                },
+            )
+        };
+        apply(Txn::ops(vec![put("app/a", "1")]));
+        assert_eq!(s.reserved_changes(), 0, "a user key is not reserved");
+        apply(Txn::ops(vec![put("\0coffer/x", "1")]));
+        assert_eq!(s.reserved_changes(), 1);
+        // A failed compare still counts: the failure branch may touch reserved keys too.
+        apply(Txn {
+            compare: vec![Compare::Exists(b"nope".to_vec())],
+            success: vec![],
+            failure: vec![Op::Delete {
+                key: b"\0coffer/x".to_vec(),
+            }],
+        });
+        assert_eq!(s.reserved_changes(), 2);
+        apply(Txn::ops(vec![Op::DeletePrefix {
+            prefix: b"app/".to_vec(),
+        }]));
+        assert_eq!(s.reserved_changes(), 2);
     }
 
     #[test]

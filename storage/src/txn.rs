@@ -117,6 +117,15 @@ impl Txn {
             failure: Vec::new(),
         }
     }
+
+    /// Whether applying this may change a reserved key (one starting with a NUL byte, which
+    /// only Coffer itself writes). An empty delete prefix covers every key.
+    pub fn may_touch_reserved(&self) -> bool {
+        self.success.iter().chain(&self.failure).any(|op| match op {
+            Op::Put { key, .. } | Op::Delete { key } => key.first() == Some(&0),
+            Op::DeletePrefix { prefix } => prefix.first().is_none_or(|b| *b == 0),
+        })
+    }
 }
 
 /// What one operation did.
