@@ -677,7 +677,31 @@ pub const EXIT_FATAL: u8 = 3;
 async fn server_command(args: ServerArgs) -> Result<u8> {
     let cfg = args.resolve()?;
     let tls = crate::tls::TlsMaterial::load(&cfg.tls)?;
+    let transient = cfg.transient_keys.clone().map(|keys| {
+        // The member that bootstraps (the lowest initial id, or a lone node) runs the ceremony.
+        let bootstraps = cfg
+            .initial_members
+            .keys()
+            .next()
+            .is_none_or(|first| *first == cfg.node_id);
+        (
+            keys,
+            bootstraps,
+            cfg.member.api_addr.clone(),
+            cfg.tls.ca.clone(),
+        )
+    });
     let node = crate::server::start(cfg, tls).await?;
+    if let Some((keys, true, api, ca)) = transient {
+        node.wait_leader(std::time::Duration::from_secs(60))
+            .await
+            .context("the transient cluster elected no leader within 60 s")?;
+        crate::dev::initialize(&keys, &[api], &ca).await?;
+        println!(
+            "transient: initialized and unsealed, in memory, TLS on every connection; operator key {0}/operator.key (share {0}/operator.share, 1 of 1), administrator key {0}/admin.key. The data is gone when the server stops.",
+            keys.display()
+        );
+    }
     let mut fatal = node.fatal.clone();
     let code = tokio::select! {
         r = tokio::signal::ctrl_c() => { r?; 0 }

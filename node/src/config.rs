@@ -28,9 +28,19 @@ pub struct ServerArgs {
     /// Directory for this node's database (created if missing).
     #[arg(long, env = "COFFER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Keep everything in memory (transient install): nothing survives a restart.
+    /// Keep everything in memory: nothing survives a restart.
     #[arg(long, env = "COFFER_IN_MEMORY")]
     pub in_memory: bool,
+    /// A transient install: in memory, and the node that bootstraps the cluster initializes
+    /// and unseals it itself with freshly generated operator and administrator keys written to
+    /// --keys-dir (private keys 0600), with peer unseal on so other transient members unseal
+    /// from it. TLS and everything else stay on; the data is gone when the processes stop.
+    #[arg(long, env = "COFFER_TRANSIENT")]
+    pub transient: bool,
+    /// Where a transient install writes its keys (default ./coffer-transient-keys); keys of an
+    /// earlier transient cluster there are replaced.
+    #[arg(long, env = "COFFER_KEYS_DIR")]
+    pub keys_dir: Option<PathBuf>,
     /// Client API listen address.
     #[arg(long, env = "COFFER_API_ADDR")]
     pub api_addr: Option<SocketAddr>,
@@ -104,6 +114,8 @@ struct FileConfig {
     cluster_name: Option<String>,
     data_dir: Option<PathBuf>,
     in_memory: Option<bool>,
+    transient: Option<bool>,
+    keys_dir: Option<PathBuf>,
     api_addr: Option<SocketAddr>,
     advertise_api_addr: Option<String>,
     peer_addr: Option<SocketAddr>,
@@ -161,6 +173,8 @@ pub struct NodeConfig {
     pub unseal_progress_ttl: Duration,
     /// Raft tuning.
     pub raft: Settings,
+    /// A transient install's keys directory (see `--transient`).
+    pub transient_keys: Option<PathBuf>,
 }
 
 /// Parses `ID=PEER_ADDR/API_ADDR`.
@@ -200,9 +214,17 @@ impl ServerArgs {
         if node_id == 0 {
             bail!("--node-id must be a positive integer");
         }
-        let in_memory = self.in_memory || file.in_memory.unwrap_or(false);
+        let transient = self.transient || file.transient.unwrap_or(false);
+        let transient_keys = match (transient, self.keys_dir.or(file.keys_dir)) {
+            (true, dir) => Some(dir.unwrap_or_else(|| PathBuf::from("coffer-transient-keys"))),
+            (false, Some(_)) => bail!("--keys-dir is only for --transient"),
+            (false, None) => None,
+        };
+        let in_memory = transient || self.in_memory || file.in_memory.unwrap_or(false);
         let data = match (self.data_dir.or(file.data_dir), in_memory) {
-            (Some(_), true) => bail!("give either --data-dir or --in-memory, not both"),
+            (Some(_), true) => bail!(
+                "give either --data-dir or --in-memory / --transient (which keep everything in memory), not both"
+            ),
             (Some(dir), false) => DataLocation::Dir(dir),
             (None, true) => DataLocation::Memory,
             (None, false) => bail!("--data-dir is required (or --in-memory for a transient node)"),
@@ -243,6 +265,10 @@ impl ServerArgs {
             if initial_members.insert(id, member).is_some() {
                 bail!("initial member id {id} is given twice");
             }
+        }
+        if transient && initial_members.is_empty() {
+            // A lone transient node is a one-node cluster of its own.
+            initial_members.insert(node_id, member.clone());
         }
         if !initial_members.is_empty() {
             match initial_members.get(&node_id) {
@@ -322,6 +348,7 @@ impl ServerArgs {
             bail!("--unseal-progress-ttl-s must be between 1 and 86400 (a day)");
         }
         Ok(NodeConfig {
+            transient_keys,
             unseal_progress_ttl,
             node_id,
             cluster_name: self

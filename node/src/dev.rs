@@ -72,6 +72,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
                 max_entry_bytes: 2 << 20,
                 ..Settings::default()
             },
+            transient_keys: None,
         };
         let tls = TlsMaterial::load(&files)?;
         nodes.push(server::start(cfg, tls).await?);
@@ -89,7 +90,8 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let addrs: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
-    let keys = initialize(dir, &addrs, &tls_dir.join("ca.pem")).await?;
+    let keys = dir.join("keys");
+    initialize(&keys, &addrs, &tls_dir.join("ca.pem")).await?;
     let env = format!(
         "export COFFER_ADDR={}\nexport COFFER_CACERT={}\nexport COFFER_OPERATOR_KEY={}\n",
         addrs.join(","),
@@ -103,15 +105,15 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
     })
 }
 
-/// Initializes the new cluster with a freshly generated operator key (threshold 1 of 1) and
-/// administrator key in `DIR/keys/` (private keys 0600), and unseals every node with the
-/// operator's share: the same ceremony as a real cluster, done by the tool. Returns the keys
-/// directory. Keys of an earlier transient cluster in that directory are replaced: they opened
-/// nothing that still exists.
-async fn initialize(dir: &Path, addrs: &[String], ca: &Path) -> Result<PathBuf> {
-    let keys = dir.join("keys");
+/// Initializes a new transient cluster with a freshly generated operator key (one operator,
+/// threshold one) and administrator key in `keys` (private keys 0600), unseals it with the
+/// operator's share
+/// (the same ceremony as a real cluster, done by the tool), turns peer unseal on, and waits
+/// until every node in `addrs` is unsealed. Keys of an earlier transient cluster in that
+/// directory are replaced: they opened nothing that still exists.
+pub async fn initialize(keys: &Path, addrs: &[String], ca: &Path) -> Result<()> {
     if keys.exists() {
-        std::fs::remove_dir_all(&keys)
+        std::fs::remove_dir_all(keys)
             .with_context(|| format!("cannot clear the old {}", keys.display()))?;
     }
     let operator = KeyPair::generate()?;
@@ -123,7 +125,7 @@ async fn initialize(dir: &Path, addrs: &[String], ca: &Path) -> Result<PathBuf> 
         &[keys.join("operator.pub")],
         1,
         &keys.join("admin.pub"),
-        &keys,
+        keys,
     )
     .await
     .context("initializing the transient cluster")?;
@@ -134,6 +136,13 @@ async fn initialize(dir: &Path, addrs: &[String], ca: &Path) -> Result<PathBuf> 
     )
     .await
     .context("unsealing the transient cluster")?;
+    crate::operator::act(
+        &target,
+        &keys.join("operator.key"),
+        crate::seal::Action::PeerUnseal(true),
+    )
+    .await
+    .context("turning peer unseal on")?;
     // The share reaches the other nodes through the node that took it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     for addr in addrs {
@@ -153,7 +162,7 @@ async fn initialize(dir: &Path, addrs: &[String], ca: &Path) -> Result<PathBuf> 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(keys)
+    Ok(())
 }
 
 /// Runs the transient cluster until Ctrl-C.

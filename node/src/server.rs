@@ -46,6 +46,22 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// Waits until this node knows a leader, at most `timeout`.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.node.changes();
+        loop {
+            if let Some(l) = self.node.leader_id() {
+                return Ok(l);
+            }
+            match tokio::time::timeout_at(deadline, changes.next()).await {
+                Ok(true) => {}
+                Ok(false) => anyhow::bail!("the node stopped"),
+                Err(_) => anyhow::bail!("no leader within {timeout:?}"),
+            }
+        }
+    }
+
     /// Stops the listeners and Raft.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -16,7 +16,10 @@ pub(crate) fn decode_io<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 
 /// Encodes a peer message. Our own types always encode; a failure is reported, not panicked on.
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, tonic::Status> {
-    postcard::to_stdvec(v).map_err(|e| tonic::Status::internal(format!("encode: {e}")))
+    let bytes =
+        postcard::to_stdvec(v).map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
+    crate::tap::outgoing(&bytes);
+    Ok(bytes)
 }
 
 /// Decodes a peer message; malformed input is INVALID_ARGUMENT.

@@ -14,6 +14,7 @@ mod network;
 mod node;
 mod service;
 mod state_machine;
+mod tap;
 mod types;
 
 /// Generated peer protocol.

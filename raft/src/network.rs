@@ -283,7 +283,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             target_id: self.target,
             target_incarnation: self.target_incarnation,
         });
+        crate::tap::outgoing(&chunks[0].data);
         for piece in pieces {
+            crate::tap::outgoing(piece);
             chunks.push(SnapshotChunk {
                 data: piece.to_vec(),
                 ..SnapshotChunk::default()

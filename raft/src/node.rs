@@ -257,6 +257,7 @@ impl RaftNode {
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
         let mut client = self.pool.client(peer_addr).map_err(Error::Unavailable)?;
+        crate::tap::outgoing(&data);
         let call = client.app(Payload {
             data,
             ..Payload::default()

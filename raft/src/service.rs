@@ -159,7 +159,10 @@ impl Peer for PeerService {
         };
         match handler(req.into_inner().data).await {
             Ok(data) => Ok(Response::new(Payload {
-                data,
+                data: {
+                    crate::tap::outgoing(&data);
+                    data
+                },
                 ..Payload::default()
             })),
             Err(why) => Err(Status::failed_precondition(why)),

@@ -1,0 +1,147 @@
+//! `coffer server --transient`: one process, in memory, TLS on. It initializes and unseals
+//! itself with keys it writes (private keys 0600) and serves data at once; after a restart its
+//! data and key set are gone and it starts over with new keys.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use coffer_api::v1 as pb;
+use coffer_api::v1::kv_client::KvClient;
+use coffer_api::v1::seal_client::SealClient;
+use coffer_cluster_tests::{coffer_bin, wait_until};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path, api: &str, peer: &str) -> Server {
+    let tls = dir.join("tls");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .expect("log");
+    Server(
+        Command::new(coffer_bin())
+            .args(["server", "--transient", "--node-id", "1"])
+            .args(["--api-addr", api, "--peer-addr", peer])
+            .arg("--tls-cert")
+            .arg(tls.join("node-1.pem"))
+            .arg("--tls-key")
+            .arg(tls.join("node-1-key.pem"))
+            .arg("--tls-ca")
+            .arg(tls.join("ca.pem"))
+            .arg("--keys-dir")
+            .arg(dir.join("keys"))
+            .stdout(Stdio::from(log.try_clone().expect("clone")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start coffer server --transient"),
+    )
+}
+
+fn channel(dir: &Path, api: &str) -> Channel {
+    let ca = std::fs::read(dir.join("tls/ca.pem")).expect("ca");
+    Endpoint::from_shared(format!("https://{api}"))
+        .expect("endpoint")
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        .expect("tls")
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+/// Waits until the node is unsealed and returns its key-set id.
+async fn unsealed_cluster_id(dir: &Path, api: &str) -> String {
+    wait_until(
+        Duration::from_secs(30),
+        "the transient server to unseal itself",
+        || async {
+            let s = SealClient::new(channel(dir, api))
+                .seal_status(pb::SealStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.initialized && !s.sealed).then_some(s.cluster_id)
+        },
+    )
+    .await
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_server_initializes_itself_and_forgets_on_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let out = Command::new(coffer_bin())
+        .args(["certs", "--dir"])
+        .arg(d.join("tls"))
+        .args(["--node", "1=127.0.0.1"])
+        .output()
+        .expect("coffer certs");
+    assert!(out.status.success(), "{out:?}");
+    let api = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
+
+    let server = start(d, &api, &peer);
+    let first = unsealed_cluster_id(d, &api).await;
+    for name in ["operator.key", "admin.key", "operator.share"] {
+        let mode = std::fs::metadata(d.join("keys").join(name))
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{name} is readable by others: {mode:o}");
+    }
+    let mut kv = KvClient::new(channel(d, &api));
+    kv.put(pb::PutRequest {
+        key: b"app/db".to_vec(),
+        value: b"s3cret".to_vec(),
+        request_id: Vec::new(),
+    })
+    .await
+    .expect("put");
+    let got = kv
+        .get(pb::GetRequest {
+            key: b"app/db".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.kv.expect("kv").value, b"s3cret");
+    let old_key = std::fs::read(d.join("keys/operator.key")).expect("key");
+
+    drop(server);
+    let _server = start(d, &api, &peer);
+    let second = unsealed_cluster_id(d, &api).await;
+    assert_ne!(
+        first, second,
+        "a restarted transient server is a new cluster"
+    );
+    assert_ne!(
+        std::fs::read(d.join("keys/operator.key")).expect("key"),
+        old_key,
+        "new keys replace the old ones"
+    );
+    let gone = KvClient::new(channel(d, &api))
+        .get(pb::GetRequest {
+            key: b"app/db".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .expect_err("the data is gone");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+}
