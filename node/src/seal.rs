@@ -534,10 +534,6 @@ impl Seal {
                 ours: config.cluster_id,
             });
         }
-        let (op, key) = config
-            .operator(s.operator_index)
-            .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
-        let who = format!("{} ({})", op.name, key.fingerprint());
         let seal_revision = self.revision_of(SEALED_KEY).map_err(Refused::Other)?;
         if s.seal_revision != seal_revision {
             return Err(Refused::Other(anyhow::anyhow!(
@@ -552,18 +548,7 @@ impl Seal {
             s.operator_index,
             &s.share,
         );
-        key.verify(&message, &s.signature)
-            .map_err(|_| Refused::BadSignature(who.clone()))?;
-        let valid = threshold::verify_share(
-            &config.public_set,
-            s.operator_index as usize,
-            &s.share,
-            &config.master_ciphertext,
-        )
-        .map_err(Refused::Other)?;
-        if !valid {
-            return Err(Refused::BadShare(who));
-        }
+        let who = check_share(&config, s.operator_index, &message, &s.signature, &s.share)?;
         let progress = {
             let mut state = self.lock();
             // Expire stale progress before adding to it.
@@ -572,6 +557,8 @@ impl Seal {
                 if shares.contains_key(&s.operator_index) {
                     return Err(Refused::Duplicate(who));
                 }
+                // Shares signed before a later seal action no longer count.
+                shares.retain(|_, x| x.seal_revision == s.seal_revision);
                 shares.insert(s.operator_index, s.clone());
                 started.get_or_insert_with(Instant::now);
                 if shares.len() >= config.threshold as usize {
@@ -587,12 +574,17 @@ impl Seal {
                     )
                     .and_then(|secret| MasterKey::from_bytes(&secret))
                     .map_err(Refused::Other)?;
-                    *state = self.open_with(master).map_err(Refused::Other)?;
+                    *state = self
+                        .open_with(master, s.seal_revision)
+                        .map_err(Refused::Other)?;
                     tracing::info!("unsealed");
                 }
             }
             self.progress_of(&config, &mut state)
         };
+        // A seal action applied while the shares were being checked and combined takes
+        // effect now (the watcher may have seen it while this node was still sealed).
+        self.refresh();
         if relay {
             let me = self.clone();
             tokio::spawn(async move { me.relay(s).await });
@@ -625,10 +617,6 @@ impl Seal {
         let new_keys = operator_keys(&s.proposal.operators, s.proposal.threshold)
             .map_err(|e| Refused::Other(e.context("the new operators")))?;
         let digest = s.proposal.digest().map_err(Refused::Other)?;
-        let (op, key) = config
-            .operator(s.operator_index)
-            .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
-        let who = format!("{} ({})", op.name, key.fingerprint());
         let message = rekey_message(
             &config.cluster_id,
             config_revision,
@@ -636,18 +624,7 @@ impl Seal {
             s.operator_index,
             &s.share,
         );
-        key.verify(&message, &s.signature)
-            .map_err(|_| Refused::BadSignature(who.clone()))?;
-        let valid = threshold::verify_share(
-            &config.public_set,
-            s.operator_index as usize,
-            &s.share,
-            &config.master_ciphertext,
-        )
-        .map_err(Refused::Other)?;
-        if !valid {
-            return Err(Refused::BadShare(who));
-        }
+        let who = check_share(&config, s.operator_index, &message, &s.signature, &s.share)?;
         // One rekey at a time per node; the lock is held across the commit.
         let mut slot = self.rekey.lock().await;
         if slot.as_ref().is_some_and(|p| {
@@ -807,15 +784,12 @@ impl Seal {
             .config()
             .map_err(Refused::Other)?
             .ok_or(Refused::NotInitialized)?;
-        let (op, key) = config
-            .operator(operator_index)
-            .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
-        let who = format!("{} ({})", op.name, key.fingerprint());
-        key.verify(
+        let who = check_signature(
+            &config,
+            operator_index,
             &action_message(&config.cluster_id, action, revision),
             signature,
-        )
-        .map_err(|_| Refused::BadSignature(who.clone()))?;
+        )?;
         let value = match action {
             Action::PeerUnseal(on) => {
                 if on {
@@ -927,10 +901,11 @@ impl Seal {
         let config = self.config()?.context("not initialized")?;
         // A one-time key: the master key travels encrypted to it, inside the peer TLS channel.
         let once = crate::keys::KeyPair::generate()?;
+        let seal_revision = self.revision_of(SEALED_KEY)?;
         let request = postcard::to_allocvec(&AppMessage::MasterKeyFor {
             requester: self.node.id(),
             key: once.public().to_bytes().to_vec(),
-            seal_revision: self.revision_of(SEALED_KEY)?,
+            seal_revision,
         })?;
         let mut errors = Vec::new();
         for (id, member) in self.node.peers() {
@@ -942,9 +917,10 @@ impl Seal {
                 Ok(sealed) => {
                     let secret = once.open(&peer_unseal_info(&config.cluster_id), &sealed)?;
                     let master = MasterKey::from_bytes(&secret)?;
-                    let unsealed = self.open_with(master)?;
+                    let unsealed = self.open_with(master, seal_revision)?;
                     *self.lock() = unsealed;
                     tracing::info!(by = id, "unsealed by a peer");
+                    self.refresh();
                     return Ok(());
                 }
                 Err(e) => errors.push(format!("node {id}: {e}")),
@@ -958,15 +934,18 @@ impl Seal {
         Ok(self.reserved(key)?.map_or(0, |e| e.mod_revision))
     }
 
-    /// The unsealed state for `master`: opens the stored keyring and notes the seal revision.
-    fn open_with(&self, master: MasterKey) -> Result<State> {
+    /// The unsealed state for `master`, as of the seal action revision `seal_revision` (the one
+    /// the shares were signed for, or the one peer unseal asked with): opens the stored keyring.
+    /// The caller then calls [`Seal::refresh`], which seals again if a later seal action has
+    /// been applied meanwhile.
+    fn open_with(&self, master: MasterKey, seal_revision: u64) -> Result<State> {
         let stored = self
             .reserved(KEYRING_KEY)?
             .context("the keyring is missing from the replicated state")?;
         Ok(State::Unsealed {
             keyring: Arc::new(Keyring::open(&master, &stored.value)?),
             keyring_revision: stored.mod_revision,
-            seal_revision: self.revision_of(SEALED_KEY)?,
+            seal_revision,
             master,
         })
     }
@@ -1006,6 +985,11 @@ impl Seal {
             return;
         };
         let mut state = self.lock();
+        if let State::Sealed { shares, .. } = &mut *state {
+            // Shares signed before a seal action this node has applied no longer count.
+            shares.retain(|_, x| x.seal_revision >= sealed_at);
+            return;
+        }
         let State::Unsealed {
             keyring,
             keyring_revision,
@@ -1072,6 +1056,46 @@ impl Seal {
             Err(e) => format!("unknown ({e:#})"),
         }
     }
+}
+
+/// Checks that `signature` over `message` is operator `index`'s. Returns the operator's name
+/// and key fingerprint, for messages.
+fn check_signature(
+    config: &SealConfig,
+    index: u32,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<String, Refused> {
+    let (op, key) = config
+        .operator(index)
+        .map_err(|e| Refused::UnknownOperator(format!("{e:#}")))?;
+    let who = format!("{} ({})", op.name, key.fingerprint());
+    key.verify(message, signature)
+        .map_err(|_| Refused::BadSignature(who.clone()))?;
+    Ok(who)
+}
+
+/// [`check_signature`], and that `share` is operator `index`'s valid decryption share of the
+/// master-key ciphertext (a bad one is named and does not count).
+fn check_share(
+    config: &SealConfig,
+    index: u32,
+    message: &[u8],
+    signature: &[u8],
+    share: &[u8],
+) -> Result<String, Refused> {
+    let who = check_signature(config, index, message, signature)?;
+    let valid = threshold::verify_share(
+        &config.public_set,
+        index as usize,
+        share,
+        &config.master_ciphertext,
+    )
+    .map_err(Refused::Other)?;
+    if !valid {
+        return Err(Refused::BadShare(who));
+    }
+    Ok(who)
 }
 
 /// Checks a set of operators and a threshold; returns their public keys.
