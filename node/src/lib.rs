@@ -16,6 +16,7 @@ pub mod dev;
 pub mod keys;
 pub mod metrics;
 pub mod operator;
+pub mod policy;
 pub mod seal;
 pub mod server;
 pub mod threshold;
