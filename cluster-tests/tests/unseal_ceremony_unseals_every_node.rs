@@ -136,7 +136,10 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
     let sealed = kv.put(put.clone()).await.expect_err("sealed");
     assert_eq!(sealed.code(), tonic::Code::FailedPrecondition);
     assert!(
-        sealed.message().contains("coffer operator unseal"),
+        sealed
+            .message()
+            .contains("sealed: 0 of 2 decryption shares received")
+            && sealed.message().contains("coffer operator unseal"),
         "{sealed:?}"
     );
     let sealed = cluster

@@ -327,9 +327,14 @@ pub enum Closed {
     Uninitialized,
     /// Sealed.
     #[error(
-        "this node is sealed ({0} decryption share(s) received): operators run `coffer operator unseal`"
+        "sealed: {received} of {threshold} decryption shares received; operators run `coffer operator unseal`"
     )]
-    Sealed(usize),
+    Sealed {
+        /// Valid shares this node holds.
+        received: usize,
+        /// Shares needed.
+        threshold: u32,
+    },
 }
 
 /// A node's seal: sealed (with the ceremony's progress) or unsealed (holding the keyring).
@@ -952,15 +957,21 @@ impl Seal {
 
     /// The keyring, for the data path; or why the data path is closed.
     pub fn keyring(&self) -> Result<Arc<Keyring>, Closed> {
-        match &*self.lock() {
-            State::Unsealed { keyring, .. } => Ok(keyring.clone()),
-            State::Sealed { shares, .. } => {
-                if matches!(self.reserved(CONFIG_KEY), Ok(None)) {
-                    Err(Closed::Uninitialized)
-                } else {
-                    Err(Closed::Sealed(shares.len()))
-                }
-            }
+        if let State::Unsealed { keyring, .. } = &*self.lock() {
+            return Ok(keyring.clone());
+        }
+        // Sealed: say how far the ceremony is (expired shares dropped first).
+        match self.progress() {
+            Ok(None) => Err(Closed::Uninitialized),
+            Ok(Some(p)) if !p.sealed => self.keyring(),
+            Ok(Some(p)) => Err(Closed::Sealed {
+                received: p.submitted.len(),
+                threshold: p.threshold,
+            }),
+            Err(_) => Err(Closed::Sealed {
+                received: 0,
+                threshold: 0,
+            }),
         }
     }
 
