@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::barrier::Keyring;
 use crate::metrics::Metrics;
+use crate::policy;
 use crate::seal::{
     Action, Operator, Refused, RekeyOutcome, RekeyProposal, RekeySubmission, Seal, Submission,
 };
@@ -794,6 +795,152 @@ impl coffer_api::v1::seal_server::Seal for Api {
                 threshold: p.threshold,
                 submitted: p.submitted,
             })
+        })
+        .await
+    }
+}
+
+fn parse_policy_name(name: &str) -> Result<(), Status> {
+    policy::check_name(name).map_err(Status::invalid_argument)
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::policies_server::Policies for Api {
+    async fn write(
+        &self,
+        req: Request<pb::PolicyWriteRequest>,
+    ) -> Result<Response<pb::PolicyWriteResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("PolicyWrite", async {
+            parse_policy_name(&r.name)?;
+            if r.name == policy::ADMIN {
+                return Err(Status::failed_precondition(
+                    "the admin policy is built in and cannot be changed; write another policy",
+                ));
+            }
+            if r.text.len() > self.max_value_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "the policy is {} bytes; the limit is {}",
+                    r.text.len(),
+                    self.max_value_bytes
+                )));
+            }
+            let parsed = policy::parse(&r.text)
+                .map_err(|e| Status::invalid_argument(format!("policy {}: {e}", r.name)))?;
+            let keyring = self.keyring()?;
+            let key = policy::store_key(&r.name);
+            let value = keyring
+                .encrypt(&key, r.text.as_bytes())
+                .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+            let w = self
+                .write(Txn::ops(vec![Op::Put { key, value }]), &[])
+                .await?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let warnings = policy::warnings(&parsed, |prefix| {
+                view.list(prefix.as_bytes(), None, 1)
+                    .map(|(keys, _)| !keys.is_empty())
+                    .unwrap_or(false)
+            });
+            Ok(pb::PolicyWriteResponse {
+                warnings,
+                revision: w.result.revision,
+            })
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        req: Request<pb::PolicyReadRequest>,
+    ) -> Result<Response<pb::PolicyReadResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("PolicyRead", async {
+            parse_policy_name(&r.name)?;
+            let keyring = self.keyring()?;
+            if r.name == policy::ADMIN {
+                return Ok(pb::PolicyReadResponse {
+                    name: r.name,
+                    text: policy::ADMIN_TEXT.into(),
+                    mod_revision: 0,
+                });
+            }
+            self.node.linearize().await.map_err(raft_status)?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let key = policy::store_key(&r.name);
+            let Some(entry) = view.get(&key).map_err(storage_status)? else {
+                return Err(Status::not_found(format!(
+                    "no policy {:?}; `coffer policy list` shows them",
+                    r.name
+                )));
+            };
+            let text = keyring.decrypt(&key, &entry.value).map_err(|e| {
+                Status::data_loss(format!("policy {:?} cannot be decrypted: {e:#}", r.name))
+            })?;
+            Ok(pb::PolicyReadResponse {
+                name: r.name,
+                text: String::from_utf8_lossy(&text).into_owned(),
+                mod_revision: entry.mod_revision,
+            })
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::PolicyListRequest>,
+    ) -> Result<Response<pb::PolicyListResponse>, Status> {
+        self.timed("PolicyList", async {
+            self.keyring()?;
+            self.node.linearize().await.map_err(raft_status)?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let mut names = vec![policy::ADMIN.to_string()];
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (page, more) = view
+                    .list(policy::STORE_PREFIX, after.as_deref(), 1000)
+                    .map_err(storage_status)?;
+                for e in &page {
+                    names.push(
+                        String::from_utf8_lossy(&e.key[policy::STORE_PREFIX.len()..]).into_owned(),
+                    );
+                }
+                match (more, page.last()) {
+                    (true, Some(last)) => after = Some(last.key.clone()),
+                    _ => break,
+                }
+            }
+            names.sort();
+            Ok(pb::PolicyListResponse { names })
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::PolicyDeleteRequest>,
+    ) -> Result<Response<pb::PolicyDeleteResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("PolicyDelete", async {
+            parse_policy_name(&r.name)?;
+            if r.name == policy::ADMIN {
+                return Err(Status::failed_precondition(
+                    "the admin policy is built in and cannot be deleted",
+                ));
+            }
+            self.keyring()?;
+            let w = self
+                .write(
+                    Txn::ops(vec![Op::Delete {
+                        key: policy::store_key(&r.name),
+                    }]),
+                    &[],
+                )
+                .await?;
+            let deleted = matches!(
+                w.result.results.first(),
+                Some(OpResult::Delete { prev: Some(_) })
+            );
+            Ok(pb::PolicyDeleteResponse { deleted })
         })
         .await
     }

@@ -100,6 +100,16 @@ pub enum Command {
         #[command(subcommand)]
         op: OperatorCommand,
     },
+    /// Path policies in Vault's HCL syntax (stored inside the barrier; not enforced until
+    /// client authentication lands).
+    Policy {
+        /// Which operation.
+        #[command(subcommand)]
+        op: PolicyCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Reads and writes keys.
     Kv {
         /// Which operation.
@@ -244,6 +254,31 @@ pub enum OperatorCommand {
     },
 }
 
+/// `coffer policy` operations.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Creates or replaces a policy from a file (`-` for standard input). A policy that does
+    /// not parse is refused with its line and column; nothing is stored.
+    Write {
+        /// The policy's name (lowercase letters, digits, `-`, `_`).
+        name: String,
+        /// The HCL file, or `-`.
+        file: PathBuf,
+    },
+    /// Prints a policy.
+    Read {
+        /// The policy's name.
+        name: String,
+    },
+    /// Lists the policies' names.
+    List,
+    /// Deletes a policy.
+    Delete {
+        /// The policy's name.
+        name: String,
+    },
+}
+
 /// `coffer kv` operations.
 #[derive(Debug, Subcommand)]
 pub enum KvCommand {
@@ -349,6 +384,86 @@ fn print_table(rows: &[Vec<String>]) {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
+}
+
+async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::policies_client::PoliciesClient;
+    let target = client.target()?;
+    let mut policies = PoliciesClient::new(target.connect().await?);
+    let json = client.format == Format::Json;
+    match op {
+        PolicyCommand::Write { name, file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let r = policies
+                .write(pb::PolicyWriteRequest {
+                    name: name.clone(),
+                    text,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "revision": r.revision, "warnings": r.warnings})
+                );
+            } else {
+                println!("policy {name} written");
+            }
+        }
+        PolicyCommand::Read { name } => {
+            let r = policies
+                .read(pb::PolicyReadRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": r.name, "text": r.text, "mod_revision": r.mod_revision})
+                );
+            } else {
+                print!("{}", r.text);
+                if !r.text.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+        PolicyCommand::List => {
+            let r = policies
+                .list(pb::PolicyListRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!(r.names));
+            } else {
+                for n in r.names {
+                    println!("{n}");
+                }
+            }
+        }
+        PolicyCommand::Delete { name } => {
+            let r = policies
+                .delete(pb::PolicyDeleteRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !r.deleted {
+                bail!("no policy {name:?}; nothing deleted");
+            }
+            println!("policy {name} deleted");
+        }
+    }
+    Ok(())
 }
 
 async fn kv_command(op: KvCommand, client: &ClientArgs) -> Result<()> {
@@ -777,6 +892,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         } => keygen_command(args).map(|()| 0),
         Command::Operator { op } => crate::operator::run(op).await.map(|()| 0),
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
+        Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
         Command::Bench { bench, client } => {

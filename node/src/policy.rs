@@ -243,6 +243,63 @@ impl Acl {
     }
 }
 
+/// Where policies live in the replicated state (inside the barrier): this prefix, then the name.
+pub const STORE_PREFIX: &[u8] = b"\0coffer/policy/";
+
+/// The built-in administrator policy, held by the administrator key given at init.
+pub const ADMIN: &str = "admin";
+
+/// The built-in administrator policy's text.
+pub const ADMIN_TEXT: &str = r#"# Built in: manages identities, policies, roles and settings. Cannot be changed.
+path "sys/*" {
+  capabilities = ["create", "read", "update", "patch", "delete", "list", "sudo"]
+}
+path "auth/*" {
+  capabilities = ["create", "read", "update", "patch", "delete", "list", "sudo"]
+}
+"#;
+
+/// Checks a policy name: 1 to 128 of lowercase letters, digits, `-` and `_`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "policy name {name:?}: use 1 to 128 lowercase letters, digits, `-` and `_`"
+        ))
+    }
+}
+
+/// The stored key of policy `name`.
+pub fn store_key(name: &str) -> Vec<u8> {
+    let mut k = STORE_PREFIX.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Likely mistakes in `policy`, given a way to ask whether any key exists under a prefix: an
+/// exact path that has keys under it grants nothing on them (Vault's classic surprise:
+/// `secret/data/app` does not cover `secret/data/app/db`).
+pub fn warnings(policy: &Policy, has_keys_under: impl Fn(&str) -> bool) -> Vec<String> {
+    policy
+        .rules
+        .iter()
+        .filter(|r| !r.pattern.as_str().contains(['*', '+']))
+        .filter(|r| has_keys_under(&format!("{}/", r.pattern.as_str().trim_end_matches('/'))))
+        .map(|r| {
+            let p = r.pattern.as_str().trim_end_matches('/');
+            format!(
+                "{p:?} is an exact path, but keys exist under {p}/: it does not cover them; write \"{p}/*\" to include them"
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Token {
     Ident(String),
@@ -535,6 +592,32 @@ mod tests {
 
     fn p(s: &str) -> Pattern {
         Pattern::new(s).expect("pattern")
+    }
+
+    #[test]
+    fn the_builtin_admin_policy_parses_and_names_are_checked() {
+        let admin = parse(ADMIN_TEXT).expect("built-in policy");
+        assert!(Acl::new([&admin]).allows("sys/policies/app", Capability::Sudo));
+        assert!(!Acl::new([&admin]).allows("secret/data/x", Capability::Read));
+        assert!(check_name("app-readers_2").is_ok());
+        for bad in ["", "App", "a b", "a/b", &"x".repeat(129)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_exact_path_with_keys_under_it_gets_a_warning() {
+        let policy = parse(
+            r#"
+path "app" { capabilities = ["read"] }
+path "app/*" { capabilities = ["read"] }
+path "other" { capabilities = ["read"] }
+"#,
+        )
+        .expect("parses");
+        let w = warnings(&policy, |prefix| prefix == "app/");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("write \"app/*\""), "{w:?}");
     }
 
     #[test]

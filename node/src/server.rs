@@ -231,7 +231,8 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(coffer_api::v1::cluster_server::ClusterServer::new(
             api.clone(),
         ))
-        .add_service(coffer_api::v1::seal_server::SealServer::new(api));
+        .add_service(coffer_api::v1::seal_server::SealServer::new(api.clone()))
+        .add_service(coffer_api::v1::policies_server::PoliciesServer::new(api));
     tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
 
     let peer_server = Server::builder()

@@ -1,0 +1,133 @@
+//! `coffer policy write|read|list|delete` on a three-node cluster: a policy written through one
+//! node is read back through another; one that does not parse is refused with its line and
+//! column and nothing is stored; an exact path with keys under it gets a warning; the built-in
+//! `admin` policy can be read but not changed; the policy text is stored only encrypted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use coffer_cluster_tests::{Cluster, ClusterOptions, coffer_bin};
+
+const POLICY: &str = r#"# readers of the app's secrets
+path "app" {
+  capabilities = ["read"]
+}
+path "app/*" { capabilities = ["read", "list"] }
+path "zz-policy-marker-6d1f/+/db" { capabilities = ["deny"] }
+"#;
+
+fn coffer(cluster: &Cluster, via: u64, args: &[&str]) -> Output {
+    Command::new(coffer_bin())
+        .args(args)
+        .args(["--addr", &cluster.nodes[&via].api.to_string()])
+        .arg("--ca-cert")
+        .arg(cluster.path().join("tls/ca.pem"))
+        .output()
+        .expect("run coffer")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_of_failure(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_stored_inside_the_barrier() {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    cluster.must_put(1, "app/db", "x").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("readers.hcl");
+    std::fs::write(&file, POLICY).expect("write policy file");
+    let file = file.display().to_string();
+
+    // Written through node 1, with a warning about the exact path `app`.
+    let out = coffer(&cluster, 1, &["policy", "write", "app-readers", &file]);
+    assert!(stdout(&out).contains("policy app-readers written"));
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains("\"app\" is an exact path") && warning.contains("\"app/*\""),
+        "{warning}"
+    );
+    // Read back through node 3; listed with the built-in policy.
+    assert_eq!(
+        stdout(&coffer(&cluster, 3, &["policy", "read", "app-readers"])),
+        POLICY
+    );
+    assert_eq!(
+        stdout(&coffer(&cluster, 2, &["policy", "list"])),
+        "admin\napp-readers\n"
+    );
+
+    // A policy that does not parse: refused with line and column, nothing stored.
+    let bad = dir.path().join("bad.hcl");
+    std::fs::write(
+        &bad,
+        "path \"a\" {\n  capabilities = [\"read\", \"fly\"]\n}\n",
+    )
+    .expect("write");
+    let err = stderr_of_failure(&coffer(
+        &cluster,
+        2,
+        &["policy", "write", "broken", &bad.display().to_string()],
+    ));
+    assert!(
+        err.contains("line 2, column 27") && err.contains("unknown capability \"fly\""),
+        "{err}"
+    );
+    assert_eq!(
+        stdout(&coffer(&cluster, 1, &["policy", "list"])),
+        "admin\napp-readers\n"
+    );
+    // Bad names and the built-in policy.
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["policy", "write", "App", &file]));
+    assert!(err.contains("lowercase letters"), "{err}");
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["policy", "write", "admin", &file]));
+    assert!(err.contains("built in"), "{err}");
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["policy", "delete", "admin"]));
+    assert!(err.contains("built in"), "{err}");
+    assert!(stdout(&coffer(&cluster, 1, &["policy", "read", "admin"])).contains("sys/*"));
+
+    // The text is stored only encrypted: its marker is in no file of the cluster.
+    cluster
+        .must_converge(std::time::Duration::from_secs(20))
+        .await;
+    let mut files = Vec::new();
+    files_under(cluster.path(), &mut files);
+    for f in &files {
+        let bytes = std::fs::read(f).expect("read");
+        assert!(
+            !bytes
+                .windows(b"zz-policy-marker-6d1f".len())
+                .any(|w| w == b"zz-policy-marker-6d1f"),
+            "policy text in the clear in {}",
+            f.display()
+        );
+    }
+
+    // Deleted through node 3: gone everywhere; deleting again says so.
+    assert!(
+        stdout(&coffer(&cluster, 3, &["policy", "delete", "app-readers"]))
+            .contains("policy app-readers deleted")
+    );
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["policy", "read", "app-readers"]));
+    assert!(err.contains("no policy"), "{err}");
+    let err = stderr_of_failure(&coffer(&cluster, 2, &["policy", "delete", "app-readers"]));
+    assert!(err.contains("nothing deleted"), "{err}");
+    assert_eq!(stdout(&coffer(&cluster, 2, &["policy", "list"])), "admin\n");
+}
