@@ -17,6 +17,8 @@ use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
 use tonic::{Request, Response, Status};
 
 use crate::barrier::Keyring;
+use crate::identity;
+use crate::keys::PublicKey;
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::seal::{
@@ -941,6 +943,292 @@ impl coffer_api::v1::policies_server::Policies for Api {
                 Some(OpResult::Delete { prev: Some(_) })
             );
             Ok(pb::PolicyDeleteResponse { deleted })
+        })
+        .await
+    }
+}
+
+impl Api {
+    /// The built-in `admin` identity, from the seal configuration.
+    fn admin_identity(&self) -> Result<pb::IdentityResponse, Status> {
+        let config = self
+            .seal
+            .config()
+            .map_err(|e| Status::internal(format!("{e:#}")))?
+            .ok_or_else(|| Status::failed_precondition("this cluster is not initialized"))?;
+        let key = PublicKey::from_bytes(&config.admin_key)
+            .map_err(|e| Status::internal(format!("the administrator key: {e:#}")))?;
+        Ok(pb::IdentityResponse {
+            name: identity::ADMIN.into(),
+            public_key: config.admin_key,
+            fingerprint: key.fingerprint(),
+            policies: vec![policy::ADMIN.into()],
+            mod_revision: 0,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// A stored identity (after a linearizable read) and its `mod_revision`.
+    async fn stored_identity(
+        &self,
+        keyring: &Keyring,
+        name: &str,
+    ) -> Result<Option<(identity::Identity, u64)>, Status> {
+        self.node.linearize().await.map_err(raft_status)?;
+        let view = self.node.store().read().map_err(storage_status)?;
+        let key = identity::store_key(name);
+        let Some(entry) = view.get(&key).map_err(storage_status)? else {
+            return Ok(None);
+        };
+        let plain = keyring.decrypt(&key, &entry.value).map_err(|e| {
+            Status::data_loss(format!("identity {name:?} cannot be decrypted: {e:#}"))
+        })?;
+        let record = postcard::from_bytes(&plain)
+            .map_err(|e| Status::data_loss(format!("identity {name:?} is corrupt: {e}")))?;
+        Ok(Some((record, entry.mod_revision)))
+    }
+
+    /// Warnings for policies an identity names that do not exist.
+    fn missing_policies(&self, policies: &[String]) -> Result<Vec<String>, Status> {
+        let view = self.node.store().read().map_err(storage_status)?;
+        let mut warnings = Vec::new();
+        for p in policies {
+            if p != policy::ADMIN
+                && view
+                    .get(&policy::store_key(p))
+                    .map_err(storage_status)?
+                    .is_none()
+            {
+                warnings.push(format!(
+                    "policy {p:?} does not exist (yet): it grants nothing until `coffer policy write {p} FILE`"
+                ));
+            }
+        }
+        Ok(warnings)
+    }
+
+    fn identity_response(
+        name: String,
+        record: identity::Identity,
+        mod_revision: u64,
+        warnings: Vec<String>,
+    ) -> Result<pb::IdentityResponse, Status> {
+        let key = PublicKey::from_bytes(&record.public_key)
+            .map_err(|e| Status::data_loss(format!("identity {name:?}: {e:#}")))?;
+        Ok(pb::IdentityResponse {
+            name,
+            fingerprint: key.fingerprint(),
+            public_key: record.public_key,
+            policies: record.policies,
+            mod_revision,
+            warnings,
+        })
+    }
+
+    fn sealed_record(
+        keyring: &Keyring,
+        key: &[u8],
+        record: &identity::Identity,
+    ) -> Result<Vec<u8>, Status> {
+        let plain =
+            postcard::to_allocvec(record).map_err(|e| Status::internal(format!("encode: {e}")))?;
+        keyring
+            .encrypt(key, &plain)
+            .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))
+    }
+}
+
+fn check_identity_name(name: &str, changing: bool) -> Result<(), Status> {
+    identity::check_name(name).map_err(Status::invalid_argument)?;
+    if changing && name == identity::ADMIN {
+        return Err(Status::failed_precondition(
+            "the admin identity is the administrator key given at init; it cannot be changed",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::identities_server::Identities for Api {
+    async fn create(
+        &self,
+        req: Request<pb::IdentityCreateRequest>,
+    ) -> Result<Response<pb::IdentityResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("IdentityCreate", async {
+            check_identity_name(&r.name, true)?;
+            let key = PublicKey::from_bytes(&r.public_key).map_err(|e| {
+                Status::invalid_argument(format!("the public key: {e:#} (use a .pub file from `coffer keygen`)"))
+            })?;
+            let policies =
+                identity::check_policies(&r.policies).map_err(Status::invalid_argument)?;
+            let keyring = self.keyring()?;
+            let fingerprint = key.fingerprint();
+            if self.admin_identity()?.fingerprint == fingerprint {
+                return Err(Status::already_exists(
+                    "this key is the administrator's (identity admin); give each identity its own key",
+                ));
+            }
+            let record_key = identity::store_key(&r.name);
+            let index_key = identity::key_index(&fingerprint);
+            let record = identity::Identity {
+                public_key: r.public_key,
+                policies,
+            };
+            let txn = Txn {
+                compare: vec![
+                    Compare::Absent(record_key.clone()),
+                    Compare::Absent(index_key.clone()),
+                ],
+                success: vec![
+                    Op::Put {
+                        value: Self::sealed_record(&keyring, &record_key, &record)?,
+                        key: record_key,
+                    },
+                    Op::Put {
+                        value: keyring.encrypt(&index_key, r.name.as_bytes()).map_err(|e| {
+                            Status::internal(format!("encryption failed: {e:#}"))
+                        })?,
+                        key: index_key,
+                    },
+                ],
+                failure: Vec::new(),
+            };
+            let w = self.write(txn, &[]).await?;
+            if !w.result.succeeded {
+                return Err(Status::already_exists(format!(
+                    "an identity named {:?}, or one with key {fingerprint}, already exists; `coffer identity list` shows them",
+                    r.name
+                )));
+            }
+            let warnings = self.missing_policies(&record.policies)?;
+            Self::identity_response(r.name, record, w.result.revision, warnings)
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        req: Request<pb::IdentityReadRequest>,
+    ) -> Result<Response<pb::IdentityResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("IdentityRead", async {
+            check_identity_name(&r.name, false)?;
+            let keyring = self.keyring()?;
+            if r.name == identity::ADMIN {
+                return self.admin_identity();
+            }
+            match self.stored_identity(&keyring, &r.name).await? {
+                Some((record, rev)) => Self::identity_response(r.name, record, rev, Vec::new()),
+                None => Err(Status::not_found(format!(
+                    "no identity {:?}; `coffer identity list` shows them",
+                    r.name
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::IdentityListRequest>,
+    ) -> Result<Response<pb::IdentityListResponse>, Status> {
+        self.timed("IdentityList", async {
+            self.keyring()?;
+            self.node.linearize().await.map_err(raft_status)?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let mut names = vec![identity::ADMIN.to_string()];
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (page, more) = view
+                    .list(identity::STORE_PREFIX, after.as_deref(), 1000)
+                    .map_err(storage_status)?;
+                for e in &page {
+                    names.push(
+                        String::from_utf8_lossy(&e.key[identity::STORE_PREFIX.len()..])
+                            .into_owned(),
+                    );
+                }
+                match (more, page.last()) {
+                    (true, Some(last)) => after = Some(last.key.clone()),
+                    _ => break,
+                }
+            }
+            names.sort();
+            Ok(pb::IdentityListResponse { names })
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        req: Request<pb::IdentityUpdateRequest>,
+    ) -> Result<Response<pb::IdentityResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("IdentityUpdate", async {
+            check_identity_name(&r.name, true)?;
+            let policies =
+                identity::check_policies(&r.policies).map_err(Status::invalid_argument)?;
+            let keyring = self.keyring()?;
+            let Some((mut record, rev)) = self.stored_identity(&keyring, &r.name).await? else {
+                return Err(Status::not_found(format!("no identity {:?}", r.name)));
+            };
+            record.policies = policies;
+            let key = identity::store_key(&r.name);
+            let txn = Txn {
+                compare: vec![Compare::ModRevision(key.clone(), rev)],
+                success: vec![Op::Put {
+                    value: Self::sealed_record(&keyring, &key, &record)?,
+                    key,
+                }],
+                failure: Vec::new(),
+            };
+            let w = self.write(txn, &[]).await?;
+            if !w.result.succeeded {
+                return Err(Status::aborted(format!(
+                    "identity {:?} changed meanwhile; run the command again",
+                    r.name
+                )));
+            }
+            let warnings = self.missing_policies(&record.policies)?;
+            Self::identity_response(r.name, record, w.result.revision, warnings)
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::IdentityDeleteRequest>,
+    ) -> Result<Response<pb::IdentityDeleteResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("IdentityDelete", async {
+            check_identity_name(&r.name, true)?;
+            let keyring = self.keyring()?;
+            let Some((record, rev)) = self.stored_identity(&keyring, &r.name).await? else {
+                return Ok(pb::IdentityDeleteResponse { deleted: false });
+            };
+            let fingerprint = PublicKey::from_bytes(&record.public_key)
+                .map_err(|e| Status::data_loss(format!("{e:#}")))?
+                .fingerprint();
+            let key = identity::store_key(&r.name);
+            let txn = Txn {
+                compare: vec![Compare::ModRevision(key.clone(), rev)],
+                success: vec![
+                    Op::Delete { key },
+                    Op::Delete {
+                        key: identity::key_index(&fingerprint),
+                    },
+                ],
+                failure: Vec::new(),
+            };
+            let w = self.write(txn, &[]).await?;
+            if !w.result.succeeded {
+                return Err(Status::aborted(format!(
+                    "identity {:?} changed meanwhile; run the command again",
+                    r.name
+                )));
+            }
+            Ok(pb::IdentityDeleteResponse { deleted: true })
         })
         .await
     }

@@ -110,6 +110,16 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Identities: a name, a public key and policies (stored inside the barrier; used by the
+    /// login flow that comes with authentication).
+    Identity {
+        /// Which operation.
+        #[command(subcommand)]
+        op: IdentityCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Reads and writes keys.
     Kv {
         /// Which operation.
@@ -275,6 +285,42 @@ pub enum PolicyCommand {
     /// Deletes a policy.
     Delete {
         /// The policy's name.
+        name: String,
+    },
+}
+
+/// `coffer identity` operations.
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Registers an identity with its public key (a .pub file from `coffer keygen`).
+    Create {
+        /// The identity's name (lowercase letters, digits, `-`, `_`).
+        name: String,
+        /// Its public key file.
+        #[arg(long)]
+        public_key: PathBuf,
+        /// A policy it holds; repeat for more.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+    },
+    /// Shows an identity.
+    Read {
+        /// The identity's name.
+        name: String,
+    },
+    /// Lists the identities' names.
+    List,
+    /// Replaces an identity's policies.
+    Update {
+        /// The identity's name.
+        name: String,
+        /// A policy it holds from now on; repeat for more (none: no policy).
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+    },
+    /// Deletes an identity.
+    Delete {
+        /// The identity's name.
         name: String,
     },
 }
@@ -461,6 +507,97 @@ async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
                 bail!("no policy {name:?}; nothing deleted");
             }
             println!("policy {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+fn print_identity(r: &pb::IdentityResponse, json: bool) {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": r.name, "fingerprint": r.fingerprint, "policies": r.policies, "mod_revision": r.mod_revision})
+        );
+    } else {
+        println!(
+            "{}  {}  policies: {}",
+            r.name,
+            r.fingerprint,
+            if r.policies.is_empty() {
+                "(none)".to_string()
+            } else {
+                r.policies.join(", ")
+            }
+        );
+    }
+}
+
+async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::identities_client::IdentitiesClient;
+    let target = client.target()?;
+    let mut ids = IdentitiesClient::new(target.connect().await?);
+    let json = client.format == Format::Json;
+    match op {
+        IdentityCommand::Create {
+            name,
+            public_key,
+            policies,
+        } => {
+            let key = crate::keys::PublicKey::load(&public_key)?;
+            let r = ids
+                .create(pb::IdentityCreateRequest {
+                    name,
+                    public_key: key.to_bytes().to_vec(),
+                    policies,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_identity(&r, json);
+        }
+        IdentityCommand::Read { name } => {
+            let r = ids
+                .read(pb::IdentityReadRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_identity(&r, json);
+        }
+        IdentityCommand::List => {
+            let r = ids
+                .list(pb::IdentityListRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!(r.names));
+            } else {
+                for n in r.names {
+                    println!("{n}");
+                }
+            }
+        }
+        IdentityCommand::Update { name, policies } => {
+            let r = ids
+                .update(pb::IdentityUpdateRequest { name, policies })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_identity(&r, json);
+        }
+        IdentityCommand::Delete { name } => {
+            let r = ids
+                .delete(pb::IdentityDeleteRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !r.deleted {
+                bail!("no identity {name:?}; nothing deleted");
+            }
+            println!("identity {name} deleted");
         }
     }
     Ok(())
@@ -893,6 +1030,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Operator { op } => crate::operator::run(op).await.map(|()| 0),
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
         Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
+        Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
         Command::Bench { bench, client } => {

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod operator;

@@ -232,7 +232,12 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             api.clone(),
         ))
         .add_service(coffer_api::v1::seal_server::SealServer::new(api.clone()))
-        .add_service(coffer_api::v1::policies_server::PoliciesServer::new(api));
+        .add_service(coffer_api::v1::policies_server::PoliciesServer::new(
+            api.clone(),
+        ))
+        .add_service(coffer_api::v1::identities_server::IdentitiesServer::new(
+            api,
+        ));
     tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
 
     let peer_server = Server::builder()

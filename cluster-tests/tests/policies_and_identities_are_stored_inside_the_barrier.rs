@@ -2,6 +2,8 @@
 //! node is read back through another; one that does not parse is refused with its line and
 //! column and nothing is stored; an exact path with keys under it gets a warning; the built-in
 //! `admin` policy can be read but not changed; the policy text is stored only encrypted.
+//! Identities: the administrator key is the built-in `admin`; names and keys are unique; policies
+//! are replaced by update; a deleted identity frees its key.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -130,4 +132,103 @@ async fn policies_are_stored_inside_the_barrier() {
     let err = stderr_of_failure(&coffer(&cluster, 2, &["policy", "delete", "app-readers"]));
     assert!(err.contains("nothing deleted"), "{err}");
     assert_eq!(stdout(&coffer(&cluster, 2, &["policy", "list"])), "admin\n");
+}
+
+fn keygen(dir: &Path, name: &str) -> String {
+    let out = Command::new(coffer_bin())
+        .args(["keygen", "--out"])
+        .arg(dir.join(name))
+        .output()
+        .expect("keygen");
+    assert!(out.status.success(), "{out:?}");
+    dir.join(format!("{name}.pub")).display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_are_registered_with_unique_keys() {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = keygen(dir.path(), "alice");
+    let bob = keygen(dir.path(), "bob");
+    let admin_pub = cluster.path().join("keys/admin.pub").display().to_string();
+    let admin_fp = coffer_node::keys::PublicKey::load(Path::new(&admin_pub))
+        .expect("admin key")
+        .fingerprint();
+
+    // The administrator key given at init is the built-in identity.
+    assert_eq!(
+        stdout(&coffer(&cluster, 1, &["identity", "list"])),
+        "admin\n"
+    );
+    let admin = stdout(&coffer(&cluster, 2, &["identity", "read", "admin"]));
+    assert!(
+        admin.contains(&admin_fp) && admin.contains("policies: admin"),
+        "{admin}"
+    );
+
+    // Alice, with a policy that does not exist yet: stored, with a warning.
+    let out = coffer(
+        &cluster,
+        1,
+        &[
+            "identity",
+            "create",
+            "alice",
+            "--public-key",
+            &alice,
+            "--policy",
+            "app-readers",
+        ],
+    );
+    assert!(stdout(&out).contains("policies: app-readers"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"app-readers\" does not exist"),
+        "{out:?}"
+    );
+    // Names and keys are unique; the administrator's key is taken.
+    for (name, key) in [("alice", &bob), ("carol", &alice), ("dave", &admin_pub)] {
+        let err = stderr_of_failure(&coffer(
+            &cluster,
+            2,
+            &["identity", "create", name, "--public-key", key],
+        ));
+        assert!(
+            err.contains("already") || err.contains("administrator's"),
+            "{err}"
+        );
+    }
+    // Read through another node; update the policies; admin cannot be changed.
+    assert!(
+        stdout(&coffer(&cluster, 3, &["identity", "read", "alice"])).contains("alice  SHA256:")
+    );
+    let out = stdout(&coffer(
+        &cluster,
+        3,
+        &[
+            "identity",
+            "update",
+            "alice",
+            "--policy",
+            "app-readers",
+            "--policy",
+            "admin",
+        ],
+    ));
+    assert!(out.contains("policies: admin, app-readers"), "{out}");
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["identity", "delete", "admin"]));
+    assert!(err.contains("cannot be changed"), "{err}");
+
+    // Deleting alice frees her key for another identity.
+    assert!(stdout(&coffer(&cluster, 2, &["identity", "delete", "alice"])).contains("deleted"));
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["identity", "read", "alice"]));
+    assert!(err.contains("no identity"), "{err}");
+    stdout(&coffer(
+        &cluster,
+        1,
+        &["identity", "create", "carol", "--public-key", &alice],
+    ));
+    assert_eq!(
+        stdout(&coffer(&cluster, 3, &["identity", "list"])),
+        "admin\ncarol\n"
+    );
 }
