@@ -232,3 +232,96 @@ async fn identities_are_registered_with_unique_keys() {
         "admin\ncarol\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_challenge_works_once_cluster_wide() {
+    use coffer_api::v1 as pb;
+    use coffer_api::v1::auth_client::AuthClient;
+    use coffer_node::keys::KeyPair;
+
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice_pub = keygen(dir.path(), "alice");
+    keygen(dir.path(), "mallory");
+    let key = |name: &str| dir.path().join(format!("{name}.key")).display().to_string();
+    stdout(&coffer(
+        &cluster,
+        1,
+        &["identity", "create", "alice", "--public-key", &alice_pub],
+    ));
+
+    // The CLI logs in through any node, as a registered identity or as the administrator.
+    let out = stdout(&coffer(&cluster, 2, &["login", "--key", &key("alice")]));
+    assert!(out.contains("logged in as alice for "), "{out}");
+    let admin_key = cluster.path().join("keys/admin.key").display().to_string();
+    let out = stdout(&coffer(&cluster, 3, &["login", "--key", &admin_key]));
+    assert!(out.contains("logged in as admin"), "{out}");
+    let err = stderr_of_failure(&coffer(&cluster, 1, &["login", "--key", &key("mallory")]));
+    assert!(err.contains("no identity has the key"), "{err}");
+
+    // By hand: a challenge from node 1, the login through node 2, the same login replayed to
+    // node 3: refused, the nonce is used cluster-wide.
+    let alice = KeyPair::load(std::path::Path::new(&key("alice"))).expect("key");
+    let session = KeyPair::generate().expect("session key");
+    let c = AuthClient::new(cluster.channel(1))
+        .challenge(pb::ChallengeRequest {})
+        .await
+        .expect("challenge")
+        .into_inner();
+    let request = |challenge: Vec<u8>, cluster_id: &str| pb::LoginRequest {
+        signature: alice
+            .sign(&coffer_node::auth::login_message(
+                cluster_id,
+                &challenge,
+                &session.public().to_bytes(),
+                600,
+            ))
+            .to_vec(),
+        challenge,
+        public_key: alice.public().to_bytes().to_vec(),
+        session_public_key: session.public().to_bytes().to_vec(),
+        ttl_seconds: 600,
+    };
+    let ok = AuthClient::new(cluster.channel(2))
+        .login(request(c.challenge.clone(), &c.cluster_id))
+        .await
+        .expect("login")
+        .into_inner();
+    assert_eq!(ok.identity, "alice");
+    let replay = AuthClient::new(cluster.channel(3))
+        .login(request(c.challenge.clone(), &c.cluster_id))
+        .await
+        .expect_err("replayed");
+    assert_eq!(replay.code(), tonic::Code::Unauthenticated);
+    assert!(replay.message().contains("already used"), "{replay:?}");
+
+    // A signature over another cluster's id, and an altered challenge.
+    let fresh = AuthClient::new(cluster.channel(1))
+        .challenge(pb::ChallengeRequest {})
+        .await
+        .expect("challenge")
+        .into_inner();
+    let wrong = AuthClient::new(cluster.channel(1))
+        .login(request(fresh.challenge.clone(), "another-cluster"))
+        .await
+        .expect_err("wrong cluster in the signature");
+    assert!(
+        wrong.message().contains("signature does not match"),
+        "{wrong:?}"
+    );
+    let mut altered = fresh.challenge.clone();
+    altered[0] ^= 1;
+    let forged = AuthClient::new(cluster.channel(2))
+        .login(request(altered, &fresh.cluster_id))
+        .await
+        .expect_err("altered challenge");
+    assert!(
+        forged.message().contains("not issued by this cluster"),
+        "{forged:?}"
+    );
+    // The refused attempts did not use the fresh challenge up.
+    AuthClient::new(cluster.channel(3))
+        .login(request(fresh.challenge, &fresh.cluster_id))
+        .await
+        .expect("the fresh challenge still works once");
+}

@@ -16,6 +16,7 @@ use coffer_raft::{Error as RaftError, Member, MembershipChange, RaftNode, Writte
 use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
 use tonic::{Request, Response, Status};
 
+use crate::auth;
 use crate::barrier::Keyring;
 use crate::identity;
 use crate::keys::PublicKey;
@@ -968,6 +969,17 @@ impl Api {
         })
     }
 
+    /// This cluster's key-set id and the administrator key's fingerprint.
+    fn admin_cluster(&self) -> Result<(String, String), Status> {
+        let admin = self.admin_identity()?;
+        let config = self
+            .seal
+            .config()
+            .map_err(|e| Status::internal(format!("{e:#}")))?
+            .ok_or_else(|| Status::failed_precondition("this cluster is not initialized"))?;
+        Ok((config.cluster_id, admin.fingerprint))
+    }
+
     /// A stored identity (after a linearizable read) and its `mod_revision`.
     async fn stored_identity(
         &self,
@@ -1229,6 +1241,116 @@ impl coffer_api::v1::identities_server::Identities for Api {
                 )));
             }
             Ok(pb::IdentityDeleteResponse { deleted: true })
+        })
+        .await
+    }
+}
+
+fn unauthenticated(e: auth::Refused) -> Status {
+    Status::unauthenticated(e.to_string())
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::auth_server::Auth for Api {
+    async fn challenge(
+        &self,
+        _req: Request<pb::ChallengeRequest>,
+    ) -> Result<Response<pb::ChallengeResponse>, Status> {
+        self.timed("Challenge", async {
+            let keyring = self.keyring()?;
+            let cluster_id = self.admin_cluster()?.0;
+            let challenge = auth::issue_challenge(&keyring, auth::now_ms())
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+            Ok(pb::ChallengeResponse {
+                challenge,
+                cluster_id,
+            })
+        })
+        .await
+    }
+
+    async fn login(
+        &self,
+        req: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let r = req.into_inner();
+        self.timed("Login", async {
+            let keyring = self.keyring()?;
+            let (cluster_id, admin_fingerprint) = self.admin_cluster()?;
+            let nonce = auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
+                .map_err(unauthenticated)?;
+            let key = PublicKey::from_bytes(&r.public_key)
+                .map_err(|e| Status::unauthenticated(format!("the identity key: {e:#}")))?;
+            PublicKey::from_bytes(&r.session_public_key)
+                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?;
+            let ttl_s = auth::session_ttl(r.ttl_seconds).map_err(Status::invalid_argument)?;
+            let fingerprint = key.fingerprint();
+            let identity = if fingerprint == admin_fingerprint {
+                identity::ADMIN.to_string()
+            } else {
+                self.node.linearize().await.map_err(raft_status)?;
+                let view = self.node.store().read().map_err(storage_status)?;
+                let index = identity::key_index(&fingerprint);
+                let entry = view.get(&index).map_err(storage_status)?.ok_or_else(|| {
+                    unauthenticated(auth::Refused::UnknownKey(fingerprint.clone()))
+                })?;
+                let name = keyring.decrypt(&index, &entry.value).map_err(|e| {
+                    Status::data_loss(format!("the identity index cannot be decrypted: {e:#}"))
+                })?;
+                String::from_utf8_lossy(&name).into_owned()
+            };
+            key.verify(
+                // Signed as requested (0 = the default).
+                &auth::login_message(
+                    &cluster_id,
+                    &r.challenge,
+                    &r.session_public_key,
+                    r.ttl_seconds,
+                ),
+                &r.signature,
+            )
+            .map_err(|_| unauthenticated(auth::Refused::BadSignature(fingerprint.clone())))?;
+            let now = auth::now_ms();
+            let session = auth::Session {
+                identity: identity.clone(),
+                session_key: r.session_public_key,
+                created_ms: now,
+                expires_ms: now + ttl_s * 1000,
+            };
+            let id = uuid::Uuid::new_v4().to_string();
+            let record_key = auth::session_key(&id);
+            let plain = postcard::to_allocvec(&session)
+                .map_err(|e| Status::internal(format!("encode: {e}")))?;
+            let sealed = keyring
+                .encrypt(&record_key, &plain)
+                .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+            let used = auth::nonce_key(&nonce);
+            // One transaction: the nonce is marked used and the session created, only if the
+            // nonce was never used, on any node.
+            let txn = Txn {
+                compare: vec![Compare::Absent(used.clone())],
+                success: vec![
+                    Op::Put {
+                        key: used,
+                        value: session.expires_ms.to_be_bytes().to_vec(),
+                    },
+                    Op::Put {
+                        key: record_key,
+                        value: sealed,
+                    },
+                ],
+                failure: Vec::new(),
+            };
+            let w = self.write(txn, &[]).await?;
+            if !w.result.succeeded {
+                return Err(unauthenticated(auth::Refused::Replayed));
+            }
+            tracing::info!(identity, session = id, "login");
+            Ok(pb::LoginResponse {
+                session_id: id,
+                identity,
+                expires_at_ms: session.expires_ms,
+            })
         })
         .await
     }

@@ -146,6 +146,17 @@ impl Keyring {
         self.keys.keys().next_back().copied().unwrap_or(0)
     }
 
+    /// A key for `purpose` (e.g. authenticating login challenges), derived from the first data
+    /// key with HMAC-SHA256: the same on every unsealed node, unchanged by rotation.
+    pub fn derive(&self, purpose: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        if let Some((_, first)) = self.keys.iter().next() {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &**first);
+            out.copy_from_slice(ring::hmac::sign(&key, purpose).as_ref());
+        }
+        out
+    }
+
     /// Adds a data key and makes it active; returns its number. Older keys stay for reading.
     pub fn rotate(&mut self) -> Result<u32> {
         let n = self.active() + 1;
@@ -251,6 +262,21 @@ mod tests {
         let mut relabelled = old.clone();
         relabelled[1..5].copy_from_slice(&2u32.to_be_bytes());
         assert!(ring.decrypt(b"k", &relabelled).is_err());
+    }
+
+    #[test]
+    fn derived_keys_depend_on_the_purpose_and_survive_rotation() {
+        let mut ring = Keyring::new().expect("keyring");
+        let a = ring.derive(b"coffer/challenge/v1");
+        assert_ne!(*a, *ring.derive(b"another purpose"));
+        ring.rotate().expect("rotate");
+        assert_eq!(*a, *ring.derive(b"coffer/challenge/v1"));
+        assert_ne!(
+            *a,
+            *Keyring::new()
+                .expect("keyring")
+                .derive(b"coffer/challenge/v1")
+        );
     }
 
     #[test]

@@ -110,6 +110,19 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Logs in with an identity key (Private Key Challenge): proves you hold the key without
+    /// sending any secret, and creates a session. Requests do not require a session yet.
+    Login {
+        /// Your identity's private key file.
+        #[arg(long, env = "COFFER_KEY")]
+        key: PathBuf,
+        /// Session lifetime in seconds (0: the default, 3600; at most 86400).
+        #[arg(long, default_value_t = 0)]
+        ttl_seconds: u64,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Identities: a name, a public key and policies (stored inside the barrier; used by the
     /// login flow that comes with authentication).
     Identity {
@@ -1031,6 +1044,26 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
         Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
         Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
+        Command::Login {
+            key,
+            ttl_seconds,
+            client,
+        } => {
+            let r = crate::auth::login(&client.target()?, &key, ttl_seconds).await?;
+            if client.format == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"identity": r.identity, "session_id": r.session_id, "expires_at_ms": r.expires_at_ms})
+                );
+            } else {
+                let left = r.expires_at_ms.saturating_sub(crate::auth::now_ms()) / 1000;
+                println!(
+                    "logged in as {} for {left} s (session {}); requests do not require a session yet",
+                    r.identity, r.session_id
+                );
+            }
+            Ok(0)
+        }
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
         Command::Bench { bench, client } => {

@@ -236,8 +236,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             api.clone(),
         ))
         .add_service(coffer_api::v1::identities_server::IdentitiesServer::new(
-            api,
-        ));
+            api.clone(),
+        ))
+        .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
     tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
 
     let peer_server = Server::builder()

@@ -1,0 +1,238 @@
+//! The Private Key Challenge: how a client proves it holds an identity's private key, without
+//! any secret that travels and could be replayed.
+//!
+//! 1. Any node issues a **challenge**: a random 32-byte nonce, an expiry, and an HMAC over both
+//!    with a key derived from the keyring (the same on every unsealed node). Issuing writes
+//!    nothing, so unauthenticated callers cannot fill any store.
+//! 2. The client signs [`login_message`] (purpose, cluster, challenge, the session public key it
+//!    wants, the TTL it asks for) with its identity key.
+//! 3. **Login** on any node checks the challenge's MAC and expiry, finds the identity by its key,
+//!    checks the signature, and commits one Raft transaction that marks the nonce used and
+//!    creates the session, only if the nonce was never used: a challenge works once,
+//!    cluster-wide, even when replayed to another node. A follower forwards it like any write.
+//!
+//! Sessions are recorded, but nothing requires them yet: session certificates and per-request
+//! checks come next.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::barrier::Keyring;
+
+/// How long a challenge can be used.
+pub const CHALLENGE_TTL_MS: u64 = 60_000;
+/// Session lifetime when the client asks for none.
+pub const DEFAULT_SESSION_TTL_S: u64 = 3600;
+/// The longest session.
+pub const MAX_SESSION_TTL_S: u64 = 24 * 3600;
+/// Where used nonces are recorded: this prefix, then the nonce in hex.
+pub const NONCE_PREFIX: &[u8] = b"\0coffer/login-nonce/";
+/// Where sessions live: this prefix, then the session id.
+pub const SESSION_PREFIX: &[u8] = b"\0coffer/session/";
+const CHALLENGE_PURPOSE: &[u8] = b"coffer/challenge/v1";
+const NONCE: usize = 32;
+const CHALLENGE_LEN: usize = NONCE + 8 + 32;
+
+/// Why a login was refused (each names the failed check; none echoes a secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Not a challenge this cluster issued, or altered.
+    #[error("the challenge was not issued by this cluster or was altered; ask for a new one")]
+    BadChallenge,
+    /// Past its expiry.
+    #[error("the challenge expired; ask for a new one (challenges last 60 s)")]
+    Expired,
+    /// Used before (on any node).
+    #[error("this challenge was already used; ask for a new one")]
+    Replayed,
+    /// No identity has this key.
+    #[error(
+        "no identity has the key {0}; an administrator registers it with `coffer identity create`"
+    )]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error(
+        "the signature does not match the key {0} over this login (wrong key, purpose or challenge)"
+    )]
+    BadSignature(String),
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn mac_key(keyring: &Keyring) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, &*keyring.derive(CHALLENGE_PURPOSE))
+}
+
+/// A new challenge: `nonce (32) | expiry ms (8, big-endian) | HMAC-SHA256 (32)`.
+pub fn issue_challenge(keyring: &Keyring, now_ms: u64) -> anyhow::Result<Vec<u8>> {
+    let mut out = vec![0u8; NONCE];
+    SystemRandom::new()
+        .fill(&mut out)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    out.extend_from_slice(&(now_ms + CHALLENGE_TTL_MS).to_be_bytes());
+    let tag = hmac::sign(&mac_key(keyring), &out);
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Checks a challenge's MAC and expiry; returns its nonce.
+pub fn check_challenge(
+    keyring: &Keyring,
+    challenge: &[u8],
+    now_ms: u64,
+) -> Result<[u8; NONCE], Refused> {
+    if challenge.len() != CHALLENGE_LEN {
+        return Err(Refused::BadChallenge);
+    }
+    let (body, tag) = challenge.split_at(NONCE + 8);
+    hmac::verify(&mac_key(keyring), body, tag).map_err(|_| Refused::BadChallenge)?;
+    let mut expiry = [0u8; 8];
+    expiry.copy_from_slice(&body[NONCE..]);
+    if now_ms > u64::from_be_bytes(expiry) {
+        return Err(Refused::Expired);
+    }
+    let mut nonce = [0u8; NONCE];
+    nonce.copy_from_slice(&body[..NONCE]);
+    Ok(nonce)
+}
+
+/// What the client signs with its identity key to log in.
+pub fn login_message(
+    cluster_id: &str,
+    challenge: &[u8],
+    session_key: &[u8],
+    ttl_s: u64,
+) -> Vec<u8> {
+    let mut m = b"coffer/login/v1\0".to_vec();
+    m.extend_from_slice(cluster_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(challenge);
+    m.extend_from_slice(session_key);
+    m.extend_from_slice(&ttl_s.to_be_bytes());
+    m
+}
+
+/// The reserved key that marks `nonce` used.
+pub fn nonce_key(nonce: &[u8]) -> Vec<u8> {
+    let mut k = NONCE_PREFIX.to_vec();
+    for b in nonce {
+        k.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    k
+}
+
+/// The reserved key of session `id`.
+pub fn session_key(id: &str) -> Vec<u8> {
+    let mut k = SESSION_PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A session, as stored (inside the barrier).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The identity that logged in.
+    pub identity: String,
+    /// The session public key the client will prove it holds.
+    pub session_key: Vec<u8>,
+    /// When it was created and when it ends, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// When it ends.
+    pub expires_ms: u64,
+}
+
+/// The TTL granted for a requested one (0: the default), or why not.
+pub fn session_ttl(requested_s: u64) -> Result<u64, String> {
+    match requested_s {
+        0 => Ok(DEFAULT_SESSION_TTL_S),
+        s if s > MAX_SESSION_TTL_S => Err(format!(
+            "a session lasts at most {MAX_SESSION_TTL_S} s (24 h), not {s} s"
+        )),
+        s => Ok(s),
+    }
+}
+
+/// The client side: asks `target` for a challenge, signs it with the identity key in `key`
+/// together with a fresh session key, and logs in. Returns the node's answer.
+pub async fn login(
+    target: &crate::client::Target,
+    key: &std::path::Path,
+    ttl_s: u64,
+) -> anyhow::Result<coffer_api::v1::LoginResponse> {
+    use coffer_api::v1 as pb;
+    use coffer_api::v1::auth_client::AuthClient;
+    let identity = crate::keys::KeyPair::load(key)?;
+    let session = crate::keys::KeyPair::generate()?;
+    let mut client = AuthClient::new(target.connect().await?);
+    let challenge = client
+        .challenge(pb::ChallengeRequest {})
+        .await
+        .map_err(crate::cli::status_error)?
+        .into_inner();
+    let session_key = session.public().to_bytes().to_vec();
+    let signature = identity.sign(&login_message(
+        &challenge.cluster_id,
+        &challenge.challenge,
+        &session_key,
+        ttl_s,
+    ));
+    Ok(client
+        .login(pb::LoginRequest {
+            challenge: challenge.challenge,
+            public_key: identity.public().to_bytes().to_vec(),
+            session_public_key: session_key,
+            ttl_seconds: ttl_s,
+            signature: signature.to_vec(),
+        })
+        .await
+        .map_err(crate::cli::status_error)?
+        .into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_challenge_checks_on_the_cluster_that_issued_it_until_it_expires() {
+        let ring = Keyring::new().expect("keyring");
+        let c = issue_challenge(&ring, 1_000).expect("challenge");
+        let nonce = check_challenge(&ring, &c, 1_000 + CHALLENGE_TTL_MS).expect("valid");
+        assert_eq!(&nonce[..], &c[..NONCE]);
+        assert_eq!(
+            check_challenge(&ring, &c, 1_001 + CHALLENGE_TTL_MS),
+            Err(Refused::Expired)
+        );
+        let other = Keyring::new().expect("keyring");
+        assert_eq!(
+            check_challenge(&other, &c, 1_000),
+            Err(Refused::BadChallenge)
+        );
+        let mut extended = c.clone();
+        extended[NONCE] ^= 0x40; // push the expiry far out
+        assert_eq!(
+            check_challenge(&ring, &extended, 1_000),
+            Err(Refused::BadChallenge)
+        );
+        assert_eq!(
+            check_challenge(&ring, &c[..10], 1_000),
+            Err(Refused::BadChallenge)
+        );
+        assert_ne!(c, issue_challenge(&ring, 1_000).expect("challenge"));
+    }
+
+    #[test]
+    fn session_ttls_have_a_default_and_a_maximum() {
+        assert_eq!(session_ttl(0), Ok(DEFAULT_SESSION_TTL_S));
+        assert_eq!(session_ttl(60), Ok(60));
+        assert!(session_ttl(MAX_SESSION_TTL_S + 1).is_err());
+    }
+}
