@@ -324,4 +324,22 @@ async fn a_login_challenge_works_once_cluster_wide() {
         .login(request(fresh.challenge, &fresh.cluster_id))
         .await
         .expect("the fresh challenge still works once");
+
+    // Challenges and logins are rate-limited per source on each node (a burst of 20).
+    let mut auth = AuthClient::new(cluster.channel(2));
+    let mut limited = None;
+    for i in 0..40 {
+        if let Err(e) = auth.challenge(pb::ChallengeRequest {}).await {
+            limited = Some((i, e));
+            break;
+        }
+    }
+    let (after, e) = limited.expect("a burst of challenges is refused at some point");
+    assert!(after >= 15, "refused after only {after} challenges");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        e.message()
+            .contains("too many challenges and logins from 127.0.0."),
+        "{e:?}"
+    );
 }

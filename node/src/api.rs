@@ -41,6 +41,7 @@ pub struct Api {
     max_value_bytes: usize,
     cluster_name: String,
     seal: Arc<Seal>,
+    logins: Arc<auth::RateLimit>,
 }
 
 impl Api {
@@ -58,6 +59,8 @@ impl Api {
             max_value_bytes,
             cluster_name,
             seal,
+            // Per source and node: 20 at once, then 5 a second.
+            logins: Arc::new(auth::RateLimit::new(20, 5)),
         }
     }
 
@@ -1250,13 +1253,30 @@ fn unauthenticated(e: auth::Refused) -> Status {
     Status::unauthenticated(e.to_string())
 }
 
+impl Api {
+    /// Refuses a caller that asked for too many challenges or logins lately.
+    fn rate_limit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(source) = req.remote_addr().map(|a| a.ip()) else {
+            return Ok(());
+        };
+        if self.logins.allow(source, std::time::Instant::now()) {
+            Ok(())
+        } else {
+            Err(Status::resource_exhausted(format!(
+                "too many challenges and logins from {source}; wait a second and try again"
+            )))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl coffer_api::v1::auth_server::Auth for Api {
     async fn challenge(
         &self,
-        _req: Request<pb::ChallengeRequest>,
+        req: Request<pb::ChallengeRequest>,
     ) -> Result<Response<pb::ChallengeResponse>, Status> {
         self.timed("Challenge", async {
+            self.rate_limit(&req)?;
             let keyring = self.keyring()?;
             let cluster_id = self.admin_cluster()?.0;
             let challenge = auth::issue_challenge(&keyring, auth::now_ms())
@@ -1273,6 +1293,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
         &self,
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
+        self.rate_limit(&req)?;
         let r = req.into_inner();
         self.timed("Login", async {
             let keyring = self.keyring()?;

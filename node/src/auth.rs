@@ -197,6 +197,46 @@ pub async fn login(
         .into_inner())
 }
 
+/// Per-source limits on challenges and logins (token buckets, on each node): a burst of
+/// `burst`, refilled at `per_second`. Sources idle for a minute are forgotten, so the table
+/// stays small.
+#[derive(Debug)]
+pub struct RateLimit {
+    burst: f64,
+    per_second: f64,
+    buckets:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl RateLimit {
+    /// A limit of `burst` at once and `per_second` after that, per source address.
+    pub fn new(burst: u32, per_second: u32) -> RateLimit {
+        RateLimit {
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+            buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `source`; `false` when it has none left.
+    pub fn allow(&self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, (_, last)| now.duration_since(*last).as_secs() < 60);
+        }
+        let (tokens, last) = buckets.entry(source).or_insert((self.burst, now));
+        let refill = now.duration_since(*last).as_secs_f64() * self.per_second;
+        *tokens = (*tokens + refill).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +267,23 @@ mod tests {
             Err(Refused::BadChallenge)
         );
         assert_ne!(c, issue_challenge(&ring, 1_000).expect("challenge"));
+    }
+
+    #[test]
+    fn each_source_gets_a_burst_then_the_refill_rate() {
+        let limit = RateLimit::new(3, 2);
+        let t0 = std::time::Instant::now();
+        let a: std::net::IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        assert!((0..3).all(|_| limit.allow(a, t0)));
+        assert!(!limit.allow(a, t0), "the burst is spent");
+        assert!(limit.allow(b, t0), "another source has its own bucket");
+        let later = t0 + std::time::Duration::from_millis(500);
+        assert!(
+            limit.allow(a, later),
+            "one token back after half a second at 2/s"
+        );
+        assert!(!limit.allow(a, later));
     }
 
     #[test]

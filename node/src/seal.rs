@@ -892,13 +892,13 @@ impl Seal {
     /// the master key every `every`. Runs until the node stops.
     pub async fn peer_unseal_loop(self: Arc<Self>, every: Duration) {
         loop {
-            tokio::time::sleep(every).await;
-            if !self.is_sealed() || !self.peer_unseal().map(|(on, _)| on).unwrap_or(false) {
-                continue;
-            }
-            if let Err(e) = self.try_peer_unseal().await {
+            if self.is_sealed()
+                && self.peer_unseal().map(|(on, _)| on).unwrap_or(false)
+                && let Err(e) = self.try_peer_unseal().await
+            {
                 tracing::debug!(error = %e, "peer unseal not possible yet");
             }
+            tokio::time::sleep(every).await;
         }
     }
 

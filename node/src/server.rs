@@ -201,7 +201,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let seal = Seal::new(node.clone(), cfg.unseal_progress_ttl);
     node.set_app_handler(seal.app_handler());
     tasks.push(tokio::spawn(
-        seal.clone().peer_unseal_loop(Duration::from_secs(1)),
+        seal.clone().peer_unseal_loop(Duration::from_millis(250)),
     ));
     // Operators' seal and rotate actions reach this node through what it applies.
     tasks.push(tokio::spawn(seal.clone().watch()));
