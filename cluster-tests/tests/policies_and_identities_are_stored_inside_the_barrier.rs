@@ -325,6 +325,21 @@ async fn a_login_challenge_works_once_cluster_wide() {
         .await
         .expect("the fresh challenge still works once");
 
+    // Logins add reserved keys, which sort before every user key: a listing from the start
+    // skips them, so even a page of one holds the user's key.
+    cluster.must_put(1, "app/x", "1").await;
+    let page = cluster
+        .kv(2)
+        .list(pb::ListRequest {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.kvs.len(), 1, "{page:?}");
+    assert_eq!(page.kvs[0].key, b"app/x");
+
     // Challenges and logins are rate-limited per source on each node (a burst of 20).
     let mut auth = AuthClient::new(cluster.channel(2));
     let mut limited = None;

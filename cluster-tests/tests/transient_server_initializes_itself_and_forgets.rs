@@ -124,6 +124,8 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
     assert_eq!(got.kv.expect("kv").value, b"s3cret");
     let old_key = std::fs::read(d.join("keys/operator.key")).expect("key");
 
+    // A restart replaces only the files it wrote in the keys directory.
+    std::fs::write(d.join("keys/notes.txt"), "mine").expect("write");
     drop(server);
     let _server = start(d, &api, &peer);
     let second = unsealed_cluster_id(d, &api).await;
@@ -144,4 +146,8 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
         .await
         .expect_err("the data is gone");
     assert_eq!(gone.code(), tonic::Code::NotFound);
+    assert_eq!(
+        std::fs::read_to_string(d.join("keys/notes.txt")).expect("still there"),
+        "mine"
+    );
 }

@@ -133,24 +133,7 @@ impl Api {
         let value = if keys_only {
             Vec::new()
         } else {
-            match keyring.decrypt(&e.key, &e.value) {
-                Ok(v) => v.to_vec(),
-                Err(_) => {
-                    // A value written under a data key this node has not opened yet (a rotation
-                    // applied a moment ago): take in the newest keyring and try once more.
-                    self.seal.refresh();
-                    let keyring = self.keyring()?;
-                    keyring
-                        .decrypt(&e.key, &e.value)
-                        .map_err(|err| {
-                            Status::data_loss(format!(
-                                "the value of {:?} cannot be decrypted: {err:#}",
-                                String::from_utf8_lossy(&e.key)
-                            ))
-                        })?
-                        .to_vec()
-                }
-            }
+            self.decrypt(keyring, &e.key, &e.value)?.to_vec()
         };
         Ok(pb::KeyValue {
             key: e.key,
@@ -158,6 +141,27 @@ impl Api {
             version: e.version,
             create_revision: e.create_revision,
             mod_revision: e.mod_revision,
+        })
+    }
+
+    /// Decrypts what is stored at `key`. A value written under a data key this node has not
+    /// opened yet (a rotation applied a moment ago) makes it take in the newest keyring and try
+    /// once more; what still does not decrypt is DATA_LOSS.
+    fn decrypt(
+        &self,
+        keyring: &Keyring,
+        key: &[u8],
+        blob: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, Status> {
+        if let Ok(v) = keyring.decrypt(key, blob) {
+            return Ok(v);
+        }
+        self.seal.refresh();
+        self.keyring()?.decrypt(key, blob).map_err(|err| {
+            Status::data_loss(format!(
+                "the value of {:?} cannot be decrypted: {err:#}",
+                String::from_utf8_lossy(key)
+            ))
         })
     }
 
@@ -377,7 +381,14 @@ impl Kv for Api {
             let keyring = self.keyring()?;
             let index = self.read_point(r.consistency).await?;
             let view = self.node.store().read().map_err(storage_status)?;
-            let after = (!r.start_after.is_empty()).then_some(r.start_after.as_slice());
+            // Coffer's own keys all start with a NUL byte and sort first: a listing from the
+            // start skips past them instead of paging through them.
+            const PAST_RESERVED: &[u8] = b"\0\xff";
+            let after = if r.prefix.is_empty() && r.start_after.as_slice() < PAST_RESERVED {
+                Some(PAST_RESERVED)
+            } else {
+                (!r.start_after.is_empty()).then_some(r.start_after.as_slice())
+            };
             let (mut entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
             // Coffer's own keys (the seal configuration) sort first; they are not listed.
             entries.retain(|e| e.key.first() != Some(&0));
@@ -879,9 +890,7 @@ impl coffer_api::v1::policies_server::Policies for Api {
                     r.name
                 )));
             };
-            let text = keyring.decrypt(&key, &entry.value).map_err(|e| {
-                Status::data_loss(format!("policy {:?} cannot be decrypted: {e:#}", r.name))
-            })?;
+            let text = self.decrypt(&keyring, &key, &entry.value)?;
             Ok(pb::PolicyReadResponse {
                 name: r.name,
                 text: String::from_utf8_lossy(&text).into_owned(),
@@ -995,9 +1004,7 @@ impl Api {
         let Some(entry) = view.get(&key).map_err(storage_status)? else {
             return Ok(None);
         };
-        let plain = keyring.decrypt(&key, &entry.value).map_err(|e| {
-            Status::data_loss(format!("identity {name:?} cannot be decrypted: {e:#}"))
-        })?;
+        let plain = self.decrypt(keyring, &key, &entry.value)?;
         let record = postcard::from_bytes(&plain)
             .map_err(|e| Status::data_loss(format!("identity {name:?} is corrupt: {e}")))?;
         Ok(Some((record, entry.mod_revision)))
@@ -1306,6 +1313,8 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?;
             let ttl_s = auth::session_ttl(r.ttl_seconds).map_err(Status::invalid_argument)?;
             let fingerprint = key.fingerprint();
+            // The login commits only if the key still names the same identity.
+            let mut index_compare = None;
             let identity = if fingerprint == admin_fingerprint {
                 identity::ADMIN.to_string()
             } else {
@@ -1315,9 +1324,8 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 let entry = view.get(&index).map_err(storage_status)?.ok_or_else(|| {
                     unauthenticated(auth::Refused::UnknownKey(fingerprint.clone()))
                 })?;
-                let name = keyring.decrypt(&index, &entry.value).map_err(|e| {
-                    Status::data_loss(format!("the identity index cannot be decrypted: {e:#}"))
-                })?;
+                let name = self.decrypt(&keyring, &index, &entry.value)?;
+                index_compare = Some(Compare::ModRevision(index, entry.mod_revision));
                 String::from_utf8_lossy(&name).into_owned()
             };
             key.verify(
@@ -1348,8 +1356,10 @@ impl coffer_api::v1::auth_server::Auth for Api {
             let used = auth::nonce_key(&nonce);
             // One transaction: the nonce is marked used and the session created, only if the
             // nonce was never used, on any node.
+            let mut compare = vec![Compare::Absent(used.clone())];
+            compare.extend(index_compare);
             let txn = Txn {
-                compare: vec![Compare::Absent(used.clone())],
+                compare,
                 success: vec![
                     Op::Put {
                         key: used,
@@ -1364,6 +1374,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
             };
             let w = self.write(txn, &[]).await?;
             if !w.result.succeeded {
+                // The nonce was used, or the key's identity changed since it was looked up.
                 return Err(unauthenticated(auth::Refused::Replayed));
             }
             tracing::info!(identity, session = id, "login");

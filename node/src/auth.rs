@@ -46,7 +46,9 @@ pub enum Refused {
     #[error("the challenge expired; ask for a new one (challenges last 60 s)")]
     Expired,
     /// Used before (on any node).
-    #[error("this challenge was already used; ask for a new one")]
+    #[error(
+        "this challenge was already used (or the key's identity changed meanwhile); ask for a new one"
+    )]
     Replayed,
     /// No identity has this key.
     #[error(

@@ -112,9 +112,20 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
 /// until every node in `addrs` is unsealed. Keys of an earlier transient cluster in that
 /// directory are replaced: they opened nothing that still exists.
 pub async fn initialize(keys: &Path, addrs: &[String], ca: &Path) -> Result<()> {
-    if keys.exists() {
-        std::fs::remove_dir_all(keys)
-            .with_context(|| format!("cannot clear the old {}", keys.display()))?;
+    // Only the files a transient install writes are replaced; nothing else in the directory
+    // is touched (it may be one the user named).
+    for name in [
+        "operator.key",
+        "operator.pub",
+        "operator.share",
+        "admin.key",
+        "admin.pub",
+    ] {
+        let f = keys.join(name);
+        if f.exists() {
+            std::fs::remove_file(&f)
+                .with_context(|| format!("cannot replace the old {}", f.display()))?;
+        }
     }
     let operator = KeyPair::generate()?;
     operator.save(&keys.join("operator"), "coffer dev operator")?;

@@ -579,6 +579,11 @@ impl Seal {
                     )
                     .and_then(|secret| MasterKey::from_bytes(&secret))
                     .map_err(Refused::Other)?;
+                    if self.revision_of(SEALED_KEY).map_err(Refused::Other)? != s.seal_revision {
+                        return Err(Refused::Other(anyhow::anyhow!(
+                            "the cluster was sealed again while the shares were combined: run `coffer operator unseal` again"
+                        )));
+                    }
                     *state = self
                         .open_with(master, s.seal_revision)
                         .map_err(Refused::Other)?;
@@ -806,10 +811,21 @@ impl Seal {
             // The value only has to change the key's mod_revision; the operator is recorded.
             Action::Seal => who.into_bytes(),
             Action::Rotate => {
+                // Build on the cluster's latest keyring, never on a stale local copy: a rotation
+                // from an older one would reuse the next key number with other key bytes.
+                self.node
+                    .linearize()
+                    .await
+                    .map_err(|e| Refused::Other(anyhow::anyhow!("{e}")))?;
                 let stored = self
                     .reserved(KEYRING_KEY)
                     .map_err(Refused::Other)?
                     .ok_or_else(|| Refused::Other(anyhow::anyhow!("the keyring is missing")))?;
+                if stored.mod_revision != revision {
+                    return Err(Refused::Other(anyhow::anyhow!(
+                        "the seal state changed since the request was signed: run the command again"
+                    )));
+                }
                 let state = self.lock();
                 let State::Unsealed { master, .. } = &*state else {
                     return Err(Refused::Other(anyhow::anyhow!(
@@ -871,6 +887,8 @@ impl Seal {
             return Err(format!("node {requester} is not a member"));
         }
         let recipient = PublicKey::from_bytes(key).map_err(|e| format!("{e:#}"))?;
+        // A seal action this node has applied but not yet taken in must not be undone here.
+        self.refresh();
         match &*self.lock() {
             State::Unsealed { seal_revision, .. } if *seal_revision < requester_seal_revision => {
                 Err("this node has not applied the latest seal action yet".into())
