@@ -144,6 +144,13 @@ impl Api {
         })
     }
 
+    /// Encrypts `plain` for storage at `key` with the active data key.
+    fn encrypt(&self, keyring: &Keyring, key: &[u8], plain: &[u8]) -> Result<Vec<u8>, Status> {
+        keyring
+            .encrypt(key, plain)
+            .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))
+    }
+
     /// Decrypts what is stored at `key`. A value written under a data key this node has not
     /// opened yet (a rotation applied a moment ago) makes it take in the newest keyring and try
     /// once more; what still does not decrypt is DATA_LOSS.
@@ -213,9 +220,7 @@ impl Api {
     fn sealed_put(&self, keyring: &Keyring, key: Vec<u8>, value: &[u8]) -> Result<Op, Status> {
         self.check_key(&key)?;
         self.check_value(value)?;
-        let value = keyring
-            .encrypt(&key, value)
-            .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+        let value = self.encrypt(keyring, &key, value)?;
         Ok(Op::Put { key, value })
     }
 
@@ -846,9 +851,7 @@ impl coffer_api::v1::policies_server::Policies for Api {
                 .map_err(|e| Status::invalid_argument(format!("policy {}: {e}", r.name)))?;
             let keyring = self.keyring()?;
             let key = policy::store_key(&r.name);
-            let value = keyring
-                .encrypt(&key, r.text.as_bytes())
-                .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+            let value = self.encrypt(&keyring, &key, r.text.as_bytes())?;
             let w = self
                 .write(Txn::ops(vec![Op::Put { key, value }]), &[])
                 .await?;
@@ -905,26 +908,9 @@ impl coffer_api::v1::policies_server::Policies for Api {
         _req: Request<pb::PolicyListRequest>,
     ) -> Result<Response<pb::PolicyListResponse>, Status> {
         self.timed("PolicyList", async {
-            self.keyring()?;
-            self.node.linearize().await.map_err(raft_status)?;
-            let view = self.node.store().read().map_err(storage_status)?;
-            let mut names = vec![policy::ADMIN.to_string()];
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let (page, more) = view
-                    .list(policy::STORE_PREFIX, after.as_deref(), 1000)
-                    .map_err(storage_status)?;
-                for e in &page {
-                    names.push(
-                        String::from_utf8_lossy(&e.key[policy::STORE_PREFIX.len()..]).into_owned(),
-                    );
-                }
-                match (more, page.last()) {
-                    (true, Some(last)) => after = Some(last.key.clone()),
-                    _ => break,
-                }
-            }
-            names.sort();
+            let names = self
+                .names_under(policy::STORE_PREFIX, policy::ADMIN)
+                .await?;
             Ok(pb::PolicyListResponse { names })
         })
         .await
@@ -979,6 +965,31 @@ impl Api {
             mod_revision: 0,
             warnings: Vec::new(),
         })
+    }
+
+    /// The names stored under a reserved `prefix` (linearizable; needs an unsealed node), with
+    /// the built-in `builtin`, in name order.
+    async fn names_under(&self, prefix: &[u8], builtin: &str) -> Result<Vec<String>, Status> {
+        self.keyring()?;
+        self.node.linearize().await.map_err(raft_status)?;
+        let view = self.node.store().read().map_err(storage_status)?;
+        let mut names = vec![builtin.to_string()];
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (page, more) = view
+                .list(prefix, after.as_deref(), 1000)
+                .map_err(storage_status)?;
+            names.extend(
+                page.iter()
+                    .map(|e| String::from_utf8_lossy(&e.key[prefix.len()..]).into_owned()),
+            );
+            match (more, page.last()) {
+                (true, Some(last)) => after = Some(last.key.clone()),
+                _ => break,
+            }
+        }
+        names.sort();
+        Ok(names)
     }
 
     /// This cluster's key-set id and the administrator key's fingerprint.
@@ -1047,16 +1058,16 @@ impl Api {
         })
     }
 
-    fn sealed_record(
+    /// A record encoded and encrypted for storage at `key`.
+    fn sealed_record<T: serde::Serialize>(
+        &self,
         keyring: &Keyring,
         key: &[u8],
-        record: &identity::Identity,
+        record: &T,
     ) -> Result<Vec<u8>, Status> {
         let plain =
             postcard::to_allocvec(record).map_err(|e| Status::internal(format!("encode: {e}")))?;
-        keyring
-            .encrypt(key, &plain)
-            .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))
+        self.encrypt(keyring, key, &plain)
     }
 }
 
@@ -1104,13 +1115,11 @@ impl coffer_api::v1::identities_server::Identities for Api {
                 ],
                 success: vec![
                     Op::Put {
-                        value: Self::sealed_record(&keyring, &record_key, &record)?,
+                        value: self.sealed_record(&keyring, &record_key, &record)?,
                         key: record_key,
                     },
                     Op::Put {
-                        value: keyring.encrypt(&index_key, r.name.as_bytes()).map_err(|e| {
-                            Status::internal(format!("encryption failed: {e:#}"))
-                        })?,
+                        value: self.encrypt(&keyring, &index_key, r.name.as_bytes())?,
                         key: index_key,
                     },
                 ],
@@ -1156,27 +1165,9 @@ impl coffer_api::v1::identities_server::Identities for Api {
         _req: Request<pb::IdentityListRequest>,
     ) -> Result<Response<pb::IdentityListResponse>, Status> {
         self.timed("IdentityList", async {
-            self.keyring()?;
-            self.node.linearize().await.map_err(raft_status)?;
-            let view = self.node.store().read().map_err(storage_status)?;
-            let mut names = vec![identity::ADMIN.to_string()];
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let (page, more) = view
-                    .list(identity::STORE_PREFIX, after.as_deref(), 1000)
-                    .map_err(storage_status)?;
-                for e in &page {
-                    names.push(
-                        String::from_utf8_lossy(&e.key[identity::STORE_PREFIX.len()..])
-                            .into_owned(),
-                    );
-                }
-                match (more, page.last()) {
-                    (true, Some(last)) => after = Some(last.key.clone()),
-                    _ => break,
-                }
-            }
-            names.sort();
+            let names = self
+                .names_under(identity::STORE_PREFIX, identity::ADMIN)
+                .await?;
             Ok(pb::IdentityListResponse { names })
         })
         .await
@@ -1200,7 +1191,7 @@ impl coffer_api::v1::identities_server::Identities for Api {
             let txn = Txn {
                 compare: vec![Compare::ModRevision(key.clone(), rev)],
                 success: vec![Op::Put {
-                    value: Self::sealed_record(&keyring, &key, &record)?,
+                    value: self.sealed_record(&keyring, &key, &record)?,
                     key,
                 }],
                 failure: Vec::new(),
@@ -1348,11 +1339,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
             };
             let id = uuid::Uuid::new_v4().to_string();
             let record_key = auth::session_key(&id);
-            let plain = postcard::to_allocvec(&session)
-                .map_err(|e| Status::internal(format!("encode: {e}")))?;
-            let sealed = keyring
-                .encrypt(&record_key, &plain)
-                .map_err(|e| Status::internal(format!("encryption failed: {e:#}")))?;
+            let sealed = self.sealed_record(&keyring, &record_key, &session)?;
             let used = auth::nonce_key(&nonce);
             // One transaction: the nonce is marked used and the session created, only if the
             // nonce was never used, on any node.
