@@ -128,6 +128,23 @@ where
     }
 }
 
+/// Every file below `dir` (recursively), to scan what a cluster left on disk.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
 /// Issues node certificates with `coffer certs` (creating the cluster CA on first use).
 fn must_issue_certs(dir: &Path, ids: std::ops::RangeInclusive<u64>) {
     let node_args: Vec<String> = ids

@@ -5,11 +5,10 @@
 //! catches up by snapshot, so snapshot traffic is covered too. As controls, the key paths (which
 //! are not secret) are found in both places: the scan looks where the values travel.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coffer_api::v1 as pb;
-use coffer_cluster_tests::{Cluster, ClusterOptions, wait_until};
+use coffer_cluster_tests::{Cluster, ClusterOptions, files_under, wait_until};
 
 const MARKER: &[u8] = b"MARKER-7f3a9c-plaintext-must-never-leak";
 
@@ -61,17 +60,6 @@ fn needles() -> Vec<(String, Vec<u8>)> {
         n.push((format!("base64url+{pad}"), url));
     }
     n
-}
-
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -168,10 +156,8 @@ async fn plaintext_is_never_at_rest_or_on_the_wire() {
     cluster.must_converge(Duration::from_secs(20)).await;
 
     // Everything on disk: data directories, logs, keys, certificates.
-    let mut disk = Vec::new();
-    files_under(cluster.path(), &mut disk);
-    let mut wire = Vec::new();
-    files_under(taps.path(), &mut wire);
+    let disk = files_under(cluster.path());
+    let wire = files_under(taps.path());
     assert!(
         wire.len() >= 3,
         "every node's wire tap wrote a file: {wire:?}"

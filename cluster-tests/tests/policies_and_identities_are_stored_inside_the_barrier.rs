@@ -5,10 +5,10 @@
 //! Identities: the administrator key is the built-in `admin`; names and keys are unique; policies
 //! are replaced by update; a deleted identity frees its key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use coffer_cluster_tests::{Cluster, ClusterOptions, coffer_bin};
+use coffer_cluster_tests::{Cluster, ClusterOptions, coffer_bin, files_under};
 
 const POLICY: &str = r#"# readers of the app's secrets
 path "app" {
@@ -36,17 +36,6 @@ fn stdout(out: &Output) -> String {
 fn stderr_of_failure(out: &Output) -> String {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,9 +98,7 @@ async fn policies_are_stored_inside_the_barrier() {
     cluster
         .must_converge(std::time::Duration::from_secs(20))
         .await;
-    let mut files = Vec::new();
-    files_under(cluster.path(), &mut files);
-    for f in &files {
+    for f in &files_under(cluster.path()) {
         let bytes = std::fs::read(f).expect("read");
         assert!(
             !bytes

@@ -445,6 +445,17 @@ fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+/// Prints names one per line, or as a JSON array.
+fn print_names(names: &[String], json: bool) {
+    if json {
+        println!("{}", serde_json::json!(names));
+    } else {
+        for n in names {
+            println!("{n}");
+        }
+    }
+}
+
 async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
     use coffer_api::v1::policies_client::PoliciesClient;
     let target = client.target()?;
@@ -502,13 +513,7 @@ async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::json!(r.names));
-            } else {
-                for n in r.names {
-                    println!("{n}");
-                }
-            }
+            print_names(&r.names, json);
         }
         PolicyCommand::Delete { name } => {
             let r = policies
@@ -585,13 +590,7 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::json!(r.names));
-            } else {
-                for n in r.names {
-                    println!("{n}");
-                }
-            }
+            print_names(&r.names, json);
         }
         IdentityCommand::Update { name, policies } => {
             let r = ids

@@ -418,6 +418,22 @@ impl Seal {
         matches!(*self.lock(), State::Sealed { .. })
     }
 
+    /// The seal configuration, for a submission naming the key set `cluster_id`: refused when
+    /// the cluster is not initialized or the submission is for another key set.
+    fn config_for(&self, cluster_id: &str) -> Result<SealConfig, Refused> {
+        let config = self
+            .config()
+            .map_err(Refused::Other)?
+            .ok_or(Refused::NotInitialized)?;
+        if cluster_id != config.cluster_id {
+            return Err(Refused::OtherCluster {
+                theirs: cluster_id.to_string(),
+                ours: config.cluster_id,
+            });
+        }
+        Ok(config)
+    }
+
     /// The seal configuration this node has applied, if any.
     pub fn config(&self) -> Result<Option<SealConfig>> {
         let Some(entry) = self.reserved(CONFIG_KEY)? else {
@@ -529,16 +545,7 @@ impl Seal {
     /// Takes one operator's signed decryption share. `relay`: pass it on to the other members
     /// once accepted (false when it came from a member).
     pub async fn submit(self: &Arc<Self>, s: Submission, relay: bool) -> Result<Progress, Refused> {
-        let config = self
-            .config()
-            .map_err(Refused::Other)?
-            .ok_or(Refused::NotInitialized)?;
-        if s.cluster_id != config.cluster_id {
-            return Err(Refused::OtherCluster {
-                theirs: s.cluster_id,
-                ours: config.cluster_id,
-            });
-        }
+        let config = self.config_for(&s.cluster_id)?;
         let seal_revision = self.revision_of(SEALED_KEY).map_err(Refused::Other)?;
         if s.seal_revision != seal_revision {
             return Err(Refused::Other(anyhow::anyhow!(
@@ -567,18 +574,10 @@ impl Seal {
                 shares.insert(s.operator_index, s.clone());
                 started.get_or_insert_with(Instant::now);
                 if shares.len() >= config.threshold as usize {
-                    let collected: BTreeMap<usize, Vec<u8>> = shares
-                        .iter()
-                        .map(|(i, sub)| (*i as usize, sub.share.clone()))
-                        .collect();
-                    let master = threshold::combine(
-                        &config.public_set,
-                        config.threshold as usize,
-                        &collected,
-                        &config.master_ciphertext,
-                    )
-                    .and_then(|secret| MasterKey::from_bytes(&secret))
-                    .map_err(Refused::Other)?;
+                    let master = combine(
+                        &config,
+                        shares.iter().map(|(i, sub)| (*i, sub.share.clone())),
+                    )?;
                     if self.revision_of(SEALED_KEY).map_err(Refused::Other)? != s.seal_revision {
                         return Err(Refused::Other(anyhow::anyhow!(
                             "the cluster was sealed again while the shares were combined: run `coffer operator unseal` again"
@@ -608,16 +607,7 @@ impl Seal {
     /// is unchanged). The master key and the data stay as they are; the old shares stop
     /// working. Progress is kept on this node only, and expires like unseal progress.
     pub async fn rekey(&self, s: RekeySubmission) -> Result<RekeyOutcome, Refused> {
-        let config = self
-            .config()
-            .map_err(Refused::Other)?
-            .ok_or(Refused::NotInitialized)?;
-        if s.cluster_id != config.cluster_id {
-            return Err(Refused::OtherCluster {
-                theirs: s.cluster_id,
-                ours: config.cluster_id,
-            });
-        }
+        let config = self.config_for(&s.cluster_id)?;
         let config_revision = self.revision_of(CONFIG_KEY).map_err(Refused::Other)?;
         if s.config_revision != config_revision {
             return Err(Refused::Other(anyhow::anyhow!(
@@ -670,20 +660,13 @@ impl Seal {
                 submitted: progress.shares.keys().map(|i| name(&config, *i)).collect(),
             }));
         }
-        let collected: BTreeMap<usize, Vec<u8>> = progress
+        let collected: Vec<(u32, Vec<u8>)> = progress
             .shares
             .iter()
-            .map(|(i, sh)| (*i as usize, sh.clone()))
+            .map(|(i, sh)| (*i, sh.clone()))
             .collect();
         *slot = None;
-        let master = threshold::combine(
-            &config.public_set,
-            config.threshold as usize,
-            &collected,
-            &config.master_ciphertext,
-        )
-        .and_then(|secret| MasterKey::from_bytes(&secret))
-        .map_err(Refused::Other)?;
+        let master = combine(&config, collected)?;
         let stored = self
             .reserved(KEYRING_KEY)
             .map_err(Refused::Other)?
@@ -1125,6 +1108,25 @@ fn check_share(
         return Err(Refused::BadShare(who));
     }
     Ok(who)
+}
+
+/// Combines checked decryption shares (operator index, share) into the master key.
+fn combine(
+    config: &SealConfig,
+    shares: impl IntoIterator<Item = (u32, Vec<u8>)>,
+) -> Result<MasterKey, Refused> {
+    let collected: BTreeMap<usize, Vec<u8>> = shares
+        .into_iter()
+        .map(|(i, share)| (i as usize, share))
+        .collect();
+    threshold::combine(
+        &config.public_set,
+        config.threshold as usize,
+        &collected,
+        &config.master_ciphertext,
+    )
+    .and_then(|secret| MasterKey::from_bytes(&secret))
+    .map_err(Refused::Other)
 }
 
 /// Checks a set of operators and a threshold; returns their public keys.
