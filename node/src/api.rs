@@ -21,10 +21,11 @@ use crate::barrier::Keyring;
 use crate::identity;
 use crate::keys::PublicKey;
 use crate::metrics::Metrics;
-use crate::policy;
+use crate::policy::{self, Capability};
 use crate::seal::{
     Action, Operator, Refused, RekeyOutcome, RekeyProposal, RekeySubmission, Seal, Submission,
 };
+use crate::session::{self, Grant, Sessions};
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -42,6 +43,7 @@ pub struct Api {
     cluster_name: String,
     seal: Arc<Seal>,
     logins: Arc<auth::RateLimit>,
+    sessions: Arc<Sessions>,
 }
 
 impl Api {
@@ -61,6 +63,7 @@ impl Api {
             seal,
             // Per source and node: 20 at once, then 5 a second.
             logins: Arc::new(auth::RateLimit::new(20, 5)),
+            sessions: Arc::new(Sessions::default()),
         }
     }
 
@@ -297,10 +300,43 @@ fn cap_page(mut entries: Vec<KvEntry>, more: bool, keys_only: bool) -> (Vec<KvEn
 impl Kv for Api {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         self.timed("Put", async {
+            let grant = self.caller(&req).await?;
             let r = req.into_inner();
+            self.check_key(&r.key)?;
+            let path = kv_path(KV_DATA, &r.key)?;
+            let grant = self
+                .permit(grant, |g| {
+                    allow(g, &path, Capability::Create)
+                        .or_else(|_| allow(g, &path, Capability::Update))
+                })
+                .await?;
+            // As in Vault: `create` writes a key that does not exist, `update` one that does.
+            let (create, update) = (
+                grant.acl.allows(&path, Capability::Create),
+                grant.acl.allows(&path, Capability::Update),
+            );
+            let guard = match (create, update) {
+                (true, true) => None,
+                (true, false) => Some(Compare::Absent(r.key.clone())),
+                (false, true) => Some(Compare::Exists(r.key.clone())),
+                (false, false) => return Err(permission_denied(&grant, Capability::Update, &path)),
+            };
             let keyring = self.keyring()?;
             let put = self.sealed_put(&keyring, r.key, &r.value)?;
-            let w = self.write(Txn::ops(vec![put]), &r.request_id).await?;
+            let txn = Txn {
+                compare: guard.into_iter().collect(),
+                success: vec![put],
+                failure: Vec::new(),
+            };
+            let w = self.write(txn, &r.request_id).await?;
+            if !w.result.succeeded {
+                let missing = if create {
+                    Capability::Update
+                } else {
+                    Capability::Create
+                };
+                return Err(permission_denied(&grant, missing, &path));
+            }
             let prev = match w.result.results.into_iter().next() {
                 Some(OpResult::Put { prev }) => self.open_prev(&keyring, prev)?,
                 _ => None,
@@ -315,10 +351,16 @@ impl Kv for Api {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         self.timed("Get", async {
+            let grant = self.caller(&req).await?;
             let r = req.into_inner();
             self.check_key(&r.key)?;
+            let path = kv_path(KV_DATA, &r.key)?;
+            let grant = self
+                .permit(grant, |g| allow(g, &path, Capability::Read))
+                .await?;
             let keyring = self.keyring()?;
             let index = self.read_point(r.consistency).await?;
+            allow(&*self.recheck(&grant)?, &path, Capability::Read)?;
             let view = self.node.store().read().map_err(storage_status)?;
             let entry = view.get(&r.key).map_err(storage_status)?;
             let revision = view.revision().map_err(storage_status)?;
@@ -341,9 +383,11 @@ impl Kv for Api {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         self.timed("Delete", async {
+            let grant = self.caller(&req).await?;
             let r = req.into_inner();
             self.check_key(&r.key)?;
-            self.keyring()?;
+            self.permit(grant, |g| Self::check_delete(g, &r.key, r.prefix))
+                .await?;
             let op = if r.prefix {
                 Op::DeletePrefix { prefix: r.key }
             } else {
@@ -368,7 +412,12 @@ impl Kv for Api {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.timed("List", async {
+            let grant = self.caller(&req).await?;
             let r = req.into_inner();
+            let path = kv_path(KV_METADATA, &r.prefix)?;
+            let grant = self
+                .permit(grant, |g| allow(g, &path, Capability::List))
+                .await?;
             let limit = match r.limit {
                 0 => 100,
                 n if n > 1000 => {
@@ -385,6 +434,8 @@ impl Kv for Api {
             }
             let keyring = self.keyring()?;
             let index = self.read_point(r.consistency).await?;
+            let grant = self.recheck(&grant)?;
+            allow(&grant, &path, Capability::List)?;
             let view = self.node.store().read().map_err(storage_status)?;
             // Coffer's own keys all start with a NUL byte and sort first: a listing from the
             // start skips past them instead of paging through them.
@@ -398,6 +449,17 @@ impl Kv for Api {
             // Coffer's own keys (the seal configuration) sort first; they are not listed.
             entries.retain(|e| e.key.first() != Some(&0));
             let (entries, more) = cap_page(entries, more, r.keys_only);
+            if !r.keys_only {
+                for e in &entries {
+                    let path = kv_path(KV_DATA, &e.key)?;
+                    allow(&grant, &path, Capability::Read).map_err(|denied| {
+                        Status::permission_denied(format!(
+                            "{}; list with keys only to see just the names",
+                            denied.message()
+                        ))
+                    })?;
+                }
+            }
             let revision = view.revision().map_err(storage_status)?;
             Ok(pb::ListResponse {
                 header: self.header(revision, index),
@@ -413,7 +475,30 @@ impl Kv for Api {
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         self.timed("Txn", async {
+            let grant = self.caller(&req).await?;
             let r = req.into_inner();
+            // A compare reveals whether a key exists and its revisions: it needs `read`. A put
+            // may create or replace: it needs `create` and `update`.
+            self.permit(grant, |g| {
+                for c in &r.compare {
+                    allow(g, &kv_path(KV_DATA, &c.key)?, Capability::Read)?;
+                }
+                for op in r.success.iter().chain(&r.failure) {
+                    match &op.op {
+                        Some(pb::request_op::Op::Put(p)) => {
+                            let path = kv_path(KV_DATA, &p.key)?;
+                            allow(g, &path, Capability::Create)?;
+                            allow(g, &path, Capability::Update)?;
+                        }
+                        Some(pb::request_op::Op::Delete(d)) => {
+                            Self::check_delete(g, &d.key, d.prefix)?
+                        }
+                        None => {}
+                    }
+                }
+                Ok(())
+            })
+            .await?;
             if r.success.len() + r.failure.len() > MAX_TXN_OPS || r.compare.len() > MAX_TXN_OPS {
                 return Err(Status::invalid_argument(format!(
                     "a transaction has at most {MAX_TXN_OPS} compares and {MAX_TXN_OPS} operations"
@@ -529,6 +614,8 @@ impl Cluster for Api {
         req: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         self.timed("AddLearner", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
             let r = req.into_inner();
             if r.id == 0 || r.api_addr.is_empty() || r.peer_addr.is_empty() {
                 return Err(Status::invalid_argument(
@@ -560,6 +647,8 @@ impl Cluster for Api {
         req: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         self.timed("Promote", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
             let id = req.into_inner().id;
             if !self.node.status().learners.contains_key(&id) {
                 return Err(Status::failed_precondition(format!(
@@ -581,6 +670,8 @@ impl Cluster for Api {
         req: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         self.timed("Remove", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
             let id = req.into_inner().id;
             let s = self.node.status();
             if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
@@ -603,9 +694,11 @@ impl Cluster for Api {
 
     async fn snapshot(
         &self,
-        _req: Request<pb::SnapshotRequest>,
+        req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         self.timed("Snapshot", async {
+            self.authorize(&req, RAFT_SNAPSHOT, Capability::Update)
+                .await?;
             let before = self.node.status().snapshot;
             self.node.trigger_snapshot().await.map_err(raft_status)?;
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -832,6 +925,12 @@ impl coffer_api::v1::policies_server::Policies for Api {
         &self,
         req: Request<pb::PolicyWriteRequest>,
     ) -> Result<Response<pb::PolicyWriteResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{POLICIES}/{}", req.get_ref().name),
+            Capability::Update,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("PolicyWrite", async {
             parse_policy_name(&r.name)?;
@@ -856,10 +955,13 @@ impl coffer_api::v1::policies_server::Policies for Api {
                 .write(Txn::ops(vec![Op::Put { key, value }]), &[])
                 .await?;
             let view = self.node.store().read().map_err(storage_status)?;
+            // Policy paths name keys as `secret/data/KEY`.
             let warnings = policy::warnings(&parsed, |prefix| {
-                view.list(prefix.as_bytes(), None, 1)
-                    .map(|(keys, _)| !keys.is_empty())
-                    .unwrap_or(false)
+                prefix.strip_prefix(KV_DATA).is_some_and(|key| {
+                    view.list(key.as_bytes(), None, 1)
+                        .map(|(keys, _)| !keys.is_empty())
+                        .unwrap_or(false)
+                })
             });
             Ok(pb::PolicyWriteResponse {
                 warnings,
@@ -873,6 +975,12 @@ impl coffer_api::v1::policies_server::Policies for Api {
         &self,
         req: Request<pb::PolicyReadRequest>,
     ) -> Result<Response<pb::PolicyReadResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{POLICIES}/{}", req.get_ref().name),
+            Capability::Read,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("PolicyRead", async {
             parse_policy_name(&r.name)?;
@@ -905,8 +1013,9 @@ impl coffer_api::v1::policies_server::Policies for Api {
 
     async fn list(
         &self,
-        _req: Request<pb::PolicyListRequest>,
+        req: Request<pb::PolicyListRequest>,
     ) -> Result<Response<pb::PolicyListResponse>, Status> {
+        self.authorize(&req, POLICIES, Capability::List).await?;
         self.timed("PolicyList", async {
             let names = self
                 .names_under(policy::STORE_PREFIX, policy::ADMIN)
@@ -920,6 +1029,12 @@ impl coffer_api::v1::policies_server::Policies for Api {
         &self,
         req: Request<pb::PolicyDeleteRequest>,
     ) -> Result<Response<pb::PolicyDeleteResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{POLICIES}/{}", req.get_ref().name),
+            Capability::Delete,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("PolicyDelete", async {
             parse_policy_name(&r.name)?;
@@ -989,6 +1104,7 @@ impl Api {
             }
         }
         names.sort();
+        names.dedup();
         Ok(names)
     }
 
@@ -1087,6 +1203,12 @@ impl coffer_api::v1::identities_server::Identities for Api {
         &self,
         req: Request<pb::IdentityCreateRequest>,
     ) -> Result<Response<pb::IdentityResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{IDENTITIES}/{}", req.get_ref().name),
+            Capability::Create,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("IdentityCreate", async {
             check_identity_name(&r.name, true)?;
@@ -1142,12 +1264,24 @@ impl coffer_api::v1::identities_server::Identities for Api {
         &self,
         req: Request<pb::IdentityReadRequest>,
     ) -> Result<Response<pb::IdentityResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{IDENTITIES}/{}", req.get_ref().name),
+            Capability::Read,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("IdentityRead", async {
             check_identity_name(&r.name, false)?;
             let keyring = self.keyring()?;
             if r.name == identity::ADMIN {
-                return self.admin_identity();
+                // Built in, plus the policies an administrator added to it.
+                let mut admin = self.admin_identity()?;
+                if let Some((record, rev)) = self.stored_identity(&keyring, &r.name).await? {
+                    admin.policies.extend(record.policies);
+                    admin.mod_revision = rev;
+                }
+                return Ok(admin);
             }
             match self.stored_identity(&keyring, &r.name).await? {
                 Some((record, rev)) => Self::identity_response(r.name, record, rev, Vec::new()),
@@ -1162,8 +1296,9 @@ impl coffer_api::v1::identities_server::Identities for Api {
 
     async fn list(
         &self,
-        _req: Request<pb::IdentityListRequest>,
+        req: Request<pb::IdentityListRequest>,
     ) -> Result<Response<pb::IdentityListResponse>, Status> {
+        self.authorize(&req, IDENTITIES, Capability::List).await?;
         self.timed("IdentityList", async {
             let names = self
                 .names_under(identity::STORE_PREFIX, identity::ADMIN)
@@ -1177,15 +1312,35 @@ impl coffer_api::v1::identities_server::Identities for Api {
         &self,
         req: Request<pb::IdentityUpdateRequest>,
     ) -> Result<Response<pb::IdentityResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{IDENTITIES}/{}", req.get_ref().name),
+            Capability::Update,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("IdentityUpdate", async {
-            check_identity_name(&r.name, true)?;
-            let policies =
+            check_identity_name(&r.name, false)?;
+            let mut policies =
                 identity::check_policies(&r.policies).map_err(Status::invalid_argument)?;
             let keyring = self.keyring()?;
-            let Some((mut record, rev)) = self.stored_identity(&keyring, &r.name).await? else {
-                return Err(Status::not_found(format!("no identity {:?}", r.name)));
+            let admin = r.name == identity::ADMIN;
+            let (mut record, rev) = match self.stored_identity(&keyring, &r.name).await? {
+                Some(found) => found,
+                // The administrator holds the built-in policy and any added to it (for example
+                // data access in a development cluster); its key stays the one given at init.
+                None if admin => (
+                    identity::Identity {
+                        public_key: self.admin_identity()?.public_key,
+                        policies: Vec::new(),
+                    },
+                    0,
+                ),
+                None => return Err(Status::not_found(format!("no identity {:?}", r.name))),
             };
+            if admin {
+                policies.retain(|p| p != policy::ADMIN);
+            }
             record.policies = policies;
             let key = identity::store_key(&r.name);
             let txn = Txn {
@@ -1204,6 +1359,9 @@ impl coffer_api::v1::identities_server::Identities for Api {
                 )));
             }
             let warnings = self.missing_policies(&record.policies)?;
+            if admin {
+                record.policies.insert(0, policy::ADMIN.to_string());
+            }
             Self::identity_response(r.name, record, w.result.revision, warnings)
         })
         .await
@@ -1213,6 +1371,12 @@ impl coffer_api::v1::identities_server::Identities for Api {
         &self,
         req: Request<pb::IdentityDeleteRequest>,
     ) -> Result<Response<pb::IdentityDeleteResponse>, Status> {
+        self.authorize(
+            &req,
+            &format!("{IDENTITIES}/{}", req.get_ref().name),
+            Capability::Delete,
+        )
+        .await?;
         let r = req.into_inner();
         self.timed("IdentityDelete", async {
             check_identity_name(&r.name, true)?;
@@ -1244,6 +1408,230 @@ impl coffer_api::v1::identities_server::Identities for Api {
             Ok(pb::IdentityDeleteResponse { deleted: true })
         })
         .await
+    }
+}
+
+/// Where the raw key/value API is authorized: a key `K` is the path `secret/data/K` (as Vault's
+/// KV v2 at the default mount), a listing of prefix `P` is `secret/metadata/P`.
+pub const KV_DATA: &str = "secret/data/";
+/// See [`KV_DATA`].
+pub const KV_METADATA: &str = "secret/metadata/";
+
+/// Membership changes are authorized at this path (`update`).
+pub const RAFT_MEMBERS: &str = "sys/storage/raft/members";
+/// Taking a snapshot now is authorized at this path (`update`).
+pub const RAFT_SNAPSHOT: &str = "sys/storage/raft/snapshot";
+/// Policies are managed at this path and the policy name (`list` on the path itself).
+pub const POLICIES: &str = "sys/policies/acl";
+/// Identities are managed at this path and the identity name (`list` on the path itself).
+pub const IDENTITIES: &str = "sys/identities";
+
+fn kv_path(base: &str, key: &[u8]) -> Result<String, Status> {
+    let key = std::str::from_utf8(key).map_err(|_| {
+        Status::invalid_argument(
+            "keys are UTF-8 paths (each is authorized as the path secret/data/KEY)",
+        )
+    })?;
+    Ok(format!("{base}{key}"))
+}
+
+/// `Ok` when `grant` allows `capability` on `path`.
+fn allow(grant: &Grant, path: &str, capability: Capability) -> Result<(), Status> {
+    if grant.acl.allows(path, capability) {
+        Ok(())
+    } else {
+        Err(permission_denied(grant, capability, path))
+    }
+}
+
+fn permission_denied(grant: &Grant, capability: Capability, path: &str) -> Status {
+    tracing::info!(
+        identity = grant.identity,
+        session = grant.session_id,
+        path,
+        capability = capability.as_str(),
+        "permission denied"
+    );
+    Status::permission_denied(format!(
+        "identity {:?} may not {} {path:?} (its policies: {}); an administrator grants it in a policy",
+        grant.identity,
+        capability.as_str(),
+        grant.policies.join(", ")
+    ))
+}
+
+impl Api {
+    /// Whether the caller may delete `key`, or every key under it.
+    fn check_delete(grant: &Grant, key: &[u8], prefix: bool) -> Result<(), Status> {
+        let path = kv_path(KV_DATA, key)?;
+        let allowed = if prefix {
+            grant.acl.allows_all_under(&path, Capability::Delete)
+        } else {
+            grant.acl.allows(&path, Capability::Delete)
+        };
+        if allowed {
+            Ok(())
+        } else {
+            let shown = if prefix { format!("{path}*") } else { path };
+            Err(permission_denied(grant, Capability::Delete, &shown))
+        }
+    }
+
+    /// Checks the caller and that `capability` is allowed on `path`; returns the caller.
+    async fn authorize<T: Sync>(
+        &self,
+        req: &Request<T>,
+        path: &str,
+        capability: Capability,
+    ) -> Result<Arc<Grant>, Status> {
+        let grant = self.caller(req).await?;
+        self.permit(grant, |g| allow(g, path, capability)).await
+    }
+
+    /// Runs `check` on the caller's grant. A refusal decided from this node's state is decided
+    /// again after a read index, so that a grant acknowledged before the request (a policy
+    /// written, an identity updated) is never refused by a node that had not applied it yet.
+    async fn permit(
+        &self,
+        grant: Arc<Grant>,
+        check: impl Fn(&Grant) -> Result<(), Status>,
+    ) -> Result<Arc<Grant>, Status> {
+        match check(&grant) {
+            Ok(()) => Ok(grant),
+            Err(e) if e.code() == tonic::Code::PermissionDenied => {
+                self.node.linearize().await.map_err(raft_status)?;
+                let grant = self.recheck(&grant)?;
+                check(&grant)?;
+                Ok(grant)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The caller's session: its certificate checked against the session CA, the session found
+    /// in this node's replicated state, not expired, and what its identity's current policies
+    /// allow. UNAUTHENTICATED names the failed check.
+    async fn caller<T: Sync>(&self, req: &Request<T>) -> Result<Arc<Grant>, Status> {
+        let keyring = self.keyring()?;
+        let refuse = |why: String| {
+            tracing::info!(remote = ?req.remote_addr(), reason = why, "request refused");
+            Status::unauthenticated(why)
+        };
+        let certs = req.peer_certs().unwrap_or_default();
+        let Some(cert) = certs.first() else {
+            return Err(refuse(
+                "no session certificate: log in first (`coffer login --key FILE`, or set COFFER_KEY) and present the session certificate".into(),
+            ));
+        };
+        let ca = self
+            .sessions
+            .ca(&keyring)
+            .map_err(|e| Status::internal(format!("the session CA: {e:#}")))?;
+        let now = auth::now_ms();
+        let session_key = self.sessions.verify(&ca, cert, now).map_err(&refuse)?;
+        if let Ok(grant) = self.grant_for(&keyring, session_key) {
+            return Ok(grant);
+        }
+        // Refused by this node's state: decide again after a read index (a login made through
+        // another node may not have reached this one yet).
+        self.node.linearize().await.map_err(raft_status)?;
+        self.grant_for(&keyring, session_key).map_err(refuse)
+    }
+
+    /// What the session with `session_key` may do now, by this node's replicated state (a
+    /// cached decision while no reserved key changed since).
+    fn grant_for(&self, keyring: &Keyring, session_key: [u8; 32]) -> Result<Arc<Grant>, String> {
+        let generation = self.node.store().reserved_changes();
+        let grant = match self.sessions.grant(generation, &session_key) {
+            Some(grant) => grant,
+            None => {
+                let grant = Arc::new(self.load_grant(keyring, &session_key)?);
+                self.sessions.keep(generation, session_key, grant.clone());
+                grant
+            }
+        };
+        if auth::now_ms() >= grant.expires_ms {
+            return Err(format!(
+                "session {} has ended; log in again",
+                grant.session_id
+            ));
+        }
+        Ok(grant)
+    }
+
+    /// The caller's grant again after a read index: a linearizable read is decided by the
+    /// policies and sessions of at least that point (a change acknowledged before the request
+    /// applies to it, on every node).
+    fn recheck(&self, grant: &Grant) -> Result<Arc<Grant>, Status> {
+        let keyring = self.keyring()?;
+        self.grant_for(&keyring, grant.session_key)
+            .map_err(Status::unauthenticated)
+    }
+
+    /// Decides what the session with `session_key` may do, from this node's state.
+    fn load_grant(&self, keyring: &Keyring, session_key: &[u8; 32]) -> Result<Grant, String> {
+        let id = session::session_id(session_key);
+        let view = self.node.store().read().map_err(|e| e.to_string())?;
+        let read = |key: &[u8]| -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, String> {
+            match view.get(key).map_err(|e| e.to_string())? {
+                Some(e) => keyring
+                    .decrypt(key, &e.value)
+                    .map(Some)
+                    .map_err(|e| format!("a stored record does not decrypt: {e:#}")),
+                None => Ok(None),
+            }
+        };
+        let record = read(&auth::session_key(&id))?
+            .ok_or_else(|| format!("session {id} was revoked or has ended; log in again"))?;
+        let s: auth::Session =
+            postcard::from_bytes(&record).map_err(|e| format!("session {id} is corrupt: {e}"))?;
+        if s.session_key.get(..32) != Some(&session_key[..]) {
+            return Err(format!("the certificate does not belong to session {id}"));
+        }
+        let gone = |what: &str| format!("identity {:?} {what}; its sessions ended", s.identity);
+        let mut policies = Vec::new();
+        if s.identity == identity::ADMIN {
+            let config = self
+                .seal
+                .config()
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or("this cluster is not initialized")?;
+            if config.admin_key != s.identity_key {
+                return Err(gone("has another key now"));
+            }
+            policies.push(policy::ADMIN.to_string());
+        }
+        if let Some(plain) = read(&identity::store_key(&s.identity))? {
+            let record: identity::Identity = postcard::from_bytes(&plain)
+                .map_err(|e| format!("identity {:?} is corrupt: {e}", s.identity))?;
+            if s.identity != identity::ADMIN && record.public_key != s.identity_key {
+                return Err(gone("has another key now"));
+            }
+            policies.extend(record.policies);
+        } else if s.identity != identity::ADMIN {
+            return Err(gone("was deleted"));
+        }
+        policies.sort();
+        policies.dedup();
+        let mut parsed = Vec::with_capacity(policies.len());
+        for name in &policies {
+            if name == policy::ADMIN {
+                parsed.push(policy::admin().clone());
+            } else if let Some(text) = read(&policy::store_key(name))? {
+                // A policy that no longer parses grants nothing (writes are checked).
+                if let Ok(p) = policy::parse(&String::from_utf8_lossy(&text)) {
+                    parsed.push(p);
+                }
+            }
+        }
+        Ok(Grant {
+            session_id: id,
+            session_key: *session_key,
+            identity: s.identity,
+            expires_ms: s.expires_ms,
+            acl: policy::Acl::new(&parsed),
+            policies,
+        })
     }
 }
 
@@ -1300,8 +1688,9 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 .map_err(unauthenticated)?;
             let key = PublicKey::from_bytes(&r.public_key)
                 .map_err(|e| Status::unauthenticated(format!("the identity key: {e:#}")))?;
-            PublicKey::from_bytes(&r.session_public_key)
-                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?;
+            let session_public = PublicKey::from_bytes(&r.session_public_key)
+                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?
+                .signing_key();
             let ttl_s = auth::session_ttl(r.ttl_seconds).map_err(Status::invalid_argument)?;
             let fingerprint = key.fingerprint();
             // The login commits only if the key still names the same identity.
@@ -1333,17 +1722,27 @@ impl coffer_api::v1::auth_server::Auth for Api {
             let now = auth::now_ms();
             let session = auth::Session {
                 identity: identity.clone(),
+                identity_key: r.public_key,
                 session_key: r.session_public_key,
                 created_ms: now,
                 expires_ms: now + ttl_s * 1000,
             };
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = session::session_id(&session_public);
+            let certificate = self
+                .sessions
+                .ca(&keyring)
+                .and_then(|ca| ca.issue(&session_public, &identity, now, session.expires_ms))
+                .map_err(|e| Status::internal(format!("cannot issue the session certificate: {e:#}")))?;
             let record_key = auth::session_key(&id);
             let sealed = self.sealed_record(&keyring, &record_key, &session)?;
             let used = auth::nonce_key(&nonce);
+            let used_key = used.clone();
             // One transaction: the nonce is marked used and the session created, only if the
-            // nonce was never used, on any node.
-            let mut compare = vec![Compare::Absent(used.clone())];
+            // nonce was never used, on any node (and the session key is new).
+            let mut compare = vec![
+                Compare::Absent(used.clone()),
+                Compare::Absent(record_key.clone()),
+            ];
             compare.extend(index_compare);
             let txn = Txn {
                 compare,
@@ -1353,7 +1752,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
                         value: session.expires_ms.to_be_bytes().to_vec(),
                     },
                     Op::Put {
-                        key: record_key,
+                        key: record_key.clone(),
                         value: sealed,
                     },
                 ],
@@ -1361,6 +1760,13 @@ impl coffer_api::v1::auth_server::Auth for Api {
             };
             let w = self.write(txn, &[]).await?;
             if !w.result.succeeded {
+                let view = self.node.store().read().map_err(storage_status)?;
+                let nonce_used = view.get(&used_key).map_err(storage_status)?.is_some();
+                if !nonce_used && view.get(&record_key).map_err(storage_status)?.is_some() {
+                    return Err(Status::invalid_argument(format!(
+                        "the session key already has a session ({id}); make a new session key for each login"
+                    )));
+                }
                 // The nonce was used, or the key's identity changed since it was looked up.
                 return Err(unauthenticated(auth::Refused::Replayed));
             }
@@ -1369,7 +1775,107 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 session_id: id,
                 identity,
                 expires_at_ms: session.expires_ms,
+                certificate,
             })
+        })
+        .await
+    }
+}
+
+/// Sessions are managed at this path and the session id (`list` on the path itself).
+pub const SESSIONS: &str = "sys/sessions";
+
+#[tonic::async_trait]
+impl coffer_api::v1::sessions_server::Sessions for Api {
+    async fn list(
+        &self,
+        req: Request<pb::SessionListRequest>,
+    ) -> Result<Response<pb::SessionListResponse>, Status> {
+        self.authorize(&req, SESSIONS, Capability::List).await?;
+        let r = req.into_inner();
+        self.timed("SessionList", async {
+            let keyring = self.keyring()?;
+            self.node.linearize().await.map_err(raft_status)?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let now = auth::now_ms();
+            let mut sessions = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (page, more) = view
+                    .list(auth::SESSION_PREFIX, after.as_deref(), 1000)
+                    .map_err(storage_status)?;
+                for e in &page {
+                    let plain = self.decrypt(&keyring, &e.key, &e.value)?;
+                    let s: auth::Session = postcard::from_bytes(&plain)
+                        .map_err(|e| Status::data_loss(format!("a session is corrupt: {e}")))?;
+                    if s.expires_ms > now && (r.identity.is_empty() || r.identity == s.identity) {
+                        sessions.push(pb::SessionInfo {
+                            session_id: String::from_utf8_lossy(
+                                &e.key[auth::SESSION_PREFIX.len()..],
+                            )
+                            .into_owned(),
+                            identity: s.identity,
+                            created_at_ms: s.created_ms,
+                            expires_at_ms: s.expires_ms,
+                        });
+                    }
+                }
+                match (more, page.last()) {
+                    (true, Some(last)) => after = Some(last.key.clone()),
+                    _ => break,
+                }
+            }
+            sessions.sort_by(|a, b| {
+                (&a.identity, a.created_at_ms).cmp(&(&b.identity, b.created_at_ms))
+            });
+            Ok(pb::SessionListResponse { sessions })
+        })
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::SessionRevokeRequest>,
+    ) -> Result<Response<pb::SessionRevokeResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let id = req.into_inner().session_id;
+        self.timed("SessionRevoke", async {
+            let id = if id.is_empty() {
+                caller.session_id.clone()
+            } else {
+                id
+            };
+            if !(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return Err(Status::invalid_argument(format!(
+                    "{id:?} is not a session id (32 hex digits; `coffer session list` shows them)"
+                )));
+            }
+            let path = format!("{SESSIONS}/{id}");
+            let caller = self
+                .permit(caller, |g| {
+                    if id == g.session_id {
+                        Ok(())
+                    } else {
+                        allow(g, &path, Capability::Delete)
+                    }
+                })
+                .await?;
+            let w = self
+                .write(
+                    Txn::ops(vec![Op::Delete {
+                        key: auth::session_key(&id),
+                    }]),
+                    &[],
+                )
+                .await?;
+            let revoked = matches!(
+                w.result.results.first(),
+                Some(OpResult::Delete { prev: Some(_) })
+            );
+            if revoked {
+                tracing::info!(session = id, by = caller.identity, "session revoked");
+            }
+            Ok(pb::SessionRevokeResponse { revoked })
         })
         .await
     }

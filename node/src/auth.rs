@@ -11,8 +11,8 @@
 //!    creates the session, only if the nonce was never used: a challenge works once,
 //!    cluster-wide, even when replayed to another node. A follower forwards it like any write.
 //!
-//! Sessions are recorded, but nothing requires them yet: session certificates and per-request
-//! checks come next.
+//! The login answer carries the session certificate (`session.rs`) that every other request
+//! presents.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -143,6 +143,9 @@ pub fn session_key(id: &str) -> Vec<u8> {
 pub struct Session {
     /// The identity that logged in.
     pub identity: String,
+    /// That identity's public key at login (64 bytes): the session ends if the name is given
+    /// to another key.
+    pub identity_key: Vec<u8>,
     /// The session public key the client will prove it holds.
     pub session_key: Vec<u8>,
     /// When it was created and when it ends, ms since the Unix epoch.
@@ -163,12 +166,12 @@ pub fn session_ttl(requested_s: u64) -> Result<u64, String> {
 }
 
 /// The client side: asks `target` for a challenge, signs it with the identity key in `key`
-/// together with a fresh session key, and logs in. Returns the node's answer.
+/// together with a fresh session key, and logs in. Returns the session to present.
 pub async fn login(
     target: &crate::client::Target,
     key: &std::path::Path,
     ttl_s: u64,
-) -> anyhow::Result<coffer_api::v1::LoginResponse> {
+) -> anyhow::Result<crate::client::SessionCredentials> {
     use coffer_api::v1 as pb;
     use coffer_api::v1::auth_client::AuthClient;
     let identity = crate::keys::KeyPair::load(key)?;
@@ -186,7 +189,7 @@ pub async fn login(
         &session_key,
         ttl_s,
     ));
-    Ok(client
+    let login = client
         .login(pb::LoginRequest {
             challenge: challenge.challenge,
             public_key: identity.public().to_bytes().to_vec(),
@@ -196,7 +199,12 @@ pub async fn login(
         })
         .await
         .map_err(crate::cli::status_error)?
-        .into_inner())
+        .into_inner();
+    Ok(crate::client::SessionCredentials {
+        certificate: login.certificate.clone(),
+        key: session.signing_key_pkcs8_pem(),
+        login,
+    })
 }
 
 /// Per-source limits on challenges and logins (token buckets, on each node): a burst of

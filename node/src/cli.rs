@@ -46,6 +46,10 @@ pub struct ClientArgs {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 10.0, global = true)]
     pub timeout: f64,
+    /// Your identity's private key: commands that need a session log in with it when the
+    /// stored session (from `coffer login`) is missing, ended, or for another key or cluster.
+    #[arg(long, env = "COFFER_KEY", global = true)]
+    pub identity_key: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -55,6 +59,30 @@ impl ClientArgs {
             self.ca_cert.as_deref(),
             Duration::from_secs_f64(self.timeout.max(0.1)),
         )
+    }
+
+    /// The target with a session: the stored one when it fits, else a new login with the
+    /// identity key (stored for the next command), else none (the server then says to log in).
+    pub(crate) async fn session_target(&self) -> Result<Target> {
+        let mut target = self.target()?;
+        let stored = crate::client::StoredSession::path().and_then(|p| {
+            crate::client::StoredSession::load(&p)
+                .map_err(|e| tracing::debug!(error = %e, "no usable stored session"))
+                .ok()
+        });
+        let key = match &self.identity_key {
+            Some(path) => Some(crate::keys::KeyPair::load(path)?.public().fingerprint()),
+            None => None,
+        };
+        if let Some(session) = stored.and_then(|s| s.fits(&target, key.as_deref())) {
+            target.session = Some(session);
+            return Ok(target);
+        }
+        if let Some(path) = &self.identity_key {
+            let session = target.login(path, 0).await?.clone();
+            crate::client::StoredSession::save_best_effort(&target, &session, path);
+        }
+        Ok(target)
     }
 }
 
@@ -111,7 +139,8 @@ pub enum Command {
         client: ClientArgs,
     },
     /// Logs in with an identity key (Private Key Challenge): proves you hold the key without
-    /// sending any secret, and creates a session. Requests do not require a session yet.
+    /// sending any secret, creates a session and stores its certificate and key (0600) in
+    /// `~/.coffer/session.json` (or COFFER_SESSION_FILE) for the next commands.
     Login {
         /// Your identity's private key file.
         #[arg(long, env = "COFFER_KEY")]
@@ -123,8 +152,17 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Identities: a name, a public key and policies (stored inside the barrier; used by the
-    /// login flow that comes with authentication).
+    /// Sessions: list them, or end one at once.
+    Session {
+        /// Which operation.
+        #[command(subcommand)]
+        op: SessionCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Identities: a name, a public key and policies (stored inside the barrier); an identity
+    /// logs in with its private key.
     Identity {
         /// Which operation.
         #[command(subcommand)]
@@ -302,6 +340,22 @@ pub enum PolicyCommand {
     },
 }
 
+/// `coffer session` operations.
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Lists the sessions that have not ended, by identity.
+    List {
+        /// Only this identity's sessions.
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Ends a session at once, on every node (without an id: your own, i.e. log out).
+    Revoke {
+        /// The session id (from `coffer session list`).
+        session_id: Option<String>,
+    },
+}
+
 /// `coffer identity` operations.
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
@@ -458,7 +512,7 @@ fn print_names(names: &[String], json: bool) {
 
 async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
     use coffer_api::v1::policies_client::PoliciesClient;
-    let target = client.target()?;
+    let target = client.session_target().await?;
     let mut policies = PoliciesClient::new(target.connect().await?);
     let json = client.format == Format::Json;
     match op {
@@ -553,9 +607,70 @@ fn print_identity(r: &pb::IdentityResponse, json: bool) {
     }
 }
 
+async fn session_command(op: SessionCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::sessions_client::SessionsClient;
+    let target = client.session_target().await?;
+    let mut sessions = SessionsClient::new(target.connect().await?);
+    let json = client.format == Format::Json;
+    match op {
+        SessionCommand::List { identity } => {
+            let r = sessions
+                .list(pb::SessionListRequest {
+                    identity: identity.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let list: Vec<_> = r
+                    .sessions
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"session_id": s.session_id, "identity": s.identity,
+                            "created_at_ms": s.created_at_ms, "expires_at_ms": s.expires_at_ms})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::from(list));
+            } else {
+                let now = crate::auth::now_ms();
+                let mut rows = vec![vec![
+                    "SESSION".to_string(),
+                    "IDENTITY".into(),
+                    "ENDS IN".into(),
+                ]];
+                for s in &r.sessions {
+                    rows.push(vec![
+                        s.session_id.clone(),
+                        s.identity.clone(),
+                        format!("{} s", s.expires_at_ms.saturating_sub(now) / 1000),
+                    ]);
+                }
+                print_table(&rows);
+            }
+        }
+        SessionCommand::Revoke { session_id } => {
+            let r = sessions
+                .revoke(pb::SessionRevokeRequest {
+                    session_id: session_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!({"revoked": r.revoked}));
+            } else if r.revoked {
+                println!("revoked");
+            } else {
+                println!("no such session (it ended or was revoked already)");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()> {
     use coffer_api::v1::identities_client::IdentitiesClient;
-    let target = client.target()?;
+    let target = client.session_target().await?;
     let mut ids = IdentitiesClient::new(target.connect().await?);
     let json = client.format == Format::Json;
     match op {
@@ -616,7 +731,7 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
 }
 
 async fn kv_command(op: KvCommand, client: &ClientArgs) -> Result<()> {
-    let target = client.target()?;
+    let target = client.session_target().await?;
     let mut kv = target.kv().await?;
     let json = client.format == Format::Json;
     match op {
@@ -856,7 +971,7 @@ async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> 
     // Membership changes and snapshots may take up to 30 s on the server: wait longer than it.
     let mut client = client.clone();
     client.timeout = client.timeout.max(60.0);
-    let target = client.target()?;
+    let target = client.session_target().await?;
     let mut c = target.cluster().await?;
     let index = match op {
         ClusterCommand::AddLearner {
@@ -1043,12 +1158,16 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
         Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
         Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
+        Command::Session { op, client } => session_command(op, &client).await.map(|()| 0),
         Command::Login {
             key,
             ttl_seconds,
             client,
         } => {
-            let r = crate::auth::login(&client.target()?, &key, ttl_seconds).await?;
+            let mut target = client.target()?;
+            let session = target.login(&key, ttl_seconds).await?.clone();
+            let saved = crate::client::StoredSession::save(&target, &session, &key)?;
+            let r = session.login;
             if client.format == Format::Json {
                 println!(
                     "{}",
@@ -1057,8 +1176,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
             } else {
                 let left = r.expires_at_ms.saturating_sub(crate::auth::now_ms()) / 1000;
                 println!(
-                    "logged in as {} for {left} s (session {}); requests do not require a session yet",
-                    r.identity, r.session_id
+                    "logged in as {} for {left} s (session {}); the session is stored in {}",
+                    r.identity,
+                    r.session_id,
+                    saved.display()
                 );
             }
             Ok(0)
@@ -1066,7 +1187,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
         Command::Bench { bench, client } => {
-            let target = client.target()?;
+            let target = client.session_target().await?;
             let report = bench::run(&target, &bench).await?;
             bench::print(&report, bench.json || client.format == Format::Json)?;
             Ok(0)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use coffer_api::v1::cluster_client::ClusterClient;
 use coffer_api::v1::kv_client::KvClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Where and how to reach the cluster.
 #[derive(Debug, Clone)]
@@ -17,6 +17,29 @@ pub struct Target {
     pub ca_pem: Vec<u8>,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// The session presented on every request, once logged in.
+    pub session: Option<SessionCredentials>,
+}
+
+/// A session certificate and the session key it certifies (PEM).
+#[derive(Clone)]
+pub struct SessionCredentials {
+    /// The certificate from the login answer.
+    pub certificate: String,
+    /// The session's private key (PKCS#8).
+    pub key: zeroize::Zeroizing<String>,
+    /// The login answer.
+    pub login: coffer_api::v1::LoginResponse,
+}
+
+impl std::fmt::Debug for SessionCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SessionCredentials({} as {}, ***)",
+            self.login.session_id, self.login.identity
+        )
+    }
 }
 
 impl Target {
@@ -42,12 +65,26 @@ impl Target {
             addrs,
             ca_pem,
             timeout,
+            session: None,
         })
+    }
+
+    /// Logs in with the identity key in `key` (Private Key Challenge) and presents the new
+    /// session on every later request. `ttl_s` 0 asks for the default.
+    pub async fn login(&mut self, key: &Path, ttl_s: u64) -> Result<&SessionCredentials> {
+        let session = crate::auth::login(self, key, ttl_s).await?;
+        Ok(self.session.insert(session))
     }
 
     /// A lazily connecting channel to one address.
     pub fn channel_to(&self, addr: &str) -> Result<Channel> {
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some(session) = &self.session {
+            tls = tls.identity(Identity::from_pem(
+                &session.certificate,
+                session.key.as_bytes(),
+            ));
+        }
         Ok(Endpoint::from_shared(format!("https://{addr}"))
             .with_context(|| format!("bad server address {addr:?}"))?
             .tls_config(tls)?
@@ -81,5 +118,116 @@ impl Target {
     /// A cluster client on the first node that answers.
     pub async fn cluster(&self) -> Result<ClusterClient<Channel>> {
         Ok(ClusterClient::new(self.connect().await?))
+    }
+}
+
+/// A session kept on disk between commands (like a Vault token file, but a short-lived
+/// certificate and its key, useless without TLS to this cluster): `~/.coffer/session.json`, or
+/// the file COFFER_SESSION_FILE names. Mode 0600.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StoredSession {
+    identity: String,
+    session_id: String,
+    expires_at_ms: u64,
+    certificate: String,
+    key: String,
+    /// The identity key's fingerprint.
+    identity_fingerprint: String,
+    /// SHA-256 (hex) of the cluster CA the session was made with.
+    cluster_ca: String,
+}
+
+impl std::fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StoredSession({} as {}, ***)",
+            self.session_id, self.identity
+        )
+    }
+}
+
+fn ca_digest(ca_pem: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, ca_pem)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A stored session is used only while this much of it is left.
+const STORED_MARGIN_MS: u64 = 30_000;
+
+impl StoredSession {
+    /// Where the session is kept.
+    pub fn path() -> Option<std::path::PathBuf> {
+        if let Some(p) = std::env::var_os("COFFER_SESSION_FILE") {
+            return Some(p.into());
+        }
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".coffer").join("session.json"))
+    }
+
+    /// Reads the stored session.
+    pub fn load(path: &Path) -> Result<StoredSession> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a session", path.display()))
+    }
+
+    /// The session, if it is for `target`'s cluster, for the key with fingerprint `key` (when
+    /// one is given), and not about to end.
+    pub fn fits(self, target: &Target, key: Option<&str>) -> Option<SessionCredentials> {
+        let fits = self.cluster_ca == ca_digest(&target.ca_pem)
+            && key.is_none_or(|k| k == self.identity_fingerprint)
+            && self.expires_at_ms > crate::auth::now_ms() + STORED_MARGIN_MS;
+        fits.then(|| SessionCredentials {
+            certificate: self.certificate,
+            key: zeroize::Zeroizing::new(self.key),
+            login: coffer_api::v1::LoginResponse {
+                session_id: self.session_id,
+                identity: self.identity,
+                expires_at_ms: self.expires_at_ms,
+                certificate: String::new(),
+            },
+        })
+    }
+
+    /// Stores `session` (made with the identity key at `key`) for the next commands, replacing
+    /// the file atomically. Returns where.
+    pub fn save(
+        target: &Target,
+        session: &SessionCredentials,
+        key: &Path,
+    ) -> Result<std::path::PathBuf> {
+        let path = StoredSession::path()
+            .context("no place to store the session: set HOME or COFFER_SESSION_FILE")?;
+        let stored = StoredSession {
+            identity: session.login.identity.clone(),
+            session_id: session.login.session_id.clone(),
+            expires_at_ms: session.login.expires_at_ms,
+            certificate: session.certificate.clone(),
+            key: session.key.to_string(),
+            identity_fingerprint: crate::keys::KeyPair::load(key)?.public().fingerprint(),
+            cluster_ca: ca_digest(&target.ca_pem),
+        };
+        let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&stored)?);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        crate::tls::write_private(&tmp, &text)?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// [`StoredSession::save`], warning instead of failing (the command goes on either way).
+    pub fn save_best_effort(target: &Target, session: &SessionCredentials, key: &Path) {
+        if let Err(e) = StoredSession::save(target, session, key) {
+            eprintln!(
+                "warning: the session was not stored ({e:#}); the next command logs in again"
+            );
+        }
     }
 }

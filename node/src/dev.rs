@@ -93,10 +93,12 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
     let keys = dir.join("keys");
     initialize(&keys, &addrs, &tls_dir.join("ca.pem")).await?;
     let env = format!(
-        "export COFFER_ADDR={}\nexport COFFER_CACERT={}\nexport COFFER_OPERATOR_KEY={}\n",
+        "export COFFER_ADDR={}\nexport COFFER_CACERT={}\nexport COFFER_OPERATOR_KEY={}\nexport COFFER_KEY={}\nexport COFFER_SESSION_FILE={}\n",
         addrs.join(","),
         tls_dir.join("ca.pem").display(),
-        keys.join("operator.key").display()
+        keys.join("operator.key").display(),
+        keys.join("admin.key").display(),
+        dir.join("session.json").display()
     );
     std::fs::write(dir.join("env"), env)?;
     Ok(DevCluster {
@@ -173,7 +175,44 @@ pub async fn initialize(keys: &Path, addrs: &[String], ca: &Path) -> Result<()> 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    allow_admin_data(&target, &keys.join("admin.key"))
+        .await
+        .context("giving the administrator data access")?;
     Ok(())
+}
+
+/// The policy a transient cluster adds to its administrator: every key of the default `secret/`
+/// mount, so the quick start works with one key. A real cluster's administrator manages
+/// identities and policies only, until given more.
+pub const DEV_DATA_POLICY: &str = "dev-data";
+const DEV_DATA_TEXT: &str = r#"# Added by `coffer dev` / `coffer server --transient`: all data, for the administrator.
+path "secret/*" {
+  capabilities = ["create", "read", "update", "patch", "delete", "list"]
+}
+"#;
+
+/// Logs in as the administrator (key file `admin_key`), writes the [`DEV_DATA_POLICY`] policy
+/// and adds it to the `admin` identity. Returns the logged-in target.
+pub async fn allow_admin_data(target: &Target, admin_key: &Path) -> Result<Target> {
+    use coffer_api::v1 as pb;
+    let mut target = target.clone();
+    target.login(admin_key, 0).await?;
+    let channel = target.connect().await?;
+    pb::policies_client::PoliciesClient::new(channel.clone())
+        .write(pb::PolicyWriteRequest {
+            name: DEV_DATA_POLICY.into(),
+            text: DEV_DATA_TEXT.into(),
+        })
+        .await
+        .map_err(crate::cli::status_error)?;
+    pb::identities_client::IdentitiesClient::new(channel)
+        .update(pb::IdentityUpdateRequest {
+            name: crate::identity::ADMIN.into(),
+            policies: vec![DEV_DATA_POLICY.into()],
+        })
+        .await
+        .map_err(crate::cli::status_error)?;
+    Ok(target)
 }
 
 /// Runs the transient cluster until Ctrl-C.

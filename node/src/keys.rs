@@ -24,6 +24,10 @@ type Aead = hpke::aead::ChaCha20Poly1305;
 const PRIVATE_LABEL: &str = "COFFER PRIVATE KEY";
 const PUBLIC_PREFIX: &str = "coffer-key-v1";
 const VERSION: u8 = 1;
+/// DER of a PKCS#8 v1 Ed25519 private key up to the 32-byte seed (RFC 8410).
+pub(crate) const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 /// Bytes of an HPKE encapsulated key (X25519).
 const ENC_LEN: usize = 32;
 
@@ -139,6 +143,23 @@ impl KeyPair {
                 )
             })?;
         Ok(Zeroizing::new(pt))
+    }
+
+    /// The Ed25519 signing key as a PKCS#8 v1 PEM (`PRIVATE KEY`), the form TLS libraries load:
+    /// a session key pair presents its session certificate with it.
+    pub fn signing_key_pkcs8_pem(&self) -> Zeroizing<String> {
+        // RFC 8410: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET
+        // STRING seed } }.
+        let mut der = Zeroizing::new(ED25519_PKCS8_PREFIX.to_vec());
+        der.extend_from_slice(&*self.seed);
+        let b64 = Zeroizing::new(B64.encode(&*der));
+        let mut pem = Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        pem
     }
 
     /// The private key file's text.
@@ -295,6 +316,11 @@ impl PublicKey {
         line.push(' ');
         line.push_str(&B64.encode(raw));
         PublicKey::parse(&line)
+    }
+
+    /// The Ed25519 public key (what a session certificate certifies).
+    pub fn signing_key(&self) -> [u8; 32] {
+        self.sign
     }
 
     /// `SHA256:` and the hex of the first 16 bytes of the SHA-256 of both public keys.

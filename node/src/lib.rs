@@ -21,5 +21,6 @@ pub mod operator;
 pub mod policy;
 pub mod seal;
 pub mod server;
+pub mod session;
 pub mod threshold;
 pub mod tls;

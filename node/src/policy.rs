@@ -157,6 +157,37 @@ impl Pattern {
         false
     }
 
+    /// Whether some path that starts with `prefix` matches.
+    fn may_match_under(&self, prefix: &str) -> bool {
+        let (body, glob) = match self.0.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (self.0.as_str(), false),
+        };
+        let mut rest = prefix;
+        let mut parts = body.split('/').peekable();
+        while let Some(part) = parts.next() {
+            let last = parts.peek().is_none();
+            match rest.split_once('/') {
+                // Inside the prefix's last (partial) segment: the path can go on as needed.
+                None => {
+                    return part == "+"
+                        || part.starts_with(rest)
+                        || (last && glob && rest.starts_with(part));
+                }
+                Some((segment, after)) => {
+                    if last {
+                        return glob && (part == "+" || rest.starts_with(part));
+                    }
+                    if part != "+" && part != segment {
+                        return false;
+                    }
+                    rest = after;
+                }
+            }
+        }
+        false
+    }
+
     /// Where the first `+` or `*` is (the pattern's length if none).
     fn first_wildcard(&self) -> usize {
         self.0.find(['+', '*']).unwrap_or(self.0.len())
@@ -234,6 +265,27 @@ impl Acl {
             .max_by(|(a, _), (b, _)| a.priority_cmp(b))
     }
 
+    /// Whether `capability` is allowed on every path that starts with `prefix` (for operations
+    /// on a whole prefix, such as deleting every key under it). Conservative: a rule that might
+    /// match somewhere under the prefix must allow it too, and a prefix rule must cover the
+    /// whole prefix, so a `deny` deeper down is never bypassed.
+    pub fn allows_all_under(&self, prefix: &str, capability: Capability) -> bool {
+        let allows = |caps: &BTreeSet<Capability>| {
+            !caps.contains(&Capability::Deny) && caps.contains(&capability)
+        };
+        let covered = self.rules.iter().any(|(p, caps)| {
+            p.is_prefix()
+                && !p.0.contains('+')
+                && prefix.starts_with(&p.0[..p.0.len() - 1])
+                && allows(caps)
+        });
+        covered
+            && self
+                .rules
+                .iter()
+                .all(|(p, caps)| !p.may_match_under(prefix) || allows(caps))
+    }
+
     /// Whether `capability` is allowed on `path`.
     pub fn allows(&self, path: &str, capability: Capability) -> bool {
         match self.decide(path) {
@@ -258,6 +310,12 @@ path "auth/*" {
   capabilities = ["create", "read", "update", "patch", "delete", "list", "sudo"]
 }
 "#;
+
+/// The built-in administrator policy, parsed.
+pub fn admin() -> &'static Policy {
+    static ADMIN_POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+    ADMIN_POLICY.get_or_init(|| parse(ADMIN_TEXT).expect("the built-in admin policy parses"))
+}
 
 /// Checks a policy name: 1 to 128 of lowercase letters, digits, `-` and `_`.
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -770,5 +828,43 @@ path "secret/data/+/public" { capabilities = ["read", "list"] }
         let denied = Acl::new([&a, &b, &c]);
         assert!(!denied.allows("secret/data/x", Capability::Read));
         assert!(!denied.allows("secret/data/x", Capability::Update));
+    }
+
+    #[test]
+    fn a_whole_prefix_is_allowed_only_when_no_rule_under_it_says_otherwise() {
+        let policy = parse(
+            r#"
+path "secret/data/app/*" { capabilities = ["read", "delete"] }
+path "secret/data/app/keep/*" { capabilities = ["read"] }
+path "secret/data/+/vault" { capabilities = ["deny"] }
+path "secret/data/tmp/*" { capabilities = ["delete"] }
+"#,
+        )
+        .expect("parses");
+        let acl = Acl::new([&policy]);
+        assert!(acl.allows_all_under("secret/data/app/cache/", Capability::Delete));
+        assert!(
+            !acl.allows_all_under("secret/data/app/", Capability::Delete),
+            "app/keep/* holds no delete"
+        );
+        assert!(
+            !acl.allows_all_under("secret/data/tmp/", Capability::Delete),
+            "+/vault might match tmp/vault"
+        );
+        assert!(
+            !acl.allows_all_under("secret/data/", Capability::Delete),
+            "nothing covers all of secret/data/"
+        );
+        assert!(!acl.allows_all_under("secret/data/app/cache/", Capability::List));
+        assert!(p("secret/data/+/vault").may_match_under("secret/data/x"));
+        assert!(p("secret/data/+/vault").may_match_under("secret/data/x/va"));
+        assert!(!p("secret/data/+/vault").may_match_under("secret/data/x/vb"));
+        assert!(!p("secret/data/+/vault").may_match_under("secret/data/x/vault/"));
+        assert!(p("secret/data/+/vault*").may_match_under("secret/data/x/vault/"));
+        assert!(p("*").may_match_under("anything"));
+        assert!(!p("secret/data/a").may_match_under("secret/data/b"));
+        assert!(p("secret/data/ab").may_match_under("secret/data/a"));
+        assert!(!p("secret/data/ab").may_match_under("secret/data/abc"));
+        assert!(p("secret/data/ab*").may_match_under("secret/data/abc"));
     }
 }

@@ -153,6 +153,47 @@ fn no_delay(
     })
 }
 
+/// API connections once their TLS handshake is done. Each handshake runs in its own task (at
+/// most 10 s), so a slow client holds up no other; the accept loop ends with the server.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let (conn, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot accept an API connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let _ = conn.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(conn)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}
+
 /// Serves a gRPC router on a listener until `stop` turns true.
 fn serve(
     name: &'static str,
@@ -219,8 +260,6 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     // A request carries at most one value (plus framing); a response at most a list page.
     let max_message = (cfg.max_value_bytes + (1 << 20)).max(crate::api::MAX_PAGE_BYTES * 2);
     let api_server = Server::builder()
-        .tls_config(tls.api_server())
-        .context("API TLS configuration")?
         .concurrency_limit_per_connection(1024)
         .add_service(reflection)
         .add_service(
@@ -238,8 +277,25 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(coffer_api::v1::identities_server::IdentitiesServer::new(
             api.clone(),
         ))
+        .add_service(coffer_api::v1::sessions_server::SessionsServer::new(
+            api.clone(),
+        ))
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
-    tasks.push(serve("API", api_server, api_listener, stop_rx.clone()));
+    let (api_incoming, accept_task) =
+        tls_incoming(api_listener, tls.api_acceptor().context("API TLS")?);
+    tasks.push(accept_task);
+    let mut api_stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = api_server
+            .serve_with_incoming_shutdown(api_incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, listener = "API", "server stopped");
+        }
+    }));
 
     let peer_server = Server::builder()
         .tls_config(tls.peer_server())

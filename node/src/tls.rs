@@ -3,12 +3,18 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, SignatureScheme};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// PEM files of one node: its certificate (server and client auth), its key, the cluster CA.
@@ -77,9 +83,30 @@ impl TlsMaterial {
         Identity::from_pem(&self.cert, &self.key)
     }
 
-    /// The API listener: server certificate, no client certificate (yet).
-    pub fn api_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity())
+    /// The API listener's TLS: the node certificate; clients are asked for a session
+    /// certificate but may connect without one (to log in). The handshake proves the client
+    /// holds the key of the certificate it presents; whether the session CA issued it, and what
+    /// the session may do, is checked per request (`session.rs`), against the cluster's state
+    /// at that moment.
+    pub fn api_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        let certs = rustls_pemfile::certs(&mut self.cert.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .context("the node certificate PEM")?;
+        let key = rustls_pemfile::private_key(&mut self.key.as_slice())
+            .context("the node key PEM")?
+            .context("the node key file holds no private key")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(AnyClientCertificate {
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .context("the node certificate and key do not match")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 
     /// The peer listener: mutual TLS, clients must present a certificate of the cluster CA.
@@ -94,6 +121,58 @@ impl TlsMaterial {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(self.identity())
+    }
+}
+
+/// Accepts any client certificate whose key the client proves it holds; the API checks the
+/// certificate itself on each request.
+#[derive(Debug)]
+struct AnyClientCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
