@@ -2,7 +2,7 @@
 # Measures the replicated store with `coffer bench`: put and linearizable get at concurrency 1
 # and 64, against a 3-node `coffer dev` cluster (in memory) and against three `coffer server`
 # processes with file storage (fsync on every commit), every value through the encryption
-# barrier. The file cluster is initialized with 3 operators, 2 needed; before the benches the
+# barrier, with every request authorized by its session certificate. The file cluster is initialized with 3 operators, 2 needed; before the benches the
 # script also times the unseal ceremony: from the 2nd operator's `coffer operator unseal`
 # (a new process that decrypts its share, computes and signs a decryption share) to every node
 # serving a read, 5 rounds of seal + unseal. Prints one line per run.
@@ -61,6 +61,11 @@ all_serve() {
   done
 }
 unseal alice; unseal bob
+# The administrator logs in (sessions on, as for every client) and is given data access.
+export COFFER_KEY=$work/keys/admin.key COFFER_SESSION_FILE=$work/session.json
+printf 'path "secret/*" {\n  capabilities = ["create", "read", "update", "delete", "list"]\n}\n' > "$work/data.hcl"
+until "$bin" policy write bench-data "$work/data.hcl" > /dev/null 2>&1; do sleep 0.1; done
+"$bin" identity update admin --policy bench-data > /dev/null
 until "$bin" kv put bench/ready --value 1 > /dev/null 2>&1; do sleep 0.1; done
 times=()
 for _ in 1 2 3 4 5; do

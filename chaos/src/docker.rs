@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The client API port inside every container.
 pub const API_PORT: u16 = 7000;
@@ -33,8 +33,14 @@ const FAKETIME_LIBS: &[&str] = &[
 
 /// Runs a command and returns its stdout, or an error quoting its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    run_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {program}: is it installed and on PATH?"))?;
@@ -194,6 +200,8 @@ pub struct DockerCluster {
     /// Keep the data and logs directory when dropped.
     pub keep: bool,
     base_env: Vec<(String, String)>,
+    /// The administrator's session certificate and key (PEM), once initialized.
+    session: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl DockerCluster {
@@ -250,6 +258,7 @@ impl DockerCluster {
             ca_pem: Vec::new(),
             keep: false,
             base_env: env,
+            session: std::sync::Mutex::new(None),
         };
         for id in 1..=n {
             cluster.prepare(id, true)?;
@@ -313,6 +322,33 @@ impl DockerCluster {
             "--key",
             &p("operator.key"),
         ]))?;
+        // The workload logs in as the administrator, with access to every key (as in
+        // `coffer dev`); its session goes into keys/session.json.
+        std::fs::write(
+            keys.join("data.hcl"),
+            "path \"secret/*\" {\n  capabilities = [\"create\", \"read\", \"update\", \"delete\", \"list\"]\n}\n",
+        )?;
+        let session = p("session.json");
+        let admin = ["--identity-key".to_string(), p("admin.key")];
+        let as_admin = |args: &[&str]| -> Result<String> {
+            let mut all = with(args);
+            all.extend(admin.iter().cloned());
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            run_env(&bin, &refs, &[("COFFER_SESSION_FILE", &session)])
+        };
+        as_admin(&["policy", "write", "chaos-data", &p("data.hcl")])?;
+        as_admin(&["identity", "update", "admin", "--policy", "chaos-data"])?;
+        let stored: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&session).context("the administrator's session")?,
+        )?;
+        let field = |name: &str| {
+            stored[name]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("the stored session has no {name}"))
+        };
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((field("certificate")?, field("key")?));
         Ok(())
     }
 
@@ -553,7 +589,10 @@ impl DockerCluster {
 
     /// A lazily connecting TLS channel to node `id`'s API, each request bounded by `timeout`.
     pub fn channel(&self, id: u64, timeout: Duration) -> Result<Channel> {
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &*self.session.lock().unwrap_or_else(|e| e.into_inner()) {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
         Ok(
             Endpoint::from_shared(format!("https://{}", self.api_addr(id)))?
                 .tls_config(tls)?

@@ -646,6 +646,8 @@ pub async fn run(cfg: &RunConfig) -> Result<Report> {
     h.cluster
         .initialize(leader)
         .context("initializing and unsealing the new cluster")?;
+    // The clients present the administrator's session from now on.
+    h.refresh_targets()?;
     if h.wait_available(Duration::from_secs(30)).await.is_none() {
         bail!("the new cluster did not serve writes within 30 s");
     }

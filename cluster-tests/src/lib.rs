@@ -19,7 +19,7 @@ use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
 use coffer_api::v1::kv_client::KvClient;
 use tokio::time::Instant;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The binary under test: `coffer-under-test`, which cargo builds beside the integration test
 /// executables of this package (`target/<profile>/`, one level above `deps/`).
@@ -97,6 +97,9 @@ pub struct Cluster {
     initial_members: Vec<String>,
     options: ClusterOptions,
     ca_pem: Vec<u8>,
+    /// The administrator's session (after initialization), presented by every client the
+    /// fixture makes.
+    session: std::sync::Mutex<Option<coffer_node::client::SessionCredentials>>,
 }
 
 /// A free port on a loopback address.
@@ -171,6 +174,7 @@ impl Cluster {
             initial_members: Vec::new(),
             options,
             ca_pem,
+            session: std::sync::Mutex::new(None),
         };
         for id in 1..=n {
             let ip = node_ip(id);
@@ -188,19 +192,58 @@ impl Cluster {
         cluster
     }
 
-    /// A client target for the operator commands, over every running node.
+    /// A client target over every running node, with the administrator's session once the
+    /// cluster is initialized.
     pub fn target(&self) -> coffer_node::client::Target {
         let addrs: Vec<String> = self
             .running()
             .iter()
             .map(|id| self.nodes[id].api.to_string())
             .collect();
-        coffer_node::client::Target::new(
+        let mut target = coffer_node::client::Target::new(
             &addrs,
             Some(&self.dir.path().join("tls/ca.pem")),
             Duration::from_secs(10),
         )
-        .expect("client target")
+        .expect("client target");
+        target.session = self.session();
+        target
+    }
+
+    /// The administrator's session, once logged in.
+    pub fn session(&self) -> Option<coffer_node::client::SessionCredentials> {
+        self.session.lock().expect("session lock").clone()
+    }
+
+    /// The administrator key file (made at initialization).
+    pub fn admin_key(&self) -> PathBuf {
+        self.dir.path().join("keys/admin.key")
+    }
+
+    /// Logs in as the administrator (private key file `key`), gives it data access (the policy
+    /// `coffer dev` adds) and makes every later client of the fixture present that session.
+    pub async fn must_login_admin(&self, key: &Path) {
+        let target = coffer_node::dev::allow_admin_data(&self.target(), key)
+            .await
+            .expect("log in as the administrator");
+        *self.session.lock().expect("session lock") = target.session;
+    }
+
+    /// Environment for `coffer` CLI commands against this cluster: addresses, CA, the
+    /// administrator key and a session file of its own.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        let addrs: Vec<String> = self
+            .running()
+            .iter()
+            .map(|id| self.nodes[id].api.to_string())
+            .collect();
+        let path = |p: &str| self.dir.path().join(p).display().to_string();
+        vec![
+            ("COFFER_ADDR".into(), addrs.join(",")),
+            ("COFFER_CACERT".into(), path("tls/ca.pem")),
+            ("COFFER_KEY".into(), path("keys/admin.key")),
+            ("COFFER_SESSION_FILE".into(), path("session.json")),
+        ]
     }
 
     /// The fixture's operator key (the only one; threshold 1) and its share file.
@@ -240,6 +283,7 @@ impl Cluster {
             .expect("turn peer unseal on");
         self.must_wait_unsealed(&self.running(), Duration::from_secs(20))
             .await;
+        self.must_login_admin(&self.admin_key()).await;
     }
 
     /// Submits the operator's share to node `id` (after a restart of the whole cluster, or of a
@@ -492,7 +536,13 @@ impl Cluster {
     /// A channel to a node's API whose requests give up after `timeout` (workload clients use
     /// a short one, so a paused or cut-off node costs them little).
     pub fn channel_with_timeout(&self, id: u64, timeout: Duration) -> Channel {
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some(session) = self.session() {
+            tls = tls.identity(Identity::from_pem(
+                &session.certificate,
+                session.key.as_bytes(),
+            ));
+        }
         Endpoint::from_shared(format!("https://{}", self.nodes[&id].api))
             .expect("endpoint")
             .tls_config(tls)

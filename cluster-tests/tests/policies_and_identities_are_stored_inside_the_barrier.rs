@@ -11,10 +11,10 @@ use std::process::{Command, Output};
 use coffer_cluster_tests::{Cluster, ClusterOptions, coffer_bin, files_under};
 
 const POLICY: &str = r#"# readers of the app's secrets
-path "app" {
+path "secret/data/app" {
   capabilities = ["read"]
 }
-path "app/*" { capabilities = ["read", "list"] }
+path "secret/data/app/*" { capabilities = ["read", "list"] }
 path "zz-policy-marker-6d1f/+/db" { capabilities = ["deny"] }
 "#;
 
@@ -24,6 +24,7 @@ fn coffer(cluster: &Cluster, via: u64, args: &[&str]) -> Output {
         .args(["--addr", &cluster.nodes[&via].api.to_string()])
         .arg("--ca-cert")
         .arg(cluster.path().join("tls/ca.pem"))
+        .envs(cluster.cli_env())
         .output()
         .expect("run coffer")
 }
@@ -52,7 +53,8 @@ async fn policies_are_stored_inside_the_barrier() {
     assert!(stdout(&out).contains("policy app-readers written"));
     let warning = String::from_utf8_lossy(&out.stderr);
     assert!(
-        warning.contains("\"app\" is an exact path") && warning.contains("\"app/*\""),
+        warning.contains("\"secret/data/app\" is an exact path")
+            && warning.contains("\"secret/data/app/*\""),
         "{warning}"
     );
     // Read back through node 3; listed with the built-in policy.
@@ -62,7 +64,7 @@ async fn policies_are_stored_inside_the_barrier() {
     );
     assert_eq!(
         stdout(&coffer(&cluster, 2, &["policy", "list"])),
-        "admin\napp-readers\n"
+        "admin\napp-readers\ndev-data\n"
     );
 
     // A policy that does not parse: refused with line and column, nothing stored.
@@ -83,7 +85,7 @@ async fn policies_are_stored_inside_the_barrier() {
     );
     assert_eq!(
         stdout(&coffer(&cluster, 1, &["policy", "list"])),
-        "admin\napp-readers\n"
+        "admin\napp-readers\ndev-data\n"
     );
     // Bad names and the built-in policy.
     let err = stderr_of_failure(&coffer(&cluster, 1, &["policy", "write", "App", &file]));
@@ -118,7 +120,10 @@ async fn policies_are_stored_inside_the_barrier() {
     assert!(err.contains("no policy"), "{err}");
     let err = stderr_of_failure(&coffer(&cluster, 2, &["policy", "delete", "app-readers"]));
     assert!(err.contains("nothing deleted"), "{err}");
-    assert_eq!(stdout(&coffer(&cluster, 2, &["policy", "list"])), "admin\n");
+    assert_eq!(
+        stdout(&coffer(&cluster, 2, &["policy", "list"])),
+        "admin\ndev-data\n"
+    );
 }
 
 fn keygen(dir: &Path, name: &str) -> String {
@@ -249,13 +254,13 @@ async fn a_login_challenge_works_once_cluster_wide() {
     // By hand: a challenge from node 1, the login through node 2, the same login replayed to
     // node 3: refused, the nonce is used cluster-wide.
     let alice = KeyPair::load(std::path::Path::new(&key("alice"))).expect("key");
-    let session = KeyPair::generate().expect("session key");
+    let first_session = KeyPair::generate().expect("session key");
     let c = AuthClient::new(cluster.channel(1))
         .challenge(pb::ChallengeRequest {})
         .await
         .expect("challenge")
         .into_inner();
-    let request = |challenge: Vec<u8>, cluster_id: &str| pb::LoginRequest {
+    let request_with = |session: &KeyPair, challenge: Vec<u8>, cluster_id: &str| pb::LoginRequest {
         signature: alice
             .sign(&coffer_node::auth::login_message(
                 cluster_id,
@@ -269,6 +274,8 @@ async fn a_login_challenge_works_once_cluster_wide() {
         session_public_key: session.public().to_bytes().to_vec(),
         ttl_seconds: 600,
     };
+    let request =
+        |challenge: Vec<u8>, cluster_id: &str| request_with(&first_session, challenge, cluster_id);
     let ok = AuthClient::new(cluster.channel(2))
         .login(request(c.challenge.clone(), &c.cluster_id))
         .await
@@ -306,9 +313,20 @@ async fn a_login_challenge_works_once_cluster_wide() {
         forged.message().contains("not issued by this cluster"),
         "{forged:?}"
     );
-    // The refused attempts did not use the fresh challenge up.
+    // The refused attempts did not use the fresh challenge up. A session key serves one login
+    // only: each login makes a new one.
+    let reused = AuthClient::new(cluster.channel(3))
+        .login(request(fresh.challenge.clone(), &fresh.cluster_id))
+        .await
+        .expect_err("the session key has a session already");
+    assert!(reused.message().contains("new session key"), "{reused:?}");
+    let second_session = KeyPair::generate().expect("session key");
     AuthClient::new(cluster.channel(3))
-        .login(request(fresh.challenge, &fresh.cluster_id))
+        .login(request_with(
+            &second_session,
+            fresh.challenge,
+            &fresh.cluster_id,
+        ))
         .await
         .expect("the fresh challenge still works once");
 

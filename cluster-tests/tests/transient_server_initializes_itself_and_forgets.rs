@@ -48,6 +48,28 @@ fn start(dir: &Path, api: &str, peer: &str) -> Server {
     )
 }
 
+/// A channel presenting a session of the administrator key in the keys directory.
+async fn admin_channel(dir: &Path, api: &str) -> Channel {
+    admin_channel_with(dir, api, &dir.join("keys/admin.key")).await
+}
+
+/// A channel presenting a session of the administrator key `key` when it logs in, or none.
+async fn admin_channel_with(dir: &Path, api: &str, key: &Path) -> Channel {
+    let mut target = coffer_node::client::Target::new(
+        &[api.to_string()],
+        Some(&dir.join("tls/ca.pem")),
+        Duration::from_secs(5),
+    )
+    .expect("target");
+    if let Err(e) = target.login(key, 0).await {
+        assert!(
+            format!("{e:#}").contains("no identity has the key"),
+            "{e:#}"
+        );
+    }
+    target.channel_to(api).expect("channel")
+}
+
 fn channel(dir: &Path, api: &str) -> Channel {
     let ca = std::fs::read(dir.join("tls/ca.pem")).expect("ca");
     Endpoint::from_shared(format!("https://{api}"))
@@ -105,7 +127,8 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
             .mode();
         assert_eq!(mode & 0o077, 0, "{name} is readable by others: {mode:o}");
     }
-    let mut kv = KvClient::new(channel(d, &api));
+    // The generated administrator key logs in and, on a transient cluster, may use the data.
+    let mut kv = KvClient::new(admin_channel(d, &api).await);
     kv.put(pb::PutRequest {
         key: b"app/db".to_vec(),
         value: b"s3cret".to_vec(),
@@ -123,6 +146,8 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
         .into_inner();
     assert_eq!(got.kv.expect("kv").value, b"s3cret");
     let old_key = std::fs::read(d.join("keys/operator.key")).expect("key");
+    let old_admin = d.join("old-admin.key");
+    std::fs::copy(d.join("keys/admin.key"), &old_admin).expect("copy the old admin key");
 
     // A restart replaces only the files it wrote in the keys directory.
     std::fs::write(d.join("keys/notes.txt"), "mine").expect("write");
@@ -138,7 +163,15 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
         old_key,
         "new keys replace the old ones"
     );
-    let gone = KvClient::new(channel(d, &api))
+    let old_session = KvClient::new(admin_channel_with(d, &api, &old_admin).await)
+        .get(pb::GetRequest {
+            key: b"app/db".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .expect_err("the old administrator key is no identity of the new cluster");
+    assert_eq!(old_session.code(), tonic::Code::Unauthenticated);
+    let gone = KvClient::new(admin_channel(d, &api).await)
         .get(pb::GetRequest {
             key: b"app/db".to_vec(),
             consistency: 0,

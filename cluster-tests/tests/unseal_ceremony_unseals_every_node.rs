@@ -260,7 +260,9 @@ async fn unseal_ceremony_unseals_every_node_and_names_bad_shares() {
         .await;
     }
 
-    // The seal configuration lives under a reserved key that clients can neither reach nor see.
+    // The seal configuration lives under a reserved key that clients can neither reach nor see
+    // (not even the administrator, given data access).
+    cluster.must_login_admin(&k.join("admin.key")).await;
     let mut kv = cluster.kv(2);
     let reserved = kv
         .get(pb::GetRequest {
@@ -404,6 +406,7 @@ async fn rekey_to_five_operators_replaces_the_shares_and_keeps_the_data() {
     cluster
         .must_wait_unsealed(&[1, 2, 3], Duration::from_secs(20))
         .await;
+    cluster.must_login_admin(&k.join("admin.key")).await;
     cluster.must_put(2, "app/kept", "across-the-rekey").await;
 
     // Alice authorizes 5 operators, 3 needed; Carol proposing something else meanwhile is
