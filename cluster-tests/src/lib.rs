@@ -76,6 +76,8 @@ pub struct NodeProc {
     pub api: SocketAddr,
     /// Peer address.
     pub peer: SocketAddr,
+    /// Metrics address (`/metrics`, `/health`).
+    pub metrics: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Whether this node was one of the initial voters (passes --initial-member).
@@ -100,6 +102,15 @@ pub struct Cluster {
     /// The administrator's session (after initialization), presented by every client the
     /// fixture makes.
     session: std::sync::Mutex<Option<coffer_node::client::SessionCredentials>>,
+}
+
+/// The value of the first sample in Prometheus `text` whose line starts with `name` (a metric
+/// name, optionally with the start of its labels).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
 }
 
 /// A free port on a loopback address.
@@ -330,6 +341,7 @@ impl Cluster {
                 id,
                 api,
                 peer,
+                metrics: free_addr(&node_ip(id)),
                 data_dir,
                 initial,
                 env: Vec::new(),
@@ -360,6 +372,7 @@ impl Cluster {
             .arg(&node.data_dir)
             .args(["--api-addr", &node.api.to_string()])
             .args(["--peer-addr", &node.peer.to_string()])
+            .args(["--metrics-addr", &node.metrics.to_string()])
             .arg("--tls-cert")
             .arg(tls.join(format!("node-{id}.pem")))
             .arg("--tls-key")
@@ -511,6 +524,28 @@ impl Cluster {
             }
             _ => None,
         }
+    }
+
+    /// Node `id`'s `/metrics` answer (with its status line), if it answers with 200.
+    pub async fn metrics_text(&self, id: u64) -> Option<String> {
+        self.metrics_http(id, "/metrics")
+            .await
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// The whole HTTP answer of node `id`'s metrics listener to `GET path`.
+    pub async fn metrics_http(&self, id: u64, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.nodes[&id].metrics;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        Some(body)
     }
 
     /// The log output of a node so far.

@@ -42,6 +42,7 @@ async fn create_app(cluster: &Cluster, key: &KeyPair) {
             name: "app".into(),
             public_key: key.public().to_bytes().to_vec(),
             policies: vec!["app-read".into()],
+            ..Default::default()
         })
         .await
         .expect("identity create");
@@ -270,4 +271,173 @@ fn kv_channel(cluster: &Cluster, id: u64, session: &SessionCredentials) -> Chann
     t.session = Some(session.clone());
     t.channel_to(&cluster.nodes[&id].api.to_string())
         .expect("channel")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_removes_used_challenges_and_ended_sessions() {
+    let options = ClusterOptions {
+        extra_args: [
+            "--login-challenge-ttl-ms",
+            "1000",
+            "--login-cleanup-interval-ms",
+            "100",
+            "--login-cleanup-grace-ms",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(3, options).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = KeyPair::generate().expect("key");
+    let (key_file, _) = key.save(&dir.path().join("app"), "app").expect("save");
+    write_policy(&cluster, READ_APP).await;
+    create_app(&cluster, &key).await;
+    let mut short = bare(&cluster, 3);
+    short.login(&key_file, 1).await.expect("login");
+    let lasting = bare(&cluster, 1)
+        .login(&key_file, 0)
+        .await
+        .expect("login")
+        .clone();
+
+    // The fixture's administrator login and these two: three nonces (1 s challenges) and the
+    // 1 s session are removed by the leader; the lasting sessions stay.
+    let removed = |text: &str, kind: &str| {
+        coffer_cluster_tests::metric(
+            text,
+            &format!("coffer_login_state_removed_total{{kind=\"{kind}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the leader to remove 3 nonces and 1 session",
+        || async {
+            let (mut nonces, mut sessions) = (0.0, 0.0);
+            for id in 1..=3 {
+                let text = cluster.metrics_text(id).await?;
+                nonces += removed(&text, "nonce");
+                sessions += removed(&text, "session");
+            }
+            (nonces >= 3.0 && sessions >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let listed = SessionsClient::new(cluster.channel(2))
+        .list(pb::SessionListRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    let mut who: Vec<&str> = listed
+        .sessions
+        .iter()
+        .map(|s| s.identity.as_str())
+        .collect();
+    who.sort();
+    assert_eq!(who, ["admin", "app"], "{listed:?}");
+    let missing = get(&mut kv_as(&cluster, 2, &lasting), "app/x", false)
+        .await
+        .expect_err("no such key");
+    assert_eq!(
+        missing.code(),
+        Code::NotFound,
+        "the lasting session still works: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lifetimes_follow_the_identity_within_the_clusters_settings() {
+    use coffer_api::v1::settings_client::SettingsClient;
+    let cluster = Cluster::start(1, ClusterOptions::default()).await;
+    let mut settings = SettingsClient::new(cluster.channel(1));
+    let bad = settings
+        .write(pb::SettingsWriteRequest {
+            default_session_ttl_seconds: 2000,
+            max_session_ttl_seconds: 1000,
+        })
+        .await
+        .expect_err("default above the maximum");
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    settings
+        .write(pb::SettingsWriteRequest {
+            default_session_ttl_seconds: 600,
+            max_session_ttl_seconds: 1200,
+        })
+        .await
+        .expect("settings write");
+    let read = settings
+        .read(pb::SettingsReadRequest {})
+        .await
+        .expect("settings read")
+        .into_inner();
+    assert_eq!(
+        (
+            read.default_session_ttl_seconds,
+            read.max_session_ttl_seconds
+        ),
+        (600, 1200)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = KeyPair::generate().expect("key");
+    let (key_file, _) = key.save(&dir.path().join("app"), "app").expect("save");
+    write_policy(&cluster, READ_APP).await;
+    IdentitiesClient::new(cluster.channel(1))
+        .create(pb::IdentityCreateRequest {
+            name: "app".into(),
+            public_key: key.public().to_bytes().to_vec(),
+            policies: vec!["app-read".into()],
+            default_session_ttl_seconds: None,
+            max_session_ttl_seconds: Some(300),
+        })
+        .await
+        .expect("identity create");
+    let lasts = |login: &pb::LoginResponse| {
+        (login
+            .expires_at_ms
+            .saturating_sub(coffer_node::auth::now_ms())
+            + 999)
+            / 1000
+    };
+    // The cluster's default (600 s) is capped by the identity's own maximum (300 s).
+    let s = bare(&cluster, 1)
+        .login(&key_file, 0)
+        .await
+        .expect("login")
+        .clone();
+    assert!((295..=300).contains(&lasts(&s.login)), "{:?}", s.login);
+    let refused = bare(&cluster, 1)
+        .login(&key_file, 301)
+        .await
+        .expect_err("longer than the identity's maximum");
+    assert!(
+        format!("{refused:#}").contains("at most 300 s"),
+        "{refused:#}"
+    );
+    // Back to the cluster's limits.
+    IdentitiesClient::new(cluster.channel(1))
+        .update(pb::IdentityUpdateRequest {
+            name: "app".into(),
+            policies: vec!["app-read".into()],
+            max_session_ttl_seconds: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("identity update");
+    let s = bare(&cluster, 1)
+        .login(&key_file, 0)
+        .await
+        .expect("login")
+        .clone();
+    assert!((595..=600).contains(&lasts(&s.login)), "{:?}", s.login);
+    let refused = bare(&cluster, 1)
+        .login(&key_file, 1201)
+        .await
+        .expect_err("longer than the cluster's maximum");
+    assert!(
+        format!("{refused:#}").contains("at most 1200 s"),
+        "{refused:#}"
+    );
 }

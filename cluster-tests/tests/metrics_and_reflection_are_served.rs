@@ -4,59 +4,23 @@
 
 use std::time::Duration;
 
-use coffer_cluster_tests::{Cluster, ClusterOptions, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use coffer_cluster_tests::{Cluster, ClusterOptions, metric, wait_until};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.ok()?;
-    Some(body)
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .next()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_reflection_are_served() {
-    let port = std::net::TcpListener::bind("127.0.0.11:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut cluster = Cluster::start(1, ClusterOptions::default()).await;
-    // Restart node 1 with a metrics listener.
-    cluster.kill(1);
-    let addr = format!("127.0.0.11:{port}");
-    cluster.nodes.get_mut(&1).expect("node").extra_args =
-        vec!["--metrics-addr".into(), addr.clone()];
-    cluster.spawn(1);
-    cluster.must_wait_leader(Duration::from_secs(10)).await;
-    // The only node restarted sealed; the ceremony again.
-    cluster.must_unseal(1).await;
-    cluster
-        .must_wait_unsealed(&[1], Duration::from_secs(20))
-        .await;
+    let cluster = Cluster::start(1, ClusterOptions::default()).await;
     for i in 0..20 {
         cluster.must_put(1, &format!("m/{i}"), "v").await;
     }
     cluster.must_get_equal(1, "m/0", "v").await;
 
+    // Every fixture node serves metrics on its own port.
     let text = wait_until(Duration::from_secs(10), "the metrics endpoint", || {
-        http_get(&addr, "/metrics")
+        cluster.metrics_text(1)
     })
     .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -81,7 +45,7 @@ async fn metrics_and_reflection_are_served() {
     );
     assert_eq!(metric(&text, "coffer_raft_is_leader"), Some(1.0));
     assert_eq!(metric(&text, "coffer_fatal"), Some(0.0));
-    let health = http_get(&addr, "/health").await.expect("health");
+    let health = cluster.metrics_http(1, "/health").await.expect("health");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
     let mut reflection = ServerReflectionClient::new(cluster.channel(1));

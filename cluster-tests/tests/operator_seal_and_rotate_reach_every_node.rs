@@ -2,7 +2,8 @@
 //! data key active on every node while values written under the old one stay readable; `coffer
 //! operator seal` seals every node (no data served, peer unseal cannot undo it), replays of a
 //! signed seal request or of an unseal submission made before the seal are refused, and one
-//! unseal ceremony brings back every value.
+//! unseal ceremony brings back every value. An administrator seals every node with a session
+//! (`sudo` on sys/seal) and no operator key; an identity without that capability cannot.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -169,4 +170,64 @@ async fn rotate_and_seal_reach_every_node() {
             .must_get_equal(id, "app/new", "written-under-key-2")
             .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_seals_every_node_in_an_emergency() {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    cluster.must_put(1, "app/x", "kept").await;
+
+    // An identity whose policies hold no `sudo` on sys/seal is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = coffer_node::keys::KeyPair::generate().expect("key");
+    let (key_file, _) = key.save(&dir.path().join("app"), "app").expect("save");
+    coffer_api::v1::identities_client::IdentitiesClient::new(cluster.channel(1))
+        .create(pb::IdentityCreateRequest {
+            name: "app".into(),
+            public_key: key.public().to_bytes().to_vec(),
+            policies: vec![coffer_node::dev::DEV_DATA_POLICY.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("identity create");
+    let mut app = cluster.target();
+    app.session = None;
+    app.login(&key_file, 0).await.expect("login");
+    let denied = SealClient::new(app.connect().await.expect("connect"))
+        .emergency_seal(pb::EmergencySealRequest {})
+        .await
+        .expect_err("no sudo on sys/seal");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(!seal_status(&cluster, 1).await.sealed);
+
+    // The administrator's session seals every node: `coffer operator seal` without an
+    // operator key.
+    let out = Command::new(coffer_bin())
+        .args([
+            "operator",
+            "seal",
+            "--addr",
+            &cluster.nodes[&3].api.to_string(),
+        ])
+        .envs(cluster.cli_env())
+        .env_remove("COFFER_OPERATOR_KEY")
+        .output()
+        .expect("run coffer operator seal");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("emergency seal"),
+        "{out:?}"
+    );
+    for id in 1..=3 {
+        wait_until(Duration::from_secs(10), "every node sealed", || async {
+            seal_status(&cluster, id).await.sealed.then_some(())
+        })
+        .await;
+    }
+    // The operators' ceremony brings everything back.
+    cluster.must_unseal(1).await;
+    cluster
+        .must_wait_unsealed(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    cluster.must_get_equal(2, "app/x", "kept").await;
 }

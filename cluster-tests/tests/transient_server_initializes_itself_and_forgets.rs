@@ -127,8 +127,28 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
             .mode();
         assert_eq!(mode & 0o077, 0, "{name} is readable by others: {mode:o}");
     }
-    // The generated administrator key logs in and, on a transient cluster, may use the data.
-    let mut kv = KvClient::new(admin_channel(d, &api).await);
+    // The generated administrator key logs in and, on a transient cluster, may use the data:
+    // the server adds the dev-data policy to it right after unsealing.
+    let admin = admin_channel(d, &api).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the admin to hold dev-data",
+        || {
+            let mut ids = coffer_api::v1::identities_client::IdentitiesClient::new(admin.clone());
+            async move {
+                let r = ids
+                    .read(pb::IdentityReadRequest {
+                        name: "admin".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                r.policies.iter().any(|p| p == "dev-data").then_some(())
+            }
+        },
+    )
+    .await;
+    let mut kv = KvClient::new(admin);
     kv.put(pb::PutRequest {
         key: b"app/db".to_vec(),
         value: b"s3cret".to_vec(),

@@ -44,6 +44,7 @@ pub struct Api {
     seal: Arc<Seal>,
     logins: Arc<auth::RateLimit>,
     sessions: Arc<Sessions>,
+    login: auth::LoginSettings,
 }
 
 impl Api {
@@ -54,6 +55,7 @@ impl Api {
         max_value_bytes: usize,
         cluster_name: String,
         seal: Arc<Seal>,
+        login: auth::LoginSettings,
     ) -> Api {
         Api {
             node,
@@ -64,6 +66,7 @@ impl Api {
             // Per source and node: 20 at once, then 5 a second.
             logins: Arc::new(auth::RateLimit::new(20, 5)),
             sessions: Arc::new(Sessions::default()),
+            login,
         }
     }
 
@@ -835,6 +838,25 @@ impl coffer_api::v1::seal_server::Seal for Api {
         .await
     }
 
+    async fn emergency_seal(
+        &self,
+        req: Request<pb::EmergencySealRequest>,
+    ) -> Result<Response<pb::EmergencySealResponse>, Status> {
+        self.timed("EmergencySeal", async {
+            let grant = self
+                .authorize(&req, EMERGENCY_SEAL, Capability::Sudo)
+                .await?;
+            let by = format!("{} (session {})", grant.identity, grant.session_id);
+            self.seal
+                .emergency_seal(&by)
+                .await
+                .map_err(refused_status)?;
+            tracing::warn!(by, "emergency seal by an administrator");
+            Ok(pb::EmergencySealResponse {})
+        })
+        .await
+    }
+
     async fn rekey(
         &self,
         req: Request<pb::RekeyRequest>,
@@ -1079,6 +1101,8 @@ impl Api {
             policies: vec![policy::ADMIN.into()],
             mod_revision: 0,
             warnings: Vec::new(),
+            default_session_ttl_seconds: 0,
+            max_session_ttl_seconds: 0,
         })
     }
 
@@ -1171,6 +1195,8 @@ impl Api {
             policies: record.policies,
             mod_revision,
             warnings,
+            default_session_ttl_seconds: record.default_ttl_s.unwrap_or(0),
+            max_session_ttl_seconds: record.max_ttl_s.unwrap_or(0),
         })
     }
 
@@ -1217,6 +1243,8 @@ impl coffer_api::v1::identities_server::Identities for Api {
             })?;
             let policies =
                 identity::check_policies(&r.policies).map_err(Status::invalid_argument)?;
+            auth::check_ttls(r.default_session_ttl_seconds, r.max_session_ttl_seconds)
+                .map_err(Status::invalid_argument)?;
             let keyring = self.keyring()?;
             let fingerprint = key.fingerprint();
             if self.admin_identity()?.fingerprint == fingerprint {
@@ -1229,6 +1257,8 @@ impl coffer_api::v1::identities_server::Identities for Api {
             let record = identity::Identity {
                 public_key: r.public_key,
                 policies,
+                default_ttl_s: r.default_session_ttl_seconds,
+                max_ttl_s: r.max_session_ttl_seconds,
             };
             let txn = Txn {
                 compare: vec![
@@ -1280,6 +1310,8 @@ impl coffer_api::v1::identities_server::Identities for Api {
                 if let Some((record, rev)) = self.stored_identity(&keyring, &r.name).await? {
                     admin.policies.extend(record.policies);
                     admin.mod_revision = rev;
+                    admin.default_session_ttl_seconds = record.default_ttl_s.unwrap_or(0);
+                    admin.max_session_ttl_seconds = record.max_ttl_s.unwrap_or(0);
                 }
                 return Ok(admin);
             }
@@ -1333,6 +1365,8 @@ impl coffer_api::v1::identities_server::Identities for Api {
                     identity::Identity {
                         public_key: self.admin_identity()?.public_key,
                         policies: Vec::new(),
+                        default_ttl_s: None,
+                        max_ttl_s: None,
                     },
                     0,
                 ),
@@ -1342,6 +1376,15 @@ impl coffer_api::v1::identities_server::Identities for Api {
                 policies.retain(|p| p != policy::ADMIN);
             }
             record.policies = policies;
+            let set = |v: Option<u64>, old: Option<u64>| match v {
+                None => old,
+                Some(0) => None,
+                Some(v) => Some(v),
+            };
+            record.default_ttl_s = set(r.default_session_ttl_seconds, record.default_ttl_s);
+            record.max_ttl_s = set(r.max_session_ttl_seconds, record.max_ttl_s);
+            auth::check_ttls(record.default_ttl_s, record.max_ttl_s)
+                .map_err(Status::invalid_argument)?;
             let key = identity::store_key(&r.name);
             let txn = Txn {
                 compare: vec![Compare::ModRevision(key.clone(), rev)],
@@ -1570,7 +1613,6 @@ impl Api {
 
     /// Decides what the session with `session_key` may do, from this node's state.
     fn load_grant(&self, keyring: &Keyring, session_key: &[u8; 32]) -> Result<Grant, String> {
-        let id = session::session_id(session_key);
         let view = self.node.store().read().map_err(|e| e.to_string())?;
         let read = |key: &[u8]| -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, String> {
             match view.get(key).map_err(|e| e.to_string())? {
@@ -1581,57 +1623,15 @@ impl Api {
                 None => Ok(None),
             }
         };
-        let record = read(&auth::session_key(&id))?
-            .ok_or_else(|| format!("session {id} was revoked or has ended; log in again"))?;
-        let s: auth::Session =
-            postcard::from_bytes(&record).map_err(|e| format!("session {id} is corrupt: {e}"))?;
-        if s.session_key.get(..32) != Some(&session_key[..]) {
-            return Err(format!("the certificate does not belong to session {id}"));
-        }
-        let gone = |what: &str| format!("identity {:?} {what}; its sessions ended", s.identity);
-        let mut policies = Vec::new();
-        if s.identity == identity::ADMIN {
-            let config = self
+        let admin_key = || -> Result<Vec<u8>, String> {
+            Ok(self
                 .seal
                 .config()
                 .map_err(|e| format!("{e:#}"))?
-                .ok_or("this cluster is not initialized")?;
-            if config.admin_key != s.identity_key {
-                return Err(gone("has another key now"));
-            }
-            policies.push(policy::ADMIN.to_string());
-        }
-        if let Some(plain) = read(&identity::store_key(&s.identity))? {
-            let record: identity::Identity = postcard::from_bytes(&plain)
-                .map_err(|e| format!("identity {:?} is corrupt: {e}", s.identity))?;
-            if s.identity != identity::ADMIN && record.public_key != s.identity_key {
-                return Err(gone("has another key now"));
-            }
-            policies.extend(record.policies);
-        } else if s.identity != identity::ADMIN {
-            return Err(gone("was deleted"));
-        }
-        policies.sort();
-        policies.dedup();
-        let mut parsed = Vec::with_capacity(policies.len());
-        for name in &policies {
-            if name == policy::ADMIN {
-                parsed.push(policy::admin().clone());
-            } else if let Some(text) = read(&policy::store_key(name))? {
-                // A policy that no longer parses grants nothing (writes are checked).
-                if let Ok(p) = policy::parse(&String::from_utf8_lossy(&text)) {
-                    parsed.push(p);
-                }
-            }
-        }
-        Ok(Grant {
-            session_id: id,
-            session_key: *session_key,
-            identity: s.identity,
-            expires_ms: s.expires_ms,
-            acl: policy::Acl::new(&parsed),
-            policies,
-        })
+                .ok_or("this cluster is not initialized")?
+                .admin_key)
+        };
+        session::decide(&read, &admin_key, session_key)
     }
 }
 
@@ -1665,7 +1665,8 @@ impl coffer_api::v1::auth_server::Auth for Api {
             self.rate_limit(&req)?;
             let keyring = self.keyring()?;
             let cluster_id = self.admin_cluster()?.0;
-            let challenge = auth::issue_challenge(&keyring, auth::now_ms())
+            let ttl_ms = u64::try_from(self.login.challenge_ttl.as_millis()).unwrap_or(u64::MAX);
+            let challenge = auth::issue_challenge(&keyring, auth::now_ms(), ttl_ms)
                 .map_err(|e| Status::internal(format!("{e:#}")))?;
             Ok(pb::ChallengeResponse {
                 challenge,
@@ -1684,14 +1685,14 @@ impl coffer_api::v1::auth_server::Auth for Api {
         self.timed("Login", async {
             let keyring = self.keyring()?;
             let (cluster_id, admin_fingerprint) = self.admin_cluster()?;
-            let nonce = auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
-                .map_err(unauthenticated)?;
+            let (nonce, challenge_expiry) =
+                auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
+                    .map_err(unauthenticated)?;
             let key = PublicKey::from_bytes(&r.public_key)
                 .map_err(|e| Status::unauthenticated(format!("the identity key: {e:#}")))?;
             let session_public = PublicKey::from_bytes(&r.session_public_key)
                 .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?
                 .signing_key();
-            let ttl_s = auth::session_ttl(r.ttl_seconds).map_err(Status::invalid_argument)?;
             let fingerprint = key.fingerprint();
             // The login commits only if the key still names the same identity.
             let mut index_compare = None;
@@ -1719,6 +1720,36 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 &r.signature,
             )
             .map_err(|_| unauthenticated(auth::Refused::BadSignature(fingerprint.clone())))?;
+            // The lifetime: the identity's own limits within the cluster's.
+            let (cluster_ttls, own) = {
+                let view = self.node.store().read().map_err(storage_status)?;
+                let open = |key: &[u8]| -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Status> {
+                    match view.get(key).map_err(storage_status)? {
+                        Some(e) => Ok(Some(self.decrypt(&keyring, key, &e.value)?)),
+                        None => Ok(None),
+                    }
+                };
+                let settings: auth::Settings = match open(auth::SETTINGS_KEY)? {
+                    Some(plain) => postcard::from_bytes(&plain)
+                        .map_err(|e| Status::data_loss(format!("the settings are corrupt: {e}")))?,
+                    None => auth::Settings::default(),
+                };
+                let own: Option<identity::Identity> = match open(&identity::store_key(&identity))? {
+                    Some(plain) => Some(postcard::from_bytes(&plain).map_err(|e| {
+                        Status::data_loss(format!("identity {identity:?} is corrupt: {e}"))
+                    })?),
+                    None => None,
+                };
+                (settings.session, own)
+            };
+            let ttl_s = auth::session_ttl(
+                r.ttl_seconds,
+                cluster_ttls,
+                own.as_ref().and_then(|i| i.default_ttl_s),
+                own.as_ref().and_then(|i| i.max_ttl_s),
+                &identity,
+            )
+            .map_err(Status::invalid_argument)?;
             let now = auth::now_ms();
             let session = auth::Session {
                 identity: identity.clone(),
@@ -1749,7 +1780,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
                 success: vec![
                     Op::Put {
                         key: used,
-                        value: session.expires_ms.to_be_bytes().to_vec(),
+                        value: challenge_expiry.to_be_bytes().to_vec(),
                     },
                     Op::Put {
                         key: record_key.clone(),
@@ -1781,6 +1812,182 @@ impl coffer_api::v1::auth_server::Auth for Api {
         .await
     }
 }
+
+impl Api {
+    /// Removes login state nobody can use any more, if this node leads: used challenge nonces
+    /// whose challenge expired, and sessions that ended, each at least the configured grace ago (so that a
+    /// node whose clock is behind still refuses them). At most 1,000 of each per call, in
+    /// transactions that delete a record only if it did not change meanwhile. Returns how many
+    /// nonces and sessions were removed.
+    pub async fn clean_up_logins(&self) -> Result<(usize, usize), Status> {
+        let grace = self.login.cleanup_grace;
+        if self.node.leader_id() != Some(self.node.id()) {
+            return Ok((0, 0));
+        }
+        let keyring = self.keyring()?;
+        let cutoff =
+            auth::now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        let view = self.node.store().read().map_err(storage_status)?;
+        let ended = |prefix: &[u8],
+                     end_of: &dyn Fn(&KvEntry) -> Option<u64>|
+         -> Result<Vec<(Vec<u8>, u64)>, Status> {
+            let mut out = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            while out.len() < 1000 {
+                let (page, more) = view
+                    .list(prefix, after.as_deref(), 500)
+                    .map_err(storage_status)?;
+                for e in &page {
+                    // A record that cannot be read is left for an operator to look at.
+                    if end_of(e).is_some_and(|end| end < cutoff) {
+                        out.push((e.key.clone(), e.mod_revision));
+                    }
+                }
+                match (more, page.last()) {
+                    (true, Some(last)) => after = Some(last.key.clone()),
+                    _ => break,
+                }
+            }
+            out.truncate(1000);
+            Ok(out)
+        };
+        let nonces = ended(auth::NONCE_PREFIX, &|e| {
+            <[u8; 8]>::try_from(e.value.as_slice())
+                .ok()
+                .map(u64::from_be_bytes)
+        })?;
+        let sessions = ended(auth::SESSION_PREFIX, &|e| {
+            let plain = keyring.decrypt(&e.key, &e.value).ok()?;
+            postcard::from_bytes::<auth::Session>(&plain)
+                .ok()
+                .map(|s| s.expires_ms)
+        })?;
+        drop(view);
+        let mut removed = [0usize; 2];
+        for (kind, doomed) in [&nonces, &sessions].into_iter().enumerate() {
+            for chunk in doomed.chunks(64) {
+                let txn = Txn {
+                    compare: chunk
+                        .iter()
+                        .map(|(k, rev)| Compare::ModRevision(k.clone(), *rev))
+                        .collect(),
+                    success: chunk
+                        .iter()
+                        .map(|(k, _)| Op::Delete { key: k.clone() })
+                        .collect(),
+                    failure: Vec::new(),
+                };
+                if self.write(txn, &[]).await?.result.succeeded {
+                    removed[kind] += chunk.len();
+                }
+            }
+        }
+        self.metrics.login_state_removed("nonce", removed[0]);
+        self.metrics.login_state_removed("session", removed[1]);
+        Ok((removed[0], removed[1]))
+    }
+
+    /// Runs [`Api::clean_up_logins`] at the configured interval, for as long as the node runs.
+    pub async fn clean_up_logins_loop(self) {
+        let mut tick = tokio::time::interval(self.login.cleanup_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            match self.clean_up_logins().await {
+                Ok((0, 0)) => {}
+                Ok((nonces, sessions)) => {
+                    tracing::info!(
+                        nonces,
+                        sessions,
+                        "removed used login challenges and ended sessions"
+                    )
+                }
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {} // sealed
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "login clean-up failed; trying again later")
+                }
+            }
+        }
+    }
+}
+
+/// Cluster settings are read (`read`) and written (`update`) at this path.
+pub const SETTINGS: &str = "sys/settings";
+
+impl Api {
+    /// The stored settings (after a read index) and their revision; the defaults if none.
+    async fn settings(&self) -> Result<(auth::Settings, u64), Status> {
+        let keyring = self.keyring()?;
+        self.node.linearize().await.map_err(raft_status)?;
+        let view = self.node.store().read().map_err(storage_status)?;
+        match view.get(auth::SETTINGS_KEY).map_err(storage_status)? {
+            Some(e) => {
+                let plain = self.decrypt(&keyring, auth::SETTINGS_KEY, &e.value)?;
+                let settings = postcard::from_bytes(&plain)
+                    .map_err(|e| Status::data_loss(format!("the settings are corrupt: {e}")))?;
+                Ok((settings, e.mod_revision))
+            }
+            None => Ok((auth::Settings::default(), 0)),
+        }
+    }
+}
+
+fn settings_response(settings: auth::Settings, mod_revision: u64) -> pb::SettingsResponse {
+    pb::SettingsResponse {
+        default_session_ttl_seconds: settings.session.default_s,
+        max_session_ttl_seconds: settings.session.max_s,
+        mod_revision,
+    }
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::settings_server::Settings for Api {
+    async fn read(
+        &self,
+        req: Request<pb::SettingsReadRequest>,
+    ) -> Result<Response<pb::SettingsResponse>, Status> {
+        self.authorize(&req, SETTINGS, Capability::Read).await?;
+        self.timed("SettingsRead", async {
+            let (settings, rev) = self.settings().await?;
+            Ok(settings_response(settings, rev))
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        req: Request<pb::SettingsWriteRequest>,
+    ) -> Result<Response<pb::SettingsResponse>, Status> {
+        self.authorize(&req, SETTINGS, Capability::Update).await?;
+        let r = req.into_inner();
+        self.timed("SettingsWrite", async {
+            let or = |v: u64, builtin: u64| if v == 0 { builtin } else { v };
+            let session = auth::SessionTtls {
+                default_s: or(r.default_session_ttl_seconds, auth::BUILTIN_TTLS.default_s),
+                max_s: or(r.max_session_ttl_seconds, auth::BUILTIN_TTLS.max_s),
+            };
+            auth::check_ttls(Some(session.default_s), Some(session.max_s))
+                .map_err(Status::invalid_argument)?;
+            let settings = auth::Settings { session };
+            let keyring = self.keyring()?;
+            let value = self.sealed_record(&keyring, auth::SETTINGS_KEY, &settings)?;
+            let w = self
+                .write(
+                    Txn::ops(vec![Op::Put {
+                        key: auth::SETTINGS_KEY.to_vec(),
+                        value,
+                    }]),
+                    &[],
+                )
+                .await?;
+            Ok(settings_response(settings, w.result.revision))
+        })
+        .await
+    }
+}
+
+/// An administrator's emergency seal is authorized at this path (`sudo`).
+pub const EMERGENCY_SEAL: &str = "sys/seal";
 
 /// Sessions are managed at this path and the session id (`list` on the path itself).
 pub const SESSIONS: &str = "sys/sessions";

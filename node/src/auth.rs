@@ -22,13 +22,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::barrier::Keyring;
 
-/// How long a challenge can be used.
+/// How long a challenge can be used, by default.
 pub const CHALLENGE_TTL_MS: u64 = 60_000;
+
+/// A node's login settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginSettings {
+    /// How long a challenge can be used.
+    pub challenge_ttl: std::time::Duration,
+    /// How often the leader removes used challenges and ended sessions.
+    pub cleanup_interval: std::time::Duration,
+    /// How long after a challenge expired or a session ended it is kept (so that nodes whose
+    /// clocks are behind by less than this still refuse it).
+    pub cleanup_grace: std::time::Duration,
+}
+
+impl Default for LoginSettings {
+    fn default() -> Self {
+        LoginSettings {
+            challenge_ttl: std::time::Duration::from_millis(CHALLENGE_TTL_MS),
+            cleanup_interval: std::time::Duration::from_secs(60),
+            cleanup_grace: std::time::Duration::from_secs(300),
+        }
+    }
+}
 /// Session lifetime when the client asks for none.
 pub const DEFAULT_SESSION_TTL_S: u64 = 3600;
 /// The longest session.
 pub const MAX_SESSION_TTL_S: u64 = 24 * 3600;
-/// Where used nonces are recorded: this prefix, then the nonce in hex.
+/// Where used nonces are recorded: this prefix, then the nonce in hex; the value is the
+/// challenge's expiry (ms since the epoch, 8 bytes big-endian), after which the leader may
+/// remove it.
 pub const NONCE_PREFIX: &[u8] = b"\0coffer/login-nonce/";
 /// Where sessions live: this prefix, then the session id.
 pub const SESSION_PREFIX: &[u8] = b"\0coffer/session/";
@@ -43,7 +67,7 @@ pub enum Refused {
     #[error("the challenge was not issued by this cluster or was altered; ask for a new one")]
     BadChallenge,
     /// Past its expiry.
-    #[error("the challenge expired; ask for a new one (challenges last 60 s)")]
+    #[error("the challenge expired; ask for a new one")]
     Expired,
     /// Used before (on any node).
     #[error(
@@ -74,23 +98,23 @@ fn mac_key(keyring: &Keyring) -> hmac::Key {
 }
 
 /// A new challenge: `nonce (32) | expiry ms (8, big-endian) | HMAC-SHA256 (32)`.
-pub fn issue_challenge(keyring: &Keyring, now_ms: u64) -> anyhow::Result<Vec<u8>> {
+pub fn issue_challenge(keyring: &Keyring, now_ms: u64, ttl_ms: u64) -> anyhow::Result<Vec<u8>> {
     let mut out = vec![0u8; NONCE];
     SystemRandom::new()
         .fill(&mut out)
         .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
-    out.extend_from_slice(&(now_ms + CHALLENGE_TTL_MS).to_be_bytes());
+    out.extend_from_slice(&(now_ms + ttl_ms).to_be_bytes());
     let tag = hmac::sign(&mac_key(keyring), &out);
     out.extend_from_slice(tag.as_ref());
     Ok(out)
 }
 
-/// Checks a challenge's MAC and expiry; returns its nonce.
+/// Checks a challenge's MAC and expiry; returns its nonce and expiry (ms since the epoch).
 pub fn check_challenge(
     keyring: &Keyring,
     challenge: &[u8],
     now_ms: u64,
-) -> Result<[u8; NONCE], Refused> {
+) -> Result<([u8; NONCE], u64), Refused> {
     if challenge.len() != CHALLENGE_LEN {
         return Err(Refused::BadChallenge);
     }
@@ -98,12 +122,13 @@ pub fn check_challenge(
     hmac::verify(&mac_key(keyring), body, tag).map_err(|_| Refused::BadChallenge)?;
     let mut expiry = [0u8; 8];
     expiry.copy_from_slice(&body[NONCE..]);
-    if now_ms > u64::from_be_bytes(expiry) {
+    let expiry = u64::from_be_bytes(expiry);
+    if now_ms > expiry {
         return Err(Refused::Expired);
     }
     let mut nonce = [0u8; NONCE];
     nonce.copy_from_slice(&body[..NONCE]);
-    Ok(nonce)
+    Ok((nonce, expiry))
 }
 
 /// What the client signs with its identity key to log in.
@@ -154,12 +179,76 @@ pub struct Session {
     pub expires_ms: u64,
 }
 
-/// The TTL granted for a requested one (0: the default), or why not.
-pub fn session_ttl(requested_s: u64) -> Result<u64, String> {
+/// Session lifetimes, in seconds: the default (when a client asks for none) and the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTtls {
+    /// Granted when the client asks for 0.
+    pub default_s: u64,
+    /// The longest granted.
+    pub max_s: u64,
+}
+
+/// The lifetimes of a cluster whose administrators set none.
+pub const BUILTIN_TTLS: SessionTtls = SessionTtls {
+    default_s: DEFAULT_SESSION_TTL_S,
+    max_s: MAX_SESSION_TTL_S,
+};
+/// No setting may allow sessions longer than this (a week).
+pub const TTL_LIMIT_S: u64 = 7 * 86_400;
+/// Where the cluster's settings live (inside the barrier).
+pub const SETTINGS_KEY: &[u8] = b"\0coffer/settings";
+
+/// The cluster's settings, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Session lifetimes for identities that set none of their own.
+    pub session: SessionTtls,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            session: BUILTIN_TTLS,
+        }
+    }
+}
+
+/// Checks one identity's or the cluster's lifetimes (`None`: not set).
+pub fn check_ttls(default_s: Option<u64>, max_s: Option<u64>) -> Result<(), String> {
+    for (what, v) in [("default", default_s), ("maximum", max_s)] {
+        if let Some(v) = v
+            && !(1..=TTL_LIMIT_S).contains(&v)
+        {
+            return Err(format!(
+                "the {what} session lifetime must be between 1 and {TTL_LIMIT_S} seconds (a week), not {v}"
+            ));
+        }
+    }
+    if let (Some(d), Some(m)) = (default_s, max_s)
+        && d > m
+    {
+        return Err(format!(
+            "the default session lifetime ({d} s) is longer than the maximum ({m} s)"
+        ));
+    }
+    Ok(())
+}
+
+/// The TTL granted to `who` for a requested one (0: the default): the identity's own default
+/// and maximum where set, never above the cluster's maximum.
+pub fn session_ttl(
+    requested_s: u64,
+    cluster: SessionTtls,
+    identity_default_s: Option<u64>,
+    identity_max_s: Option<u64>,
+    who: &str,
+) -> Result<u64, String> {
+    let max = identity_max_s.map_or(cluster.max_s, |m| m.min(cluster.max_s));
+    let default = identity_default_s.unwrap_or(cluster.default_s).min(max);
     match requested_s {
-        0 => Ok(DEFAULT_SESSION_TTL_S),
-        s if s > MAX_SESSION_TTL_S => Err(format!(
-            "a session lasts at most {MAX_SESSION_TTL_S} s (24 h), not {s} s"
+        0 => Ok(default),
+        s if s > max => Err(format!(
+            "a session of {who} lasts at most {max} s, not {s} s (ask for less, or an administrator raises the maximum)"
         )),
         s => Ok(s),
     }
@@ -254,9 +343,10 @@ mod tests {
     #[test]
     fn a_challenge_checks_on_the_cluster_that_issued_it_until_it_expires() {
         let ring = Keyring::new().expect("keyring");
-        let c = issue_challenge(&ring, 1_000).expect("challenge");
-        let nonce = check_challenge(&ring, &c, 1_000 + CHALLENGE_TTL_MS).expect("valid");
+        let c = issue_challenge(&ring, 1_000, CHALLENGE_TTL_MS).expect("challenge");
+        let (nonce, expiry) = check_challenge(&ring, &c, 1_000 + CHALLENGE_TTL_MS).expect("valid");
         assert_eq!(&nonce[..], &c[..NONCE]);
+        assert_eq!(expiry, 1_000 + CHALLENGE_TTL_MS);
         assert_eq!(
             check_challenge(&ring, &c, 1_001 + CHALLENGE_TTL_MS),
             Err(Refused::Expired)
@@ -276,7 +366,10 @@ mod tests {
             check_challenge(&ring, &c[..10], 1_000),
             Err(Refused::BadChallenge)
         );
-        assert_ne!(c, issue_challenge(&ring, 1_000).expect("challenge"));
+        assert_ne!(
+            c,
+            issue_challenge(&ring, 1_000, CHALLENGE_TTL_MS).expect("challenge")
+        );
     }
 
     #[test]
@@ -297,9 +390,30 @@ mod tests {
     }
 
     #[test]
-    fn session_ttls_have_a_default_and_a_maximum() {
-        assert_eq!(session_ttl(0), Ok(DEFAULT_SESSION_TTL_S));
-        assert_eq!(session_ttl(60), Ok(60));
-        assert!(session_ttl(MAX_SESSION_TTL_S + 1).is_err());
+    fn session_ttls_have_a_default_and_a_maximum_per_identity_within_the_clusters() {
+        let c = BUILTIN_TTLS;
+        assert_eq!(
+            session_ttl(0, c, None, None, "a"),
+            Ok(DEFAULT_SESSION_TTL_S)
+        );
+        assert_eq!(session_ttl(60, c, None, None, "a"), Ok(60));
+        assert!(session_ttl(MAX_SESSION_TTL_S + 1, c, None, None, "a").is_err());
+        // The identity's own values, capped by the cluster's maximum.
+        assert_eq!(session_ttl(0, c, Some(300), Some(600), "a"), Ok(300));
+        assert!(session_ttl(601, c, Some(300), Some(600), "a").is_err());
+        assert_eq!(
+            session_ttl(0, c, None, Some(600), "a"),
+            Ok(600),
+            "default capped"
+        );
+        let strict = SessionTtls {
+            default_s: 60,
+            max_s: 120,
+        };
+        assert!(session_ttl(3600, strict, None, Some(7200), "a").is_err());
+        assert!(check_ttls(Some(10), Some(5)).is_err());
+        assert!(check_ttls(Some(0), None).is_err());
+        assert!(check_ttls(None, Some(TTL_LIMIT_S + 1)).is_err());
+        assert!(check_ttls(Some(60), Some(60)).is_ok());
     }
 }

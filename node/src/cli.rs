@@ -152,6 +152,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Cluster-wide settings (session lifetimes).
+    Settings {
+        /// Which operation.
+        #[command(subcommand)]
+        op: SettingsCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Sessions: list them, or end one at once.
     Session {
         /// Which operation.
@@ -280,12 +289,13 @@ pub enum OperatorCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Seals every node (signed with your operator key): each drops the master key and the
-    /// keyring as it applies the seal, and serves no data until the next unseal ceremony.
+    /// Seals every node: each drops the master key and the keyring as it applies the seal, and
+    /// serves no data until the next unseal ceremony. Signed with your operator key; without
+    /// one, an administrator's emergency seal with your session (needs `sudo` on sys/seal).
     Seal {
         /// Your operator private key file.
         #[arg(long, env = "COFFER_OPERATOR_KEY")]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,
@@ -340,6 +350,22 @@ pub enum PolicyCommand {
     },
 }
 
+/// `coffer settings` operations.
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Shows the cluster's settings.
+    Read,
+    /// Sets the session lifetimes for identities that set none of their own.
+    Write {
+        /// Default session lifetime, seconds (0: the built-in 3600).
+        #[arg(long, default_value_t = 0)]
+        default_session_ttl_seconds: u64,
+        /// Maximum session lifetime, seconds (0: the built-in 86400; at most 604800).
+        #[arg(long, default_value_t = 0)]
+        max_session_ttl_seconds: u64,
+    },
+}
+
 /// `coffer session` operations.
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
@@ -369,6 +395,12 @@ pub enum IdentityCommand {
         /// A policy it holds; repeat for more.
         #[arg(long = "policy")]
         policies: Vec<String>,
+        /// Its own default session lifetime, seconds (default: the cluster's).
+        #[arg(long)]
+        default_session_ttl_seconds: Option<u64>,
+        /// Its own maximum session lifetime, seconds (never above the cluster's).
+        #[arg(long)]
+        max_session_ttl_seconds: Option<u64>,
     },
     /// Shows an identity.
     Read {
@@ -377,13 +409,19 @@ pub enum IdentityCommand {
     },
     /// Lists the identities' names.
     List,
-    /// Replaces an identity's policies.
+    /// Replaces an identity's policies (and changes its session lifetimes when given).
     Update {
         /// The identity's name.
         name: String,
         /// A policy it holds from now on; repeat for more (none: no policy).
         #[arg(long = "policy")]
         policies: Vec<String>,
+        /// Its own default session lifetime, seconds (0: the cluster's).
+        #[arg(long)]
+        default_session_ttl_seconds: Option<u64>,
+        /// Its own maximum session lifetime, seconds (0: the cluster's).
+        #[arg(long)]
+        max_session_ttl_seconds: Option<u64>,
     },
     /// Deletes an identity.
     Delete {
@@ -591,20 +629,67 @@ fn print_identity(r: &pb::IdentityResponse, json: bool) {
     if json {
         println!(
             "{}",
-            serde_json::json!({"name": r.name, "fingerprint": r.fingerprint, "policies": r.policies, "mod_revision": r.mod_revision})
+            serde_json::json!({"name": r.name, "fingerprint": r.fingerprint, "policies": r.policies,
+                "mod_revision": r.mod_revision,
+                "default_session_ttl_seconds": r.default_session_ttl_seconds,
+                "max_session_ttl_seconds": r.max_session_ttl_seconds})
         );
     } else {
+        let ttl = |v: u64| {
+            if v == 0 {
+                "cluster's".to_string()
+            } else {
+                format!("{v} s")
+            }
+        };
         println!(
-            "{}  {}  policies: {}",
+            "{}  {}  policies: {}  session ttl: default {}, max {}",
             r.name,
             r.fingerprint,
             if r.policies.is_empty() {
                 "(none)".to_string()
             } else {
                 r.policies.join(", ")
-            }
+            },
+            ttl(r.default_session_ttl_seconds),
+            ttl(r.max_session_ttl_seconds)
         );
     }
+}
+
+async fn settings_command(op: SettingsCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::settings_client::SettingsClient;
+    let target = client.session_target().await?;
+    let mut settings = SettingsClient::new(target.connect().await?);
+    let r = match op {
+        SettingsCommand::Read => settings.read(pb::SettingsReadRequest {}).await,
+        SettingsCommand::Write {
+            default_session_ttl_seconds,
+            max_session_ttl_seconds,
+        } => {
+            settings
+                .write(pb::SettingsWriteRequest {
+                    default_session_ttl_seconds,
+                    max_session_ttl_seconds,
+                })
+                .await
+        }
+    }
+    .map_err(status_error)?
+    .into_inner();
+    if client.format == Format::Json {
+        println!(
+            "{}",
+            serde_json::json!({"default_session_ttl_seconds": r.default_session_ttl_seconds,
+                "max_session_ttl_seconds": r.max_session_ttl_seconds, "mod_revision": r.mod_revision})
+        );
+    } else {
+        println!(
+            "session ttl: default {} s, max {} s",
+            r.default_session_ttl_seconds, r.max_session_ttl_seconds
+        );
+    }
+    Ok(())
 }
 
 async fn session_command(op: SessionCommand, client: &ClientArgs) -> Result<()> {
@@ -678,6 +763,8 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
             name,
             public_key,
             policies,
+            default_session_ttl_seconds,
+            max_session_ttl_seconds,
         } => {
             let key = crate::keys::PublicKey::load(&public_key)?;
             let r = ids
@@ -685,6 +772,8 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
                     name,
                     public_key: key.to_bytes().to_vec(),
                     policies,
+                    default_session_ttl_seconds,
+                    max_session_ttl_seconds,
                 })
                 .await
                 .map_err(status_error)?
@@ -707,9 +796,19 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
                 .into_inner();
             print_names(&r.names, json);
         }
-        IdentityCommand::Update { name, policies } => {
+        IdentityCommand::Update {
+            name,
+            policies,
+            default_session_ttl_seconds,
+            max_session_ttl_seconds,
+        } => {
             let r = ids
-                .update(pb::IdentityUpdateRequest { name, policies })
+                .update(pb::IdentityUpdateRequest {
+                    name,
+                    policies,
+                    default_session_ttl_seconds,
+                    max_session_ttl_seconds,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -1159,6 +1258,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
         Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
         Command::Session { op, client } => session_command(op, &client).await.map(|()| 0),
+        Command::Settings { op, client } => settings_command(op, &client).await.map(|()| 0),
         Command::Login {
             key,
             ttl_seconds,

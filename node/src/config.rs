@@ -80,6 +80,17 @@ pub struct ServerArgs {
     /// than that are dropped and the ceremony starts over.
     #[arg(long, env = "COFFER_UNSEAL_PROGRESS_TTL_S")]
     pub unseal_progress_ttl_s: Option<u64>,
+    /// How long a login challenge can be used, in milliseconds (default 60000).
+    #[arg(long, env = "COFFER_LOGIN_CHALLENGE_TTL_MS")]
+    pub login_challenge_ttl_ms: Option<u64>,
+    /// How often the leader removes used login challenges and ended sessions, in milliseconds
+    /// (default 60000).
+    #[arg(long, env = "COFFER_LOGIN_CLEANUP_INTERVAL_MS")]
+    pub login_cleanup_interval_ms: Option<u64>,
+    /// How long after a challenge expired or a session ended it is kept, in milliseconds
+    /// (default 300000): nodes whose clocks are behind by less than this still refuse them.
+    #[arg(long, env = "COFFER_LOGIN_CLEANUP_GRACE_MS")]
+    pub login_cleanup_grace_ms: Option<u64>,
     /// How long a write may wait for a leader and a commit, in milliseconds.
     #[arg(long, env = "COFFER_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
@@ -127,6 +138,9 @@ struct FileConfig {
     initial_members: Option<Vec<String>>,
     max_value_bytes: Option<usize>,
     unseal_progress_ttl_s: Option<u64>,
+    login_challenge_ttl_ms: Option<u64>,
+    login_cleanup_interval_ms: Option<u64>,
+    login_cleanup_grace_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -171,6 +185,8 @@ pub struct NodeConfig {
     pub max_value_bytes: usize,
     /// How long unseal progress is kept.
     pub unseal_progress_ttl: Duration,
+    /// Challenge lifetime and the leader's clean-up of login state.
+    pub login: crate::auth::LoginSettings,
     /// Raft tuning.
     pub raft: Settings,
     /// A transient install's keys directory (see `--transient`).
@@ -347,9 +363,41 @@ impl ServerArgs {
         if unseal_progress_ttl.is_zero() || unseal_progress_ttl > Duration::from_secs(86_400) {
             bail!("--unseal-progress-ttl-s must be between 1 and 86400 (a day)");
         }
+        let defaults = crate::auth::LoginSettings::default();
+        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+            flag.or(file).map_or(default, Duration::from_millis)
+        };
+        let login = crate::auth::LoginSettings {
+            challenge_ttl: ms(
+                self.login_challenge_ttl_ms,
+                file.login_challenge_ttl_ms,
+                defaults.challenge_ttl,
+            ),
+            cleanup_interval: ms(
+                self.login_cleanup_interval_ms,
+                file.login_cleanup_interval_ms,
+                defaults.cleanup_interval,
+            ),
+            cleanup_grace: ms(
+                self.login_cleanup_grace_ms,
+                file.login_cleanup_grace_ms,
+                defaults.cleanup_grace,
+            ),
+        };
+        let between = |d: Duration, lo: u64, hi: u64| (lo..=hi).contains(&(d.as_millis() as u64));
+        if !between(login.challenge_ttl, 1_000, 600_000) {
+            bail!("--login-challenge-ttl-ms must be between 1000 and 600000 (10 minutes)");
+        }
+        if !between(login.cleanup_interval, 10, 86_400_000) {
+            bail!("--login-cleanup-interval-ms must be between 10 and 86400000 (a day)");
+        }
+        if !between(login.cleanup_grace, 0, 604_800_000) {
+            bail!("--login-cleanup-grace-ms must be at most 604800000 (a week)");
+        }
         Ok(NodeConfig {
             transient_keys,
             unseal_progress_ttl,
+            login,
             node_id,
             cluster_name: self
                 .cluster_name

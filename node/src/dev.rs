@@ -68,6 +68,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
             unseal_progress_ttl: Duration::from_secs(600),
+            login: crate::auth::LoginSettings::default(),
             raft: Settings {
                 max_entry_bytes: 2 << 20,
                 ..Settings::default()
@@ -209,6 +210,7 @@ pub async fn allow_admin_data(target: &Target, admin_key: &Path) -> Result<Targe
         .update(pb::IdentityUpdateRequest {
             name: crate::identity::ADMIN.into(),
             policies: vec![DEV_DATA_POLICY.into()],
+            ..Default::default()
         })
         .await
         .map_err(crate::cli::status_error)?;

@@ -23,6 +23,10 @@ pub struct Identity {
     pub public_key: Vec<u8>,
     /// The names of the policies it holds.
     pub policies: Vec<String>,
+    /// Its own default session lifetime in seconds (`None`: the cluster's).
+    pub default_ttl_s: Option<u64>,
+    /// Its own maximum session lifetime in seconds (`None`: the cluster's; never above it).
+    pub max_ttl_s: Option<u64>,
 }
 
 /// Checks an identity name: the same rules as policy names.

@@ -32,6 +32,7 @@ pub struct Metrics {
     lag: IntGaugeVec,
     is_leader: IntGauge,
     fatal: IntGauge,
+    login_state_removed: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +101,13 @@ impl Metrics {
         )?;
         let is_leader = IntGauge::new("raft_is_leader", "1 when this node is the leader")?;
         let fatal = IntGauge::new("fatal", "1 when Raft or storage stopped on this node")?;
+        let login_state_removed = IntCounterVec::new(
+            Opts::new(
+                "login_state_removed_total",
+                "Used challenge nonces and ended sessions this node removed as leader",
+            ),
+            &["kind"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -111,6 +119,7 @@ impl Metrics {
             Box::new(lag.clone()),
             Box::new(is_leader.clone()),
             Box::new(fatal.clone()),
+            Box::new(login_state_removed.clone()),
         ] {
             registry.register(c)?;
         }
@@ -126,7 +135,17 @@ impl Metrics {
             lag,
             is_leader,
             fatal,
+            login_state_removed,
         })
+    }
+
+    /// Counts login state removed by the clean-up (`kind`: nonce or session).
+    pub fn login_state_removed(&self, kind: &str, n: usize) {
+        if n > 0 {
+            self.login_state_removed
+                .with_label_values(&[kind])
+                .inc_by(n as u64);
+        }
     }
 
     /// Records one API request.

@@ -455,10 +455,24 @@ pub async fn run(op: OperatorCommand) -> Result<()> {
             }
             Ok(())
         }
-        OperatorCommand::Seal { key, client } => {
+        OperatorCommand::Seal {
+            key: Some(key),
+            client,
+        } => {
             act(&client.target()?, &key, Action::Seal).await?;
             println!(
                 "sealed: every node drops its keys as it applies the seal; unsealing takes the ceremony again"
+            );
+            Ok(())
+        }
+        OperatorCommand::Seal { key: None, client } => {
+            let target = client.session_target().await?;
+            coffer_api::v1::seal_client::SealClient::new(target.connect().await?)
+                .emergency_seal(coffer_api::v1::EmergencySealRequest {})
+                .await
+                .map_err(crate::cli::status_error)?;
+            println!(
+                "sealed (administrator's emergency seal): every node drops its keys as it applies the seal; unsealing takes the operators' ceremony"
             );
             Ok(())
         }

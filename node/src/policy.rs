@@ -867,4 +867,136 @@ path "secret/data/tmp/*" { capabilities = ["delete"] }
         assert!(!p("secret/data/ab").may_match_under("secret/data/abc"));
         assert!(p("secret/data/ab*").may_match_under("secret/data/abc"));
     }
+
+    /// A reference matcher written differently from [`Pattern::matches`]: the pattern as tokens
+    /// (a literal character, `+` = any run of characters without `/`, a final `*` = anything),
+    /// matched by plain backtracking.
+    fn reference_matches(pattern: &str, path: &str) -> bool {
+        fn go(p: &[char], s: &[char]) -> bool {
+            match p.split_first() {
+                None => s.is_empty(),
+                Some(('*', [])) => true,
+                Some(('+', rest)) => (0..=s.len())
+                    .take_while(|&n| n == 0 || s[n - 1] != '/')
+                    .any(|n| go(rest, &s[n..])),
+                Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+            }
+        }
+        let p: Vec<char> = pattern.chars().collect();
+        let s: Vec<char> = path.chars().collect();
+        go(&p, &s)
+    }
+
+    fn random_pattern(rng: &mut impl rand::Rng) -> String {
+        let segments = rng.random_range(1..=4);
+        let mut parts = Vec::new();
+        for _ in 0..segments {
+            parts.push(match rng.random_range(0..6) {
+                0 => "+".to_string(),
+                1 => String::new(),
+                _ => (0..rng.random_range(1..=2))
+                    .map(|_| if rng.random_bool(0.5) { 'a' } else { 'b' })
+                    .collect(),
+            });
+        }
+        let mut p = parts.join("/");
+        if rng.random_bool(0.4) {
+            p.push('*');
+        }
+        p
+    }
+
+    fn random_path(rng: &mut impl rand::Rng, len: usize) -> String {
+        (0..len)
+            .map(|_| match rng.random_range(0..3) {
+                0 => 'a',
+                1 => 'b',
+                _ => '/',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_matcher_agrees_with_a_reference_on_random_patterns_and_paths() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut checked = 0;
+        for _ in 0..20_000 {
+            let text = random_pattern(&mut rng);
+            let Ok(pattern) = Pattern::new(&text) else {
+                continue;
+            };
+            let len = rng.random_range(0..=8);
+            let path = random_path(&mut rng, len);
+            assert_eq!(
+                pattern.matches(&path),
+                reference_matches(&text, &path),
+                "pattern {text:?} path {path:?} (seed {seed})"
+            );
+            // Whole-prefix decisions rely on this never being wrong in one direction: if some
+            // path under the prefix matches, `may_match_under` must say so.
+            let len = rng.random_range(0..=4);
+            let suffix = random_path(&mut rng, len);
+            if reference_matches(&text, &format!("{path}{suffix}")) {
+                assert!(
+                    pattern.may_match_under(&path),
+                    "pattern {text:?} matches {path:?} + {suffix:?} (seed {seed})"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 10_000, "only {checked} valid patterns");
+    }
+
+    #[test]
+    fn the_parser_survives_random_mutations_of_a_policy() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let original = r#"
+# comment
+path "secret/data/app/*" {
+  capabilities = ["read", "list"]
+}
+// metadata
+path "secret/metadata/app/*" { capabilities = ["list",] }
+/* block */ path "secret/data/+/db" { capabilities = ["deny"] }
+"#;
+        let alphabet: Vec<char> = "path{}[]=,\"#/*+ \n\tabcreadlist\\é".chars().collect();
+        for round in 0..20_000 {
+            let mut text: Vec<char> = original.chars().collect();
+            for _ in 0..rng.random_range(1..=4) {
+                let at = rng.random_range(0..=text.len());
+                match rng.random_range(0..3) {
+                    0 if at < text.len() => {
+                        text.remove(at);
+                    }
+                    1 => text.insert(at, alphabet[rng.random_range(0..alphabet.len())]),
+                    _ => text.truncate(at),
+                }
+            }
+            let text: String = text.into_iter().collect();
+            match parse(&text) {
+                Ok(policy) => {
+                    for rule in &policy.rules {
+                        Pattern::new(rule.pattern.as_str()).unwrap_or_else(|e| {
+                            panic!(
+                                "round {round} (seed {seed}): an invalid pattern was accepted: {e}"
+                            )
+                        });
+                    }
+                }
+                Err(e) => {
+                    let lines = text.lines().count().max(1) + 1;
+                    assert!(
+                        e.line >= 1 && e.line <= lines && e.column >= 1,
+                        "round {round} (seed {seed}): error at {}:{} for {text:?}",
+                        e.line,
+                        e.column
+                    );
+                }
+            }
+        }
+    }
 }

@@ -850,6 +850,28 @@ impl Seal {
         Ok(self.keyring().map(|k| k.active()).unwrap_or(0))
     }
 
+    /// Seals every node on an administrator's authority (checked by the caller): records who in
+    /// the seal key, which every node takes in as it applies it, as after an operator's seal.
+    pub async fn emergency_seal(&self, by: &str) -> Result<(), Refused> {
+        let txn = Txn::ops(vec![Op::Put {
+            key: SEALED_KEY.to_vec(),
+            value: format!("administrator session: {by}").into_bytes(),
+        }]);
+        self.node
+            .write(Command {
+                request_id: None,
+                txn,
+            })
+            .await
+            .map_err(|e| Refused::Other(anyhow::anyhow!("the seal was not committed: {e}")))?;
+        self.node
+            .linearize()
+            .await
+            .map_err(|e| Refused::Other(anyhow::anyhow!("committed, but {e}")))?;
+        self.refresh();
+        Ok(())
+    }
+
     /// Answers a restarted member's request: the master key, HPKE-encrypted to the one-time key
     /// it sent, if this node is unsealed and the cluster allows peer unseal.
     fn hand_out_master_key(

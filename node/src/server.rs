@@ -252,7 +252,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         cfg.max_value_bytes,
         cfg.cluster_name.clone(),
         seal,
+        cfg.login,
     );
+    tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -278,6 +280,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             api.clone(),
         ))
         .add_service(coffer_api::v1::sessions_server::SessionsServer::new(
+            api.clone(),
+        ))
+        .add_service(coffer_api::v1::settings_server::SettingsServer::new(
             api.clone(),
         ))
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));

@@ -24,7 +24,8 @@ use zeroize::Zeroizing;
 
 use crate::barrier::Keyring;
 use crate::keys::ED25519_PKCS8_PREFIX;
-use crate::policy::Acl;
+use crate::policy::{self, Acl};
+use crate::{auth, identity};
 
 const CA_PURPOSE: &[u8] = b"coffer/session-ca/v1";
 const CA_NAME: &str = "coffer session CA";
@@ -185,6 +186,67 @@ pub struct Grant {
     pub acl: Acl,
 }
 
+/// A stored record by key, decrypted (`None` when absent).
+pub type Reader<'a> = dyn Fn(&[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String> + 'a;
+
+/// Decides what the session with `session_key` may do, from the records `read` finds: the
+/// session, its identity (which must still have the key it logged in with) and the identity's
+/// policies. `admin_key` gives the administrator's public key (from the seal configuration).
+/// The error names the failed check.
+pub fn decide(
+    read: &Reader<'_>,
+    admin_key: &dyn Fn() -> Result<Vec<u8>, String>,
+    session_key: &[u8; 32],
+) -> Result<Grant, String> {
+    let id = session_id(session_key);
+    let record = read(&auth::session_key(&id))?
+        .ok_or_else(|| format!("session {id} was revoked or has ended; log in again"))?;
+    let s: auth::Session =
+        postcard::from_bytes(&record).map_err(|e| format!("session {id} is corrupt: {e}"))?;
+    if s.session_key.get(..32) != Some(&session_key[..]) {
+        return Err(format!("the certificate does not belong to session {id}"));
+    }
+    let gone = |what: &str| format!("identity {:?} {what}; its sessions ended", s.identity);
+    let mut policies = Vec::new();
+    if s.identity == identity::ADMIN {
+        if admin_key()? != s.identity_key {
+            return Err(gone("has another key now"));
+        }
+        policies.push(policy::ADMIN.to_string());
+    }
+    if let Some(plain) = read(&identity::store_key(&s.identity))? {
+        let record: identity::Identity = postcard::from_bytes(&plain)
+            .map_err(|e| format!("identity {:?} is corrupt: {e}", s.identity))?;
+        if s.identity != identity::ADMIN && record.public_key != s.identity_key {
+            return Err(gone("has another key now"));
+        }
+        policies.extend(record.policies);
+    } else if s.identity != identity::ADMIN {
+        return Err(gone("was deleted"));
+    }
+    policies.sort();
+    policies.dedup();
+    let mut parsed = Vec::with_capacity(policies.len());
+    for name in &policies {
+        if name == policy::ADMIN {
+            parsed.push(policy::admin().clone());
+        } else if let Some(text) = read(&policy::store_key(name))? {
+            // A policy that no longer parses grants nothing (writes are checked).
+            if let Ok(p) = policy::parse(&String::from_utf8_lossy(&text)) {
+                parsed.push(p);
+            }
+        }
+    }
+    Ok(Grant {
+        session_id: id,
+        session_key: *session_key,
+        identity: s.identity,
+        expires_ms: s.expires_ms,
+        acl: Acl::new(&parsed),
+        policies,
+    })
+}
+
 /// Per-node caches of the per-request check. Verified certificates are kept per session CA;
 /// grants are kept while no reserved key changed (any login, session, identity or policy
 /// change drops them all), so a revocation or policy change applies from the next request.
@@ -202,7 +264,9 @@ type Grants = HashMap<[u8; 32], Arc<Grant>>;
 const CACHE_LIMIT: usize = 100_000;
 
 impl Sessions {
-    /// The session CA for `keyring` (made once per keyring).
+    /// The session CA for `keyring` (made once per keyring; the same for every keyring of one
+    /// cluster, whose first key never changes). Certificates verified under another CA are
+    /// forgotten.
     pub fn ca(&self, keyring: &Arc<Keyring>) -> Result<Arc<SessionCa>> {
         let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((ring, ca)) = slot.as_ref()
@@ -211,6 +275,11 @@ impl Sessions {
             return Ok(ca.clone());
         }
         let ca = Arc::new(SessionCa::from_keyring(keyring)?);
+        if slot.as_ref().is_some_and(|(_, old)| {
+            old.anchor.subject_public_key_info != ca.anchor.subject_public_key_info
+        }) {
+            self.forget_certificates();
+        }
         *slot = Some((keyring.clone(), ca.clone()));
         Ok(ca)
     }
@@ -239,8 +308,8 @@ impl Sessions {
         Ok(key)
     }
 
-    /// Forgets verified certificates (when the keyring changed).
-    pub fn forget_certificates(&self) {
+    /// Forgets verified certificates.
+    fn forget_certificates(&self) {
         self.verified
             .lock()
             .unwrap_or_else(|p| p.into_inner())
