@@ -395,11 +395,10 @@ async fn session_lifetimes_follow_the_identity_within_the_clusters_settings() {
         .await
         .expect("identity create");
     let lasts = |login: &pb::LoginResponse| {
-        (login
+        login
             .expires_at_ms
             .saturating_sub(coffer_node::auth::now_ms())
-            + 999)
-            / 1000
+            .div_ceil(1000)
     };
     // The cluster's default (600 s) is capped by the identity's own maximum (300 s).
     let s = bare(&cluster, 1)
