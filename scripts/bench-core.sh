@@ -5,7 +5,8 @@
 # barrier, with every request authorized by its session certificate. The file cluster is initialized with 3 operators, 2 needed; before the benches the
 # script also times the unseal ceremony: from the 2nd operator's `coffer operator unseal`
 # (a new process that decrypts its share, computes and signs a decryption share) to every node
-# serving a read, 5 rounds of seal + unseal. Prints one line per run.
+# serving a read, 5 rounds of seal + unseal; and, last, logins per second (Private Key
+# Challenge, the servers' per-source rate limit raised). Prints one line per run.
 #   scripts/bench-core.sh [seconds per run, default 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ for i in 1 2 3; do
   "$bin" server --node-id "$i" --data-dir "$work/data-$i" \
     --api-addr "127.0.0.1:$((17700 + 10 * i))" --peer-addr "127.0.0.1:$((17700 + 10 * i + 1))" \
     --tls-cert "$work/tls/node-$i.pem" --tls-key "$work/tls/node-$i-key.pem" --tls-ca "$work/tls/ca.pem" \
-    "${members[@]}" > "$work/server-$i.log" 2>&1 &
+    --login-rate-per-second 100000 "${members[@]}" > "$work/server-$i.log" 2>&1 &
   pids+=($!)
 done
 export COFFER_ADDR=127.0.0.1:17710,127.0.0.1:17720,127.0.0.1:17730 COFFER_CACERT=$work/tls/ca.pem
@@ -77,3 +78,9 @@ for _ in 1 2 3 4 5; do
 done
 printf 'unseal: 2nd share to all 3 nodes serving, ms (5 rounds): %s\n' "${times[*]}"
 run_benches file
+# Logins: the whole Private Key Challenge (challenge, signature, one Raft transaction).
+for c in 1 16; do
+  printf '%-6s %-5s c=%-3s ' file login "$c"
+  "$bin" bench --op login --login-key "$work/keys/admin.key" --concurrency "$c" --duration "$secs" --json \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("logins/s=%.0f p50=%.2fms p99=%.2fms errors=%d" % (r["ops_per_sec"], r["p50_ms"], r["p99_ms"], r["errors"]))'
+done

@@ -6,6 +6,7 @@
 //! deadline ([`wait_until`]), never a bare sleep.
 #![forbid(unsafe_code)]
 
+pub mod kube_api;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -219,6 +220,16 @@ impl Cluster {
         .expect("client target");
         target.session = self.session();
         target
+    }
+
+    /// A client target for node `id` alone, without a session (to log in, or to be refused).
+    pub fn target_without_session(&self, id: u64) -> coffer_node::client::Target {
+        coffer_node::client::Target::new(
+            &[self.nodes[&id].api.to_string()],
+            Some(&self.dir.path().join("tls/ca.pem")),
+            Duration::from_secs(10),
+        )
+        .expect("client target")
     }
 
     /// The administrator's session, once logged in.

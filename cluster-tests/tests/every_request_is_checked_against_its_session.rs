@@ -23,12 +23,7 @@ const DENY_APP: &str = r#"path "secret/data/app/*" { capabilities = ["deny"] }"#
 
 /// A target for one node without a session.
 fn bare(cluster: &Cluster, id: u64) -> Target {
-    Target::new(
-        &[cluster.nodes[&id].api.to_string()],
-        Some(&cluster.path().join("tls/ca.pem")),
-        Duration::from_secs(10),
-    )
-    .expect("target")
+    cluster.target_without_session(id)
 }
 
 fn kv_as(cluster: &Cluster, id: u64, session: &SessionCredentials) -> KvClient<Channel> {

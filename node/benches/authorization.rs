@@ -94,6 +94,7 @@ fn world() -> World {
                 session_key: [key.as_slice(), &[0u8; 32]].concat(),
                 created_ms: NOW,
                 expires_ms: NOW + 3_600_000,
+                kubernetes: None,
             };
             put(
                 &mut w,

@@ -20,6 +20,7 @@ use crate::auth;
 use crate::barrier::Keyring;
 use crate::identity;
 use crate::keys::PublicKey;
+use crate::kubernetes;
 use crate::metrics::Metrics;
 use crate::policy::{self, Capability};
 use crate::seal::{
@@ -45,6 +46,7 @@ pub struct Api {
     logins: Arc<auth::RateLimit>,
     sessions: Arc<Sessions>,
     login: auth::LoginSettings,
+    kubernetes: Arc<kubernetes::Validator>,
 }
 
 impl Api {
@@ -56,6 +58,7 @@ impl Api {
         cluster_name: String,
         seal: Arc<Seal>,
         login: auth::LoginSettings,
+        kubernetes: Arc<kubernetes::Validator>,
     ) -> Api {
         Api {
             node,
@@ -63,10 +66,14 @@ impl Api {
             max_value_bytes,
             cluster_name,
             seal,
-            // Per source and node: 20 at once, then 5 a second.
-            logins: Arc::new(auth::RateLimit::new(20, 5)),
+            // Per source and node: 4 s worth at once, then the rate (default 20, then 5/s).
+            logins: Arc::new(auth::RateLimit::new(
+                login.rate_per_second.saturating_mul(4),
+                login.rate_per_second,
+            )),
             sessions: Arc::new(Sessions::default()),
             login,
+            kubernetes,
         }
     }
 
@@ -1635,6 +1642,108 @@ impl Api {
     }
 }
 
+impl Api {
+    /// A record stored at `key` (inside the barrier), decoded; `None` when absent.
+    fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        keyring: &Keyring,
+        key: &[u8],
+    ) -> Result<Option<T>, Status> {
+        let view = self.node.store().read().map_err(storage_status)?;
+        match view.get(key).map_err(storage_status)? {
+            Some(e) => {
+                let plain = self.decrypt(keyring, key, &e.value)?;
+                postcard::from_bytes(&plain).map(Some).map_err(|e| {
+                    Status::data_loss(format!(
+                        "the record at {:?} is corrupt: {e}",
+                        String::from_utf8_lossy(key)
+                    ))
+                })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The cluster's session lifetimes (from this node's state).
+    fn cluster_ttls(&self, keyring: &Keyring) -> Result<auth::SessionTtls, Status> {
+        Ok(self
+            .read_record::<auth::Settings>(keyring, auth::SETTINGS_KEY)?
+            .unwrap_or_default()
+            .session)
+    }
+
+    /// Creates `session` in one transaction that marks the challenge's nonce used, only if it
+    /// never was (on any node), the session key is new, and `also` holds; issues its
+    /// certificate.
+    async fn open_session(
+        &self,
+        keyring: &Arc<Keyring>,
+        session: auth::Session,
+        nonce: &[u8],
+        challenge_expiry: u64,
+        also: Option<Compare>,
+    ) -> Result<pb::LoginResponse, Status> {
+        let mut session_public = [0u8; 32];
+        session_public.copy_from_slice(&session.session_key[..32]);
+        let id = session::session_id(&session_public);
+        let certificate = self
+            .sessions
+            .ca(keyring)
+            .and_then(|ca| {
+                ca.issue(
+                    &session_public,
+                    &session.identity,
+                    session.created_ms,
+                    session.expires_ms,
+                )
+            })
+            .map_err(|e| {
+                Status::internal(format!("cannot issue the session certificate: {e:#}"))
+            })?;
+        let record_key = auth::session_key(&id);
+        let sealed = self.sealed_record(keyring, &record_key, &session)?;
+        let used = auth::nonce_key(nonce);
+        let mut compare = vec![
+            Compare::Absent(used.clone()),
+            Compare::Absent(record_key.clone()),
+        ];
+        compare.extend(also);
+        let txn = Txn {
+            compare,
+            success: vec![
+                Op::Put {
+                    key: used.clone(),
+                    value: challenge_expiry.to_be_bytes().to_vec(),
+                },
+                Op::Put {
+                    key: record_key.clone(),
+                    value: sealed,
+                },
+            ],
+            failure: Vec::new(),
+        };
+        let w = self.write(txn, &[]).await?;
+        if !w.result.succeeded {
+            let view = self.node.store().read().map_err(storage_status)?;
+            let nonce_used = view.get(&used).map_err(storage_status)?.is_some();
+            if !nonce_used && view.get(&record_key).map_err(storage_status)?.is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "the session key already has a session ({id}); make a new session key for each login"
+                )));
+            }
+            // The nonce was used, or what the login was checked against changed meanwhile.
+            return Err(unauthenticated(auth::Refused::Replayed));
+        }
+        tracing::info!(identity = session.identity, session = id, "login");
+        Ok(pb::LoginResponse {
+            session_id: id,
+            identity: session.identity,
+            expires_at_ms: session.expires_ms,
+            certificate,
+        })
+    }
+}
+
 fn unauthenticated(e: auth::Refused) -> Status {
     Status::unauthenticated(e.to_string())
 }
@@ -1690,9 +1799,8 @@ impl coffer_api::v1::auth_server::Auth for Api {
                     .map_err(unauthenticated)?;
             let key = PublicKey::from_bytes(&r.public_key)
                 .map_err(|e| Status::unauthenticated(format!("the identity key: {e:#}")))?;
-            let session_public = PublicKey::from_bytes(&r.session_public_key)
-                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?
-                .signing_key();
+            PublicKey::from_bytes(&r.session_public_key)
+                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?;
             let fingerprint = key.fingerprint();
             // The login commits only if the key still names the same identity.
             let mut index_compare = None;
@@ -1721,30 +1829,11 @@ impl coffer_api::v1::auth_server::Auth for Api {
             )
             .map_err(|_| unauthenticated(auth::Refused::BadSignature(fingerprint.clone())))?;
             // The lifetime: the identity's own limits within the cluster's.
-            let (cluster_ttls, own) = {
-                let view = self.node.store().read().map_err(storage_status)?;
-                let open = |key: &[u8]| -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, Status> {
-                    match view.get(key).map_err(storage_status)? {
-                        Some(e) => Ok(Some(self.decrypt(&keyring, key, &e.value)?)),
-                        None => Ok(None),
-                    }
-                };
-                let settings: auth::Settings = match open(auth::SETTINGS_KEY)? {
-                    Some(plain) => postcard::from_bytes(&plain)
-                        .map_err(|e| Status::data_loss(format!("the settings are corrupt: {e}")))?,
-                    None => auth::Settings::default(),
-                };
-                let own: Option<identity::Identity> = match open(&identity::store_key(&identity))? {
-                    Some(plain) => Some(postcard::from_bytes(&plain).map_err(|e| {
-                        Status::data_loss(format!("identity {identity:?} is corrupt: {e}"))
-                    })?),
-                    None => None,
-                };
-                (settings.session, own)
-            };
+            let own: Option<identity::Identity> =
+                self.read_record(&keyring, &identity::store_key(&identity))?;
             let ttl_s = auth::session_ttl(
                 r.ttl_seconds,
-                cluster_ttls,
+                self.cluster_ttls(&keyring)?,
                 own.as_ref().and_then(|i| i.default_ttl_s),
                 own.as_ref().and_then(|i| i.max_ttl_s),
                 &identity,
@@ -1752,62 +1841,106 @@ impl coffer_api::v1::auth_server::Auth for Api {
             .map_err(Status::invalid_argument)?;
             let now = auth::now_ms();
             let session = auth::Session {
-                identity: identity.clone(),
+                identity,
                 identity_key: r.public_key,
                 session_key: r.session_public_key,
                 created_ms: now,
                 expires_ms: now + ttl_s * 1000,
+                kubernetes: None,
             };
-            let id = session::session_id(&session_public);
-            let certificate = self
-                .sessions
-                .ca(&keyring)
-                .and_then(|ca| ca.issue(&session_public, &identity, now, session.expires_ms))
-                .map_err(|e| Status::internal(format!("cannot issue the session certificate: {e:#}")))?;
-            let record_key = auth::session_key(&id);
-            let sealed = self.sealed_record(&keyring, &record_key, &session)?;
-            let used = auth::nonce_key(&nonce);
-            let used_key = used.clone();
-            // One transaction: the nonce is marked used and the session created, only if the
-            // nonce was never used, on any node (and the session key is new).
-            let mut compare = vec![
-                Compare::Absent(used.clone()),
-                Compare::Absent(record_key.clone()),
-            ];
-            compare.extend(index_compare);
-            let txn = Txn {
-                compare,
-                success: vec![
-                    Op::Put {
-                        key: used,
-                        value: challenge_expiry.to_be_bytes().to_vec(),
-                    },
-                    Op::Put {
-                        key: record_key.clone(),
-                        value: sealed,
-                    },
-                ],
-                failure: Vec::new(),
+            self.open_session(&keyring, session, &nonce, challenge_expiry, index_compare)
+                .await
+        })
+        .await
+    }
+
+    async fn kubernetes_login(
+        &self,
+        req: Request<pb::KubernetesLoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        self.rate_limit(&req)?;
+        let r = req.into_inner();
+        self.timed("KubernetesLogin", async {
+            let keyring = self.keyring()?;
+            let (cluster_id, _) = self.admin_cluster()?;
+            let (nonce, challenge_expiry) =
+                auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
+                    .map_err(unauthenticated)?;
+            let session_key = PublicKey::from_bytes(&r.session_public_key)
+                .map_err(|e| Status::invalid_argument(format!("the session key: {e:#}")))?;
+            // The session key signs the challenge, the role and the token: whoever sends this
+            // holds the key the certificate will be for.
+            session_key
+                .verify(
+                    &kubernetes::login_message(
+                        &cluster_id,
+                        &r.challenge,
+                        &r.role,
+                        &r.token,
+                        &r.session_public_key,
+                        r.ttl_seconds,
+                    ),
+                    &r.signature,
+                )
+                .map_err(|_| {
+                    Status::unauthenticated(
+                        "the signature does not match the session key over this login (wrong purpose, challenge, role or token)",
+                    )
+                })?;
+            policy::check_name(&r.role).map_err(Status::invalid_argument)?;
+            self.node.linearize().await.map_err(raft_status)?;
+            let role_key = kubernetes::role_key(&r.role);
+            let view = self.node.store().read().map_err(storage_status)?;
+            let entry = view.get(&role_key).map_err(storage_status)?.ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "no Kubernetes role {:?}; an administrator writes it with `coffer auth kubernetes role write`",
+                    r.role
+                ))
+            })?;
+            drop(view);
+            let role: kubernetes::Role =
+                postcard::from_bytes(&self.decrypt(&keyring, &role_key, &entry.value)?)
+                    .map_err(|e| Status::data_loss(format!("role {:?} is corrupt: {e}", r.role)))?;
+            let account = self
+                .kubernetes
+                .validate(&r.token, &role.audience)
+                .await
+                .map_err(|refusal| match refusal {
+                    kubernetes::Refusal::Invalid(why) => {
+                        tracing::info!(role = r.role, reason = why, "Kubernetes login refused");
+                        Status::unauthenticated(why)
+                    }
+                    kubernetes::Refusal::Unavailable(why) => {
+                        tracing::warn!(role = r.role, reason = why, "Kubernetes login unavailable");
+                        Status::unavailable(why)
+                    }
+                })?;
+            role.admits(&account).map_err(|why| {
+                tracing::info!(role = r.role, account = account.username(), reason = why, "Kubernetes login refused");
+                Status::permission_denied(why)
+            })?;
+            let who = format!("k8s:{}/{}", account.namespace, account.name);
+            let ttl_s = auth::session_ttl(
+                r.ttl_seconds,
+                self.cluster_ttls(&keyring)?,
+                None,
+                role.max_ttl_s,
+                &who,
+            )
+            .map_err(Status::invalid_argument)?;
+            let now = auth::now_ms();
+            let session = auth::Session {
+                identity: who,
+                identity_key: Vec::new(),
+                session_key: r.session_public_key,
+                created_ms: now,
+                expires_ms: now + ttl_s * 1000,
+                kubernetes: Some((r.role, account)),
             };
-            let w = self.write(txn, &[]).await?;
-            if !w.result.succeeded {
-                let view = self.node.store().read().map_err(storage_status)?;
-                let nonce_used = view.get(&used_key).map_err(storage_status)?.is_some();
-                if !nonce_used && view.get(&record_key).map_err(storage_status)?.is_some() {
-                    return Err(Status::invalid_argument(format!(
-                        "the session key already has a session ({id}); make a new session key for each login"
-                    )));
-                }
-                // The nonce was used, or the key's identity changed since it was looked up.
-                return Err(unauthenticated(auth::Refused::Replayed));
-            }
-            tracing::info!(identity, session = id, "login");
-            Ok(pb::LoginResponse {
-                session_id: id,
-                identity,
-                expires_at_ms: session.expires_ms,
-                certificate,
-            })
+            // The login commits only if the role did not change since it was read.
+            let also = Some(Compare::ModRevision(role_key, entry.mod_revision));
+            self.open_session(&keyring, session, &nonce, challenge_expiry, also)
+                .await
         })
         .await
     }
@@ -1908,6 +2041,123 @@ impl Api {
                 }
             }
         }
+    }
+}
+
+fn role_response(
+    name: String,
+    role: kubernetes::Role,
+    warnings: Vec<String>,
+) -> pb::KubernetesRole {
+    pb::KubernetesRole {
+        name,
+        bound_service_accounts: role.bound_service_accounts,
+        bound_namespaces: role.bound_namespaces,
+        audience: role.audience,
+        policies: role.policies,
+        max_session_ttl_seconds: role.max_ttl_s.unwrap_or(0),
+        warnings,
+    }
+}
+
+#[tonic::async_trait]
+impl coffer_api::v1::kubernetes_roles_server::KubernetesRoles for Api {
+    async fn write(
+        &self,
+        req: Request<pb::KubernetesRole>,
+    ) -> Result<Response<pb::KubernetesRole>, Status> {
+        let path = format!("{}/{}", kubernetes::ROLE_PATH, req.get_ref().name);
+        self.authorize(&req, &path, Capability::Update).await?;
+        let r = req.into_inner();
+        self.timed("KubernetesRoleWrite", async {
+            policy::check_name(&r.name).map_err(Status::invalid_argument)?;
+            let policies =
+                identity::check_policies(&r.policies).map_err(Status::invalid_argument)?;
+            let max_ttl_s = (r.max_session_ttl_seconds > 0).then_some(r.max_session_ttl_seconds);
+            auth::check_ttls(None, max_ttl_s).map_err(Status::invalid_argument)?;
+            let role = kubernetes::Role {
+                bound_service_accounts: r.bound_service_accounts,
+                bound_namespaces: r.bound_namespaces,
+                audience: r.audience,
+                policies,
+                max_ttl_s,
+            };
+            role.check().map_err(Status::invalid_argument)?;
+            let keyring = self.keyring()?;
+            let key = kubernetes::role_key(&r.name);
+            let value = self.sealed_record(&keyring, &key, &role)?;
+            self.write(Txn::ops(vec![Op::Put { key, value }]), &[]).await?;
+            let mut warnings = self.missing_policies(&role.policies)?;
+            if !self.kubernetes.enabled() {
+                warnings.push(
+                    "Kubernetes login is not configured on this node (--kubernetes-api-url, --kubernetes-in-cluster or --kubernetes-issuer)".into(),
+                );
+            }
+            Ok(role_response(r.name, role, warnings))
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        req: Request<pb::KubernetesRoleName>,
+    ) -> Result<Response<pb::KubernetesRole>, Status> {
+        let path = format!("{}/{}", kubernetes::ROLE_PATH, req.get_ref().name);
+        self.authorize(&req, &path, Capability::Read).await?;
+        let name = req.into_inner().name;
+        self.timed("KubernetesRoleRead", async {
+            policy::check_name(&name).map_err(Status::invalid_argument)?;
+            let keyring = self.keyring()?;
+            self.node.linearize().await.map_err(raft_status)?;
+            match self.read_record::<kubernetes::Role>(&keyring, &kubernetes::role_key(&name))? {
+                Some(role) => Ok(role_response(name, role, Vec::new())),
+                None => Err(Status::not_found(format!(
+                    "no Kubernetes role {name:?}; `coffer auth kubernetes role list` shows them"
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::KubernetesRoleListRequest>,
+    ) -> Result<Response<pb::KubernetesRoleListResponse>, Status> {
+        self.authorize(&req, kubernetes::ROLE_PATH, Capability::List)
+            .await?;
+        self.timed("KubernetesRoleList", async {
+            let mut names = self.names_under(kubernetes::ROLE_PREFIX, "").await?;
+            names.retain(|n| !n.is_empty());
+            Ok(pb::KubernetesRoleListResponse { names })
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::KubernetesRoleName>,
+    ) -> Result<Response<pb::KubernetesRoleDeleteResponse>, Status> {
+        let path = format!("{}/{}", kubernetes::ROLE_PATH, req.get_ref().name);
+        self.authorize(&req, &path, Capability::Delete).await?;
+        let name = req.into_inner().name;
+        self.timed("KubernetesRoleDelete", async {
+            policy::check_name(&name).map_err(Status::invalid_argument)?;
+            self.keyring()?;
+            let w = self
+                .write(
+                    Txn::ops(vec![Op::Delete {
+                        key: kubernetes::role_key(&name),
+                    }]),
+                    &[],
+                )
+                .await?;
+            let deleted = matches!(
+                w.result.results.first(),
+                Some(OpResult::Delete { prev: Some(_) })
+            );
+            Ok(pb::KubernetesRoleDeleteResponse { deleted })
+        })
+        .await
     }
 }
 

@@ -35,6 +35,9 @@ pub struct LoginSettings {
     /// How long after a challenge expired or a session ended it is kept (so that nodes whose
     /// clocks are behind by less than this still refuse it).
     pub cleanup_grace: std::time::Duration,
+    /// Challenges and logins each source address may make per second on each node (with a
+    /// burst of four times that).
+    pub rate_per_second: u32,
 }
 
 impl Default for LoginSettings {
@@ -43,6 +46,7 @@ impl Default for LoginSettings {
             challenge_ttl: std::time::Duration::from_millis(CHALLENGE_TTL_MS),
             cleanup_interval: std::time::Duration::from_secs(60),
             cleanup_grace: std::time::Duration::from_secs(300),
+            rate_per_second: 5,
         }
     }
 }
@@ -177,6 +181,8 @@ pub struct Session {
     pub created_ms: u64,
     /// When it ends.
     pub expires_ms: u64,
+    /// For a Kubernetes login: the role and the service account (the policies are the role's).
+    pub kubernetes: Option<(String, crate::kubernetes::ServiceAccount)>,
 }
 
 /// Session lifetimes, in seconds: the default (when a client asks for none) and the maximum.
@@ -262,15 +268,8 @@ pub async fn login(
     ttl_s: u64,
 ) -> anyhow::Result<crate::client::SessionCredentials> {
     use coffer_api::v1 as pb;
-    use coffer_api::v1::auth_client::AuthClient;
     let identity = crate::keys::KeyPair::load(key)?;
-    let session = crate::keys::KeyPair::generate()?;
-    let mut client = AuthClient::new(target.connect().await?);
-    let challenge = client
-        .challenge(pb::ChallengeRequest {})
-        .await
-        .map_err(crate::cli::status_error)?
-        .into_inner();
+    let (session, mut client, challenge) = begin_login(target).await?;
     let session_key = session.public().to_bytes().to_vec();
     let signature = identity.sign(&login_message(
         &challenge.cluster_id,
@@ -286,14 +285,71 @@ pub async fn login(
             ttl_seconds: ttl_s,
             signature: signature.to_vec(),
         })
+        .await;
+    credentials(login, &session)
+}
+
+/// A fresh session key, an Auth client on `target` and a challenge from it.
+async fn begin_login(
+    target: &crate::client::Target,
+) -> anyhow::Result<(
+    crate::keys::KeyPair,
+    coffer_api::v1::auth_client::AuthClient<tonic::transport::Channel>,
+    coffer_api::v1::ChallengeResponse,
+)> {
+    let session = crate::keys::KeyPair::generate()?;
+    let mut client = coffer_api::v1::auth_client::AuthClient::new(target.connect().await?);
+    let challenge = client
+        .challenge(coffer_api::v1::ChallengeRequest {})
         .await
         .map_err(crate::cli::status_error)?
         .into_inner();
+    Ok((session, client, challenge))
+}
+
+/// The session to present, from a login answer and the session key.
+fn credentials(
+    answer: Result<tonic::Response<coffer_api::v1::LoginResponse>, tonic::Status>,
+    session: &crate::keys::KeyPair,
+) -> anyhow::Result<crate::client::SessionCredentials> {
+    let login = answer.map_err(crate::cli::status_error)?.into_inner();
     Ok(crate::client::SessionCredentials {
         certificate: login.certificate.clone(),
         key: session.signing_key_pkcs8_pem(),
         login,
     })
+}
+
+/// The client side of a Kubernetes login: a fresh session key signs the challenge, the role and
+/// the service-account `token`, sent with the token. Returns the session to present.
+pub async fn kubernetes_login(
+    target: &crate::client::Target,
+    role: &str,
+    token: &str,
+    ttl_s: u64,
+) -> anyhow::Result<crate::client::SessionCredentials> {
+    use coffer_api::v1 as pb;
+    let (session, mut client, challenge) = begin_login(target).await?;
+    let session_key = session.public().to_bytes().to_vec();
+    let signature = session.sign(&crate::kubernetes::login_message(
+        &challenge.cluster_id,
+        &challenge.challenge,
+        role,
+        token,
+        &session_key,
+        ttl_s,
+    ));
+    let login = client
+        .kubernetes_login(pb::KubernetesLoginRequest {
+            role: role.to_string(),
+            token: token.to_string(),
+            challenge: challenge.challenge,
+            session_public_key: session_key,
+            ttl_seconds: ttl_s,
+            signature: signature.to_vec(),
+        })
+        .await;
+    credentials(login, &session)
 }
 
 /// Per-source limits on challenges and logins (token buckets, on each node): a burst of

@@ -25,6 +25,10 @@ pub enum BenchOp {
     Get,
     /// Stale (local) get of a random key.
     GetStale,
+    /// A whole Private Key Challenge login (challenge, signature, login transaction) with the
+    /// key given by --login-key. The nodes' per-source login rate limit applies
+    /// (`--login-rate-per-second` on the servers).
+    Login,
 }
 
 /// Options of `coffer bench`.
@@ -54,6 +58,9 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The identity key that `--op login` logs in with.
+    #[arg(long)]
+    pub login_key: Option<std::path::PathBuf>,
 }
 
 /// The result of one bench run.
@@ -105,6 +112,32 @@ async fn leader_flush_totals(target: &Target) -> Result<Option<(String, u64, u64
     Ok(Some((leader.api_addr.clone(), s.fsyncs, s.flushed_entries)))
 }
 
+/// One Private Key Challenge login with `identity` and a fresh session key.
+async fn login_once(
+    auth: &mut coffer_api::v1::auth_client::AuthClient<Channel>,
+    identity: &crate::keys::KeyPair,
+) -> Result<(), tonic::Status> {
+    let session =
+        crate::keys::KeyPair::generate().map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+    let challenge = auth.challenge(pb::ChallengeRequest {}).await?.into_inner();
+    let session_key = session.public().to_bytes().to_vec();
+    let signature = identity.sign(&crate::auth::login_message(
+        &challenge.cluster_id,
+        &challenge.challenge,
+        &session_key,
+        0,
+    ));
+    auth.login(pb::LoginRequest {
+        challenge: challenge.challenge,
+        public_key: identity.public().to_bytes().to_vec(),
+        session_public_key: session_key,
+        ttl_seconds: 0,
+        signature: signature.to_vec(),
+    })
+    .await
+    .map(|_| ())
+}
+
 /// Runs the benchmark.
 pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     if args.concurrency == 0 || args.keys == 0 || args.duration <= 0.0 {
@@ -117,7 +150,12 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
         }
     }
     let value = vec![b'v'; args.value_size];
-    if args.op != BenchOp::Put {
+    let login_key = match (args.op, &args.login_key) {
+        (BenchOp::Login, Some(path)) => Some(Arc::new(crate::keys::KeyPair::load(path)?)),
+        (BenchOp::Login, None) => bail!("--op login needs --login-key FILE"),
+        _ => None,
+    };
+    if matches!(args.op, BenchOp::Get | BenchOp::GetStale) {
         // Reads need the keys to exist.
         let mut kv = KvClient::new(channels[0].clone());
         for i in 0..args.keys {
@@ -143,7 +181,9 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
         let channel: Channel = channels[w % channels.len()].clone();
         let (op, keys, key_size, value) = (args.op, args.keys, args.key_size, value.clone());
         let errors = errors.clone();
+        let login_key = login_key.clone();
         workers.push(tokio::spawn(async move {
+            let mut auth = coffer_api::v1::auth_client::AuthClient::new(channel.clone());
             let mut kv = KvClient::new(channel);
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
@@ -173,6 +213,10 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
                         })
                         .await
                         .map(|_| ()),
+                    BenchOp::Login => match &login_key {
+                        Some(identity) => login_once(&mut auth, identity).await,
+                        None => Err(tonic::Status::invalid_argument("no login key")),
+                    },
                 };
                 match r {
                     Ok(()) => {

@@ -78,9 +78,9 @@ impl ClientArgs {
             target.session = Some(session);
             return Ok(target);
         }
-        if let Some(path) = &self.identity_key {
+        if let (Some(path), Some(owner)) = (&self.identity_key, &key) {
             let session = target.login(path, 0).await?.clone();
-            crate::client::StoredSession::save_best_effort(&target, &session, path);
+            crate::client::StoredSession::save_best_effort(&target, &session, owner);
         }
         Ok(target)
     }
@@ -144,10 +144,25 @@ pub enum Command {
     Login {
         /// Your identity's private key file.
         #[arg(long, env = "COFFER_KEY")]
-        key: PathBuf,
+        key: Option<PathBuf>,
+        /// Log in with this pod's Kubernetes service-account token for this role instead.
+        #[arg(long)]
+        kubernetes_role: Option<String>,
+        /// The projected service-account token (for --kubernetes-role).
+        #[arg(long, default_value = crate::kubernetes::DEFAULT_TOKEN_FILE)]
+        token_file: PathBuf,
         /// Session lifetime in seconds (0: the default, 3600; at most 86400).
         #[arg(long, default_value_t = 0)]
         ttl_seconds: u64,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Authentication methods besides keys: Kubernetes roles.
+    Auth {
+        /// Which method.
+        #[command(subcommand)]
+        method: AuthCommand,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,
@@ -346,6 +361,65 @@ pub enum PolicyCommand {
     /// Deletes a policy.
     Delete {
         /// The policy's name.
+        name: String,
+    },
+}
+
+/// `coffer auth` methods.
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Kubernetes service-account login.
+    Kubernetes {
+        /// Which operation.
+        #[command(subcommand)]
+        op: KubernetesCommand,
+    },
+}
+
+/// `coffer auth kubernetes` operations.
+#[derive(Debug, Subcommand)]
+pub enum KubernetesCommand {
+    /// Roles: which service accounts may log in, with which policies.
+    Role {
+        /// Which operation.
+        #[command(subcommand)]
+        op: RoleCommand,
+    },
+}
+
+/// `coffer auth kubernetes role` operations.
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Creates or replaces a role.
+    Write {
+        /// The role's name.
+        name: String,
+        /// A service account name that may log in (`*`: any); repeat for more.
+        #[arg(long = "bound-service-account", required = true)]
+        service_accounts: Vec<String>,
+        /// A namespace it may be in (`*`: any); repeat for more.
+        #[arg(long = "bound-namespace", required = true)]
+        namespaces: Vec<String>,
+        /// The audience the pods' projected tokens are issued for.
+        #[arg(long)]
+        audience: String,
+        /// A policy its sessions hold; repeat for more.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// The longest session, seconds (0: the cluster's maximum).
+        #[arg(long, default_value_t = 0)]
+        max_session_ttl_seconds: u64,
+    },
+    /// Shows a role.
+    Read {
+        /// The role's name.
+        name: String,
+    },
+    /// Lists the roles' names.
+    List,
+    /// Deletes a role (its sessions end).
+    Delete {
+        /// The role's name.
         name: String,
     },
 }
@@ -655,6 +729,91 @@ fn print_identity(r: &pb::IdentityResponse, json: bool) {
             ttl(r.max_session_ttl_seconds)
         );
     }
+}
+
+async fn auth_command(method: AuthCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::kubernetes_roles_client::KubernetesRolesClient;
+    let AuthCommand::Kubernetes {
+        op: KubernetesCommand::Role { op },
+    } = method;
+    let target = client.session_target().await?;
+    let mut roles = KubernetesRolesClient::new(target.connect().await?);
+    let json = client.format == Format::Json;
+    let role = match op {
+        RoleCommand::Write {
+            name,
+            service_accounts,
+            namespaces,
+            audience,
+            policies,
+            max_session_ttl_seconds,
+        } => roles
+            .write(pb::KubernetesRole {
+                name,
+                bound_service_accounts: service_accounts,
+                bound_namespaces: namespaces,
+                audience,
+                policies,
+                max_session_ttl_seconds,
+                warnings: Vec::new(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        RoleCommand::Read { name } => roles
+            .read(pb::KubernetesRoleName { name })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        RoleCommand::List => {
+            let r = roles
+                .list(pb::KubernetesRoleListRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_names(&r.names, json);
+            return Ok(());
+        }
+        RoleCommand::Delete { name } => {
+            let r = roles
+                .delete(pb::KubernetesRoleName { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.deleted {
+                println!("role {name} deleted; its sessions ended");
+            } else {
+                println!("no role {name}: nothing deleted");
+            }
+            return Ok(());
+        }
+    };
+    for w in &role.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": role.name, "bound_service_accounts": role.bound_service_accounts,
+                "bound_namespaces": role.bound_namespaces, "audience": role.audience,
+                "policies": role.policies, "max_session_ttl_seconds": role.max_session_ttl_seconds})
+        );
+    } else {
+        println!(
+            "{}  service accounts: {}  namespaces: {}  audience: {}  policies: {}  max ttl: {}",
+            role.name,
+            role.bound_service_accounts.join(", "),
+            role.bound_namespaces.join(", "),
+            role.audience,
+            role.policies.join(", "),
+            if role.max_session_ttl_seconds == 0 {
+                "cluster's".to_string()
+            } else {
+                format!("{} s", role.max_session_ttl_seconds)
+            }
+        );
+    }
+    Ok(())
 }
 
 async fn settings_command(op: SettingsCommand, client: &ClientArgs) -> Result<()> {
@@ -1259,14 +1418,39 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
         Command::Session { op, client } => session_command(op, &client).await.map(|()| 0),
         Command::Settings { op, client } => settings_command(op, &client).await.map(|()| 0),
+        Command::Auth { method, client } => auth_command(method, &client).await.map(|()| 0),
         Command::Login {
             key,
+            kubernetes_role,
+            token_file,
             ttl_seconds,
             client,
         } => {
             let mut target = client.target()?;
-            let session = target.login(&key, ttl_seconds).await?.clone();
-            let saved = crate::client::StoredSession::save(&target, &session, &key)?;
+            let (session, owner) = match (kubernetes_role, key) {
+                (Some(role), _) => {
+                    let token = std::fs::read_to_string(&token_file).with_context(|| {
+                        format!(
+                            "cannot read the service-account token {}",
+                            token_file.display()
+                        )
+                    })?;
+                    let session =
+                        crate::auth::kubernetes_login(&target, &role, token.trim(), ttl_seconds)
+                            .await?;
+                    (session, format!("kubernetes:{role}"))
+                }
+                (None, Some(key)) => {
+                    let session = crate::auth::login(&target, &key, ttl_seconds).await?;
+                    let owner = crate::keys::KeyPair::load(&key)?.public().fingerprint();
+                    (session, owner)
+                }
+                (None, None) => anyhow::bail!(
+                    "give --key FILE (or COFFER_KEY), or --kubernetes-role ROLE in a pod"
+                ),
+            };
+            target.session = Some(session.clone());
+            let saved = crate::client::StoredSession::save(&target, &session, &owner)?;
             let r = session.login;
             if client.format == Format::Json {
                 println!(

@@ -192,12 +192,13 @@ impl StoredSession {
         })
     }
 
-    /// Stores `session` (made with the identity key at `key`) for the next commands, replacing
-    /// the file atomically. Returns where.
+    /// Stores `session` (made with the identity key whose fingerprint is `owner`, or for the
+    /// Kubernetes role `kubernetes:ROLE`) for the next commands, replacing the file
+    /// atomically. Returns where.
     pub fn save(
         target: &Target,
         session: &SessionCredentials,
-        key: &Path,
+        owner: &str,
     ) -> Result<std::path::PathBuf> {
         let path = StoredSession::path()
             .context("no place to store the session: set HOME or COFFER_SESSION_FILE")?;
@@ -207,7 +208,7 @@ impl StoredSession {
             expires_at_ms: session.login.expires_at_ms,
             certificate: session.certificate.clone(),
             key: session.key.to_string(),
-            identity_fingerprint: crate::keys::KeyPair::load(key)?.public().fingerprint(),
+            identity_fingerprint: owner.to_string(),
             cluster_ca: ca_digest(&target.ca_pem),
         };
         let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&stored)?);
@@ -223,8 +224,8 @@ impl StoredSession {
     }
 
     /// [`StoredSession::save`], warning instead of failing (the command goes on either way).
-    pub fn save_best_effort(target: &Target, session: &SessionCredentials, key: &Path) {
-        if let Err(e) = StoredSession::save(target, session, key) {
+    pub fn save_best_effort(target: &Target, session: &SessionCredentials, owner: &str) {
+        if let Err(e) = StoredSession::save(target, session, owner) {
             eprintln!(
                 "warning: the session was not stored ({e:#}); the next command logs in again"
             );

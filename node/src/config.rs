@@ -83,6 +83,30 @@ pub struct ServerArgs {
     /// How long a login challenge can be used, in milliseconds (default 60000).
     #[arg(long, env = "COFFER_LOGIN_CHALLENGE_TTL_MS")]
     pub login_challenge_ttl_ms: Option<u64>,
+    /// Challenges and logins one source address may make per second on this node (default 5,
+    /// with a burst of four times that).
+    #[arg(long, env = "COFFER_LOGIN_RATE_PER_SECOND")]
+    pub login_rate_per_second: Option<u32>,
+    /// Kubernetes login: check service-account tokens with TokenReview at this API server URL.
+    #[arg(long, env = "COFFER_KUBERNETES_API_URL")]
+    pub kubernetes_api_url: Option<String>,
+    /// Kubernetes login: check tokens with TokenReview at the API server of the cluster this
+    /// node runs in (its pod's service account is the reviewer; it needs system:auth-delegator).
+    #[arg(long, env = "COFFER_KUBERNETES_IN_CLUSTER")]
+    pub kubernetes_in_cluster: bool,
+    /// Kubernetes login: check tokens locally against this issuer's published keys (OIDC
+    /// discovery); cannot see a deleted service account or pod before the token expires.
+    #[arg(long, env = "COFFER_KUBERNETES_ISSUER")]
+    pub kubernetes_issuer: Option<String>,
+    /// The CA certificate (PEM) of the API server or issuer (default: the system's roots).
+    #[arg(long, env = "COFFER_KUBERNETES_CA_CERT")]
+    pub kubernetes_ca_cert: Option<PathBuf>,
+    /// The reviewer's token file for TokenReview, re-read when it changes.
+    #[arg(long, env = "COFFER_KUBERNETES_REVIEWER_TOKEN_FILE")]
+    pub kubernetes_reviewer_token_file: Option<String>,
+    /// How long a TokenReview or key fetch may take, in milliseconds (default 5000).
+    #[arg(long, env = "COFFER_KUBERNETES_TIMEOUT_MS")]
+    pub kubernetes_timeout_ms: Option<u64>,
     /// How often the leader removes used login challenges and ended sessions, in milliseconds
     /// (default 60000).
     #[arg(long, env = "COFFER_LOGIN_CLEANUP_INTERVAL_MS")]
@@ -135,10 +159,17 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    kubernetes_api_url: Option<String>,
+    kubernetes_in_cluster: Option<bool>,
+    kubernetes_issuer: Option<String>,
+    kubernetes_ca_cert: Option<PathBuf>,
+    kubernetes_reviewer_token_file: Option<String>,
+    kubernetes_timeout_ms: Option<u64>,
     initial_members: Option<Vec<String>>,
     max_value_bytes: Option<usize>,
     unseal_progress_ttl_s: Option<u64>,
     login_challenge_ttl_ms: Option<u64>,
+    login_rate_per_second: Option<u32>,
     login_cleanup_interval_ms: Option<u64>,
     login_cleanup_grace_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
@@ -187,6 +218,8 @@ pub struct NodeConfig {
     pub unseal_progress_ttl: Duration,
     /// Challenge lifetime and the leader's clean-up of login state.
     pub login: crate::auth::LoginSettings,
+    /// How Kubernetes service-account tokens are checked (off unless configured).
+    pub kubernetes: crate::kubernetes::ValidatorConfig,
     /// Raft tuning.
     pub raft: Settings,
     /// A transient install's keys directory (see `--transient`).
@@ -383,7 +416,14 @@ impl ServerArgs {
                 file.login_cleanup_grace_ms,
                 defaults.cleanup_grace,
             ),
+            rate_per_second: self
+                .login_rate_per_second
+                .or(file.login_rate_per_second)
+                .unwrap_or(defaults.rate_per_second),
         };
+        if !(1..=100_000).contains(&login.rate_per_second) {
+            bail!("--login-rate-per-second must be between 1 and 100000");
+        }
         let between = |d: Duration, lo: u64, hi: u64| (lo..=hi).contains(&(d.as_millis() as u64));
         if !between(login.challenge_ttl, 1_000, 600_000) {
             bail!("--login-challenge-ttl-ms must be between 1000 and 600000 (10 minutes)");
@@ -394,10 +434,56 @@ impl ServerArgs {
         if !between(login.cleanup_grace, 0, 604_800_000) {
             bail!("--login-cleanup-grace-ms must be at most 604800000 (a week)");
         }
+        let kubernetes = {
+            use crate::kubernetes::{DEFAULT_TOKEN_FILE, ValidatorConfig};
+            let timeout = Duration::from_millis(
+                self.kubernetes_timeout_ms
+                    .or(file.kubernetes_timeout_ms)
+                    .unwrap_or(5000),
+            );
+            if timeout.is_zero() || timeout > Duration::from_secs(60) {
+                bail!("--kubernetes-timeout-ms must be between 1 and 60000");
+            }
+            let ca_pem = match self.kubernetes_ca_cert.or(file.kubernetes_ca_cert) {
+                Some(path) => Some(std::fs::read(&path).with_context(|| {
+                    format!(
+                        "cannot read the Kubernetes CA certificate {}",
+                        path.display()
+                    )
+                })?),
+                None => None,
+            };
+            let url = self.kubernetes_api_url.or(file.kubernetes_api_url);
+            let in_cluster =
+                self.kubernetes_in_cluster || file.kubernetes_in_cluster.unwrap_or(false);
+            let issuer = self.kubernetes_issuer.or(file.kubernetes_issuer);
+            match (url, in_cluster, issuer) {
+                (None, false, None) => ValidatorConfig::Off,
+                (Some(url), false, None) => ValidatorConfig::TokenReview {
+                    url,
+                    ca_pem,
+                    token_file: self
+                        .kubernetes_reviewer_token_file
+                        .or(file.kubernetes_reviewer_token_file)
+                        .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into()),
+                    timeout,
+                },
+                (None, true, None) => ValidatorConfig::InCluster { timeout },
+                (None, false, Some(issuer)) => ValidatorConfig::Jwks {
+                    issuer,
+                    ca_pem,
+                    timeout,
+                },
+                _ => bail!(
+                    "choose one way to check Kubernetes tokens: --kubernetes-api-url, --kubernetes-in-cluster or --kubernetes-issuer"
+                ),
+            }
+        };
         Ok(NodeConfig {
             transient_keys,
             unseal_progress_ttl,
             login,
+            kubernetes,
             node_id,
             cluster_name: self
                 .cluster_name

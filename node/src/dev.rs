@@ -69,6 +69,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             max_value_bytes: 1 << 20,
             unseal_progress_ttl: Duration::from_secs(600),
             login: crate::auth::LoginSettings::default(),
+            kubernetes: crate::kubernetes::ValidatorConfig::Off,
             raft: Settings {
                 max_entry_bytes: 2 << 20,
                 ..Settings::default()

@@ -16,6 +16,7 @@ pub mod config;
 pub mod dev;
 pub mod identity;
 pub mod keys;
+pub mod kubernetes;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

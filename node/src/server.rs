@@ -253,6 +253,10 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         cfg.cluster_name.clone(),
         seal,
         cfg.login,
+        Arc::new(
+            crate::kubernetes::Validator::new(cfg.kubernetes.clone())
+                .context("Kubernetes login")?,
+        ),
     );
     tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
     let reflection = tonic_reflection::server::Builder::configure()
@@ -285,6 +289,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(coffer_api::v1::settings_server::SettingsServer::new(
             api.clone(),
         ))
+        .add_service(
+            coffer_api::v1::kubernetes_roles_server::KubernetesRolesServer::new(api.clone()),
+        )
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
     let (api_incoming, accept_task) =
         tls_incoming(api_listener, tls.api_acceptor().context("API TLS")?);

@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 use crate::barrier::Keyring;
 use crate::keys::ED25519_PKCS8_PREFIX;
 use crate::policy::{self, Acl};
-use crate::{auth, identity};
+use crate::{auth, identity, kubernetes};
 
 const CA_PURPOSE: &[u8] = b"coffer/session-ca/v1";
 const CA_NAME: &str = "coffer session CA";
@@ -208,21 +208,35 @@ pub fn decide(
     }
     let gone = |what: &str| format!("identity {:?} {what}; its sessions ended", s.identity);
     let mut policies = Vec::new();
-    if s.identity == identity::ADMIN {
-        if admin_key()? != s.identity_key {
-            return Err(gone("has another key now"));
+    if let Some((role_name, account)) = &s.kubernetes {
+        // A Kubernetes session holds its role's current policies, while the role still binds
+        // its service account.
+        let plain = read(&kubernetes::role_key(role_name))?.ok_or_else(|| {
+            format!("Kubernetes role {role_name:?} was deleted; its sessions ended")
+        })?;
+        let role: kubernetes::Role = postcard::from_bytes(&plain)
+            .map_err(|e| format!("Kubernetes role {role_name:?} is corrupt: {e}"))?;
+        role.admits(account).map_err(|why| {
+            format!("Kubernetes role {role_name:?} changed: {why}; its sessions ended")
+        })?;
+        policies.extend(role.policies);
+    } else {
+        if s.identity == identity::ADMIN {
+            if admin_key()? != s.identity_key {
+                return Err(gone("has another key now"));
+            }
+            policies.push(policy::ADMIN.to_string());
         }
-        policies.push(policy::ADMIN.to_string());
-    }
-    if let Some(plain) = read(&identity::store_key(&s.identity))? {
-        let record: identity::Identity = postcard::from_bytes(&plain)
-            .map_err(|e| format!("identity {:?} is corrupt: {e}", s.identity))?;
-        if s.identity != identity::ADMIN && record.public_key != s.identity_key {
-            return Err(gone("has another key now"));
+        if let Some(plain) = read(&identity::store_key(&s.identity))? {
+            let record: identity::Identity = postcard::from_bytes(&plain)
+                .map_err(|e| format!("identity {:?} is corrupt: {e}", s.identity))?;
+            if s.identity != identity::ADMIN && record.public_key != s.identity_key {
+                return Err(gone("has another key now"));
+            }
+            policies.extend(record.policies);
+        } else if s.identity != identity::ADMIN {
+            return Err(gone("was deleted"));
         }
-        policies.extend(record.policies);
-    } else if s.identity != identity::ADMIN {
-        return Err(gone("was deleted"));
     }
     policies.sort();
     policies.dedup();
