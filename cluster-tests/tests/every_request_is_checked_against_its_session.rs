@@ -435,3 +435,168 @@ async fn session_lifetimes_follow_the_identity_within_the_clusters_settings() {
         "{refused:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegated_grant_works_until_it_ends_or_is_revoked() {
+    use coffer_api::v1::grants_client::GrantsClient;
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    cluster.must_put(1, "team/db", "s3cret").await;
+    cluster.must_put(1, "team/keys", "k").await;
+    PoliciesClient::new(cluster.channel(1))
+        .write(pb::PolicyWriteRequest {
+            name: "team-lead".into(),
+            text: r#"path "secret/data/team/*" { capabilities = ["read", "delegate"] }
+path "secret/data/team/keys" { capabilities = ["read"] }"#
+                .into(),
+        })
+        .await
+        .expect("policy");
+    PoliciesClient::new(cluster.channel(1))
+        .write(pb::PolicyWriteRequest {
+            name: "no-keys".into(),
+            text: r#"path "secret/data/team/keys" { capabilities = ["deny"] }"#.into(),
+        })
+        .await
+        .expect("policy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sessions = Vec::new();
+    for (name, policies) in [("alice", vec!["team-lead"]), ("bob", vec!["no-keys"])] {
+        let key = KeyPair::generate().expect("key");
+        let (file, _) = key.save(&dir.path().join(name), name).expect("save");
+        IdentitiesClient::new(cluster.channel(1))
+            .create(pb::IdentityCreateRequest {
+                name: name.into(),
+                public_key: key.public().to_bytes().to_vec(),
+                policies: policies.into_iter().map(String::from).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("identity");
+        sessions.push(
+            bare(&cluster, 2)
+                .login(&file, 0)
+                .await
+                .expect("login")
+                .clone(),
+        );
+    }
+    let (alice, bob) = (&sessions[0], &sessions[1]);
+    let grants = |s: &SessionCredentials, id: u64| GrantsClient::new(kv_channel(&cluster, id, s));
+    assert_refused(
+        get(&mut kv_as(&cluster, 3, bob), "team/db", false).await,
+        Code::PermissionDenied,
+        "may not read",
+    );
+
+    // Alice may grant only what she holds with delegate: not update, not team/keys alone.
+    let refused_grant = |path: &str, cap: &str| pb::GrantCreateRequest {
+        grantee: "bob".into(),
+        path: path.into(),
+        capabilities: vec![cap.into()],
+        ttl_seconds: 60,
+    };
+    for (path, cap) in [
+        ("secret/data/team/db", "update"),
+        ("secret/data/team/*", "read"),
+    ] {
+        let e = grants(alice, 1)
+            .create(refused_grant(path, cap))
+            .await
+            .expect_err("not hers to grant");
+        assert_eq!(e.code(), Code::PermissionDenied, "{path} {cap}: {e:?}");
+    }
+    let e = grants(bob, 1)
+        .create(pb::GrantCreateRequest {
+            grantee: "alice".into(),
+            ..refused_grant("secret/data/team/db", "read")
+        })
+        .await
+        .expect_err("bob holds no delegate");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A 2-second grant of read on team/db: bob reads through every node, then it ends.
+    let grant = grants(alice, 1)
+        .create(pb::GrantCreateRequest {
+            grantee: "bob".into(),
+            path: "secret/data/team/db".into(),
+            capabilities: vec!["read".into()],
+            ttl_seconds: 2,
+        })
+        .await
+        .expect("grant")
+        .into_inner();
+    for id in 1..=3 {
+        assert_eq!(
+            get(&mut kv_as(&cluster, id, bob), "team/db", false)
+                .await
+                .expect("granted read"),
+            b"s3cret"
+        );
+    }
+    let listed = grants(bob, 2)
+        .list(pb::GrantListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.grants.len(), 1, "{listed:?}");
+    assert_eq!(listed.grants[0].id, grant.id);
+    wait_until(Duration::from_secs(10), "the grant to end", || async {
+        match get(&mut kv_as(&cluster, 3, bob), "team/db", false).await {
+            Err(e) if e.code() == Code::PermissionDenied => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+
+    // A longer grant, revoked by alice: bob's next read is refused. A grant never overrides a
+    // deny in the grantee's own policies.
+    let grant = grants(alice, 2)
+        .create(pb::GrantCreateRequest {
+            grantee: "bob".into(),
+            path: "secret/data/team/db".into(),
+            capabilities: vec!["read".into()],
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("grant")
+        .into_inner();
+    get(&mut kv_as(&cluster, 1, bob), "team/db", false)
+        .await
+        .expect("granted read");
+    let revoked = grants(alice, 3)
+        .revoke(pb::GrantRevokeRequest { id: grant.id })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert!(revoked.revoked);
+    assert_refused(
+        get(&mut kv_as(&cluster, 1, bob), "team/db", false).await,
+        Code::PermissionDenied,
+        "may not read",
+    );
+    let mut policies = PoliciesClient::new(cluster.channel(1));
+    policies
+        .write(pb::PolicyWriteRequest {
+            name: "team-lead".into(),
+            text: r#"path "secret/data/team/*" { capabilities = ["read", "delegate"] }"#.into(),
+        })
+        .await
+        .expect("policy");
+    grants(alice, 1)
+        .create(pb::GrantCreateRequest {
+            grantee: "bob".into(),
+            path: "secret/data/team/*".into(),
+            capabilities: vec!["read".into()],
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("grant on the prefix");
+    get(&mut kv_as(&cluster, 2, bob), "team/db", false)
+        .await
+        .expect("granted read");
+    assert_refused(
+        get(&mut kv_as(&cluster, 2, bob), "team/keys", false).await,
+        Code::PermissionDenied,
+        "may not read",
+    );
+}

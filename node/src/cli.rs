@@ -158,6 +158,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Delegation: grant another identity a capability you hold, until a time.
+    Grant {
+        /// Which operation.
+        #[command(subcommand)]
+        op: GrantCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Authentication methods besides keys: Kubernetes roles.
     Auth {
         /// Which method.
@@ -362,6 +371,33 @@ pub enum PolicyCommand {
     Delete {
         /// The policy's name.
         name: String,
+    },
+}
+
+/// `coffer grant` operations.
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Grants another identity a capability you hold (with `delegate`) on a path, for a while.
+    Create {
+        /// The identity that receives it.
+        #[arg(long = "to")]
+        grantee: String,
+        /// One path, or a prefix ending in `*`.
+        #[arg(long)]
+        path: String,
+        /// read, create, update, patch, delete or list; repeat for more.
+        #[arg(long = "capability", required = true)]
+        capabilities: Vec<String>,
+        /// How long it lasts, in seconds (at most 30 days).
+        #[arg(long)]
+        ttl_seconds: u64,
+    },
+    /// Lists the grants you made or hold (all of them with `list` on sys/grants).
+    List,
+    /// Ends a grant at once.
+    Revoke {
+        /// The grant id (from `coffer grant list`).
+        id: String,
     },
 }
 
@@ -729,6 +765,85 @@ fn print_identity(r: &pb::IdentityResponse, json: bool) {
             ttl(r.max_session_ttl_seconds)
         );
     }
+}
+
+async fn grant_command(op: GrantCommand, client: &ClientArgs) -> Result<()> {
+    use coffer_api::v1::grants_client::GrantsClient;
+    let target = client.session_target().await?;
+    let mut grants = GrantsClient::new(target.connect().await?);
+    let json = client.format == Format::Json;
+    let list = match op {
+        GrantCommand::Create {
+            grantee,
+            path,
+            capabilities,
+            ttl_seconds,
+        } => vec![
+            grants
+                .create(pb::GrantCreateRequest {
+                    grantee,
+                    path,
+                    capabilities,
+                    ttl_seconds,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+        ],
+        GrantCommand::List => {
+            grants
+                .list(pb::GrantListRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .grants
+        }
+        GrantCommand::Revoke { id } => {
+            let r = grants
+                .revoke(pb::GrantRevokeRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.revoked {
+                println!("grant {id} revoked");
+            } else {
+                println!("no grant {id} (it ended or was revoked already)");
+            }
+            return Ok(());
+        }
+    };
+    if json {
+        let items: Vec<_> = list
+            .iter()
+            .map(|g| {
+                serde_json::json!({"id": g.id, "grantor": g.grantor, "grantee": g.grantee,
+                    "path": g.path, "capabilities": g.capabilities, "expires_at_ms": g.expires_at_ms})
+            })
+            .collect();
+        println!("{}", serde_json::Value::from(items));
+    } else {
+        let now = crate::auth::now_ms();
+        let mut rows = vec![vec![
+            "GRANT".to_string(),
+            "FROM".into(),
+            "TO".into(),
+            "PATH".into(),
+            "CAPABILITIES".into(),
+            "ENDS IN".into(),
+        ]];
+        for g in &list {
+            rows.push(vec![
+                g.id.clone(),
+                g.grantor.clone(),
+                g.grantee.clone(),
+                g.path.clone(),
+                g.capabilities.join(","),
+                format!("{} s", g.expires_at_ms.saturating_sub(now) / 1000),
+            ]);
+        }
+        print_table(&rows);
+    }
+    Ok(())
 }
 
 async fn auth_command(method: AuthCommand, client: &ClientArgs) -> Result<()> {
@@ -1419,6 +1534,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Session { op, client } => session_command(op, &client).await.map(|()| 0),
         Command::Settings { op, client } => settings_command(op, &client).await.map(|()| 0),
         Command::Auth { method, client } => auth_command(method, &client).await.map(|()| 0),
+        Command::Grant { op, client } => grant_command(op, &client).await.map(|()| 0),
         Command::Login {
             key,
             kubernetes_role,

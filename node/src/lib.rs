@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod delegation;
 pub mod dev;
 pub mod identity;
 pub mod keys;

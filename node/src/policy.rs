@@ -65,7 +65,8 @@ impl Capability {
         }
     }
 
-    fn parse(s: &str) -> Option<Capability> {
+    /// The capability a policy names `s`.
+    pub fn parse(s: &str) -> Option<Capability> {
         Capability::ALL.into_iter().find(|c| c.as_str() == s)
     }
 }

@@ -292,6 +292,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(
             coffer_api::v1::kubernetes_roles_server::KubernetesRolesServer::new(api.clone()),
         )
+        .add_service(coffer_api::v1::grants_server::GrantsServer::new(
+            api.clone(),
+        ))
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
     let (api_incoming, accept_task) =
         tls_incoming(api_listener, tls.api_acceptor().context("API TLS")?);

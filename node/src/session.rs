@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 use crate::barrier::Keyring;
 use crate::keys::ED25519_PKCS8_PREFIX;
 use crate::policy::{self, Acl};
-use crate::{auth, identity, kubernetes};
+use crate::{auth, delegation, identity, kubernetes};
 
 const CA_PURPOSE: &[u8] = b"coffer/session-ca/v1";
 const CA_NAME: &str = "coffer session CA";
@@ -180,6 +180,8 @@ pub struct Grant {
     pub identity: String,
     /// When the session ends, ms since the Unix epoch.
     pub expires_ms: u64,
+    /// When a grant in the decision ends: it must be decided again from then on.
+    pub recheck_at_ms: Option<u64>,
     /// The identity's policies when this was decided.
     pub policies: Vec<String>,
     /// Their merged rules.
@@ -188,6 +190,8 @@ pub struct Grant {
 
 /// A stored record by key, decrypted (`None` when absent).
 pub type Reader<'a> = dyn Fn(&[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String> + 'a;
+/// Every stored record under a prefix, decrypted.
+pub type Lister<'a> = dyn Fn(&[u8]) -> Result<Vec<Zeroizing<Vec<u8>>>, String> + 'a;
 
 /// Decides what the session with `session_key` may do, from the records `read` finds: the
 /// session, its identity (which must still have the key it logged in with) and the identity's
@@ -195,6 +199,7 @@ pub type Reader<'a> = dyn Fn(&[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String
 /// The error names the failed check.
 pub fn decide(
     read: &Reader<'_>,
+    list: &Lister<'_>,
     admin_key: &dyn Fn() -> Result<Vec<u8>, String>,
     session_key: &[u8; 32],
 ) -> Result<Grant, String> {
@@ -240,7 +245,21 @@ pub fn decide(
     }
     policies.sort();
     policies.dedup();
-    let mut parsed = Vec::with_capacity(policies.len());
+    let mut parsed = Vec::with_capacity(policies.len() + 1);
+    // What others delegated to this identity, while it runs.
+    let mut recheck_at_ms = None;
+    if s.kubernetes.is_none() {
+        let grants: Vec<delegation::Delegation> = list(&delegation::grantee_prefix(&s.identity))?
+            .iter()
+            .filter_map(|plain| postcard::from_bytes(plain).ok())
+            .collect();
+        let (delegated, first_end) = delegation::as_policy(&grants, auth::now_ms());
+        if !delegated.rules.is_empty() {
+            parsed.push(delegated);
+        }
+        recheck_at_ms = first_end;
+    }
+    let granted = parsed.len();
     for name in &policies {
         if name == policy::ADMIN {
             parsed.push(policy::admin().clone());
@@ -251,11 +270,15 @@ pub fn decide(
             }
         }
     }
+    if granted > 0 {
+        policies.push("(delegated grants)".into());
+    }
     Ok(Grant {
         session_id: id,
         session_key: *session_key,
         identity: s.identity,
         expires_ms: s.expires_ms,
+        recheck_at_ms,
         acl: Acl::new(&parsed),
         policies,
     })
@@ -395,6 +418,7 @@ mod tests {
             session_key: [1; 32],
             identity: "app".into(),
             expires_ms: 1,
+            recheck_at_ms: None,
             policies: Vec::new(),
             acl: Acl::default(),
         });
@@ -409,6 +433,7 @@ mod tests {
                 session_key: [2; 32],
                 identity: "app".into(),
                 expires_ms: 1,
+                recheck_at_ms: None,
                 policies: Vec::new(),
                 acl: Acl::default(),
             }),
