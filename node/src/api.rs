@@ -13,7 +13,7 @@ use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_server::Cluster;
 use coffer_api::v1::kv_server::Kv;
 use coffer_raft::{Error as RaftError, Member, MembershipChange, RaftNode, Written};
-use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, RequestId, Txn};
+use coffer_storage::{Command, Compare, KvEntry, Op, OpResult, ReadView, RequestId, Txn};
 use tonic::{Request, Response, Status};
 
 use crate::auth;
@@ -254,6 +254,22 @@ impl Api {
             )),
         }
     }
+}
+
+/// Every entry under `prefix` in `view`, in key order, at most `most` of them.
+fn entries_under(view: &ReadView, prefix: &[u8], most: usize) -> Result<Vec<KvEntry>, Status> {
+    let mut out: Vec<KvEntry> = Vec::new();
+    while out.len() < most {
+        let after = out.last().map(|e| e.key.clone());
+        let (page, more) = view
+            .list(prefix, after.as_deref(), (most - out.len()).min(1000))
+            .map_err(storage_status)?;
+        out.extend(page);
+        if !more {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn parse_request_id(id: &[u8]) -> Result<Option<RequestId>, Status> {
@@ -1048,7 +1064,7 @@ impl coffer_api::v1::policies_server::Policies for Api {
         self.authorize(&req, POLICIES, Capability::List).await?;
         self.timed("PolicyList", async {
             let names = self
-                .names_under(policy::STORE_PREFIX, policy::ADMIN)
+                .names_under(policy::STORE_PREFIX, Some(policy::ADMIN))
                 .await?;
             Ok(pb::PolicyListResponse { names })
         })
@@ -1115,26 +1131,21 @@ impl Api {
     }
 
     /// The names stored under a reserved `prefix` (linearizable; needs an unsealed node), with
-    /// the built-in `builtin`, in name order.
-    async fn names_under(&self, prefix: &[u8], builtin: &str) -> Result<Vec<String>, Status> {
+    /// the built-in `builtin` if there is one, in name order.
+    async fn names_under(
+        &self,
+        prefix: &[u8],
+        builtin: Option<&str>,
+    ) -> Result<Vec<String>, Status> {
         self.keyring()?;
         self.node.linearize().await.map_err(raft_status)?;
         let view = self.node.store().read().map_err(storage_status)?;
-        let mut names = vec![builtin.to_string()];
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let (page, more) = view
-                .list(prefix, after.as_deref(), 1000)
-                .map_err(storage_status)?;
-            names.extend(
-                page.iter()
-                    .map(|e| String::from_utf8_lossy(&e.key[prefix.len()..]).into_owned()),
-            );
-            match (more, page.last()) {
-                (true, Some(last)) => after = Some(last.key.clone()),
-                _ => break,
-            }
-        }
+        let mut names: Vec<String> = builtin.map(String::from).into_iter().collect();
+        names.extend(
+            entries_under(&view, prefix, usize::MAX)?
+                .iter()
+                .map(|e| String::from_utf8_lossy(&e.key[prefix.len()..]).into_owned()),
+        );
         names.sort();
         names.dedup();
         Ok(names)
@@ -1341,7 +1352,7 @@ impl coffer_api::v1::identities_server::Identities for Api {
         self.authorize(&req, IDENTITIES, Capability::List).await?;
         self.timed("IdentityList", async {
             let names = self
-                .names_under(identity::STORE_PREFIX, identity::ADMIN)
+                .names_under(identity::STORE_PREFIX, Some(identity::ADMIN))
                 .await?;
             Ok(pb::IdentityListResponse { names })
         })
@@ -1636,24 +1647,15 @@ impl Api {
             }
         };
         let list = |prefix: &[u8]| -> Result<Vec<zeroize::Zeroizing<Vec<u8>>>, String> {
-            let mut out = Vec::new();
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let (page, more) = view
-                    .list(prefix, after.as_deref(), 1000)
-                    .map_err(|e| e.to_string())?;
-                for e in &page {
-                    out.push(
-                        keyring
-                            .decrypt(&e.key, &e.value)
-                            .map_err(|e| format!("a stored record does not decrypt: {e:#}"))?,
-                    );
-                }
-                match (more, page.last()) {
-                    (true, Some(last)) => after = Some(last.key.clone()),
-                    _ => return Ok(out),
-                }
-            }
+            entries_under(&view, prefix, usize::MAX)
+                .map_err(|e| e.message().to_string())?
+                .iter()
+                .map(|e| {
+                    keyring
+                        .decrypt(&e.key, &e.value)
+                        .map_err(|e| format!("a stored record does not decrypt: {e:#}"))
+                })
+                .collect()
         };
         let admin_key = || -> Result<Vec<u8>, String> {
             Ok(self
@@ -1986,28 +1988,17 @@ impl Api {
         let cutoff =
             auth::now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
         let view = self.node.store().read().map_err(storage_status)?;
+        // Looks at up to 10,000 records of a kind per round and removes up to 1,000; a record
+        // that cannot be read is left for an operator to look at.
         let ended = |prefix: &[u8],
                      end_of: &dyn Fn(&KvEntry) -> Option<u64>|
          -> Result<Vec<(Vec<u8>, u64)>, Status> {
-            let mut out = Vec::new();
-            let mut after: Option<Vec<u8>> = None;
-            while out.len() < 1000 {
-                let (page, more) = view
-                    .list(prefix, after.as_deref(), 500)
-                    .map_err(storage_status)?;
-                for e in &page {
-                    // A record that cannot be read is left for an operator to look at.
-                    if end_of(e).is_some_and(|end| end < cutoff) {
-                        out.push((e.key.clone(), e.mod_revision));
-                    }
-                }
-                match (more, page.last()) {
-                    (true, Some(last)) => after = Some(last.key.clone()),
-                    _ => break,
-                }
-            }
-            out.truncate(1000);
-            Ok(out)
+            Ok(entries_under(&view, prefix, 10_000)?
+                .iter()
+                .filter(|e| end_of(e).is_some_and(|end| end < cutoff))
+                .take(1000)
+                .map(|e| (e.key.clone(), e.mod_revision))
+                .collect())
         };
         let nonces = ended(auth::NONCE_PREFIX, &|e| {
             <[u8; 8]>::try_from(e.value.as_slice())
@@ -2151,8 +2142,7 @@ impl coffer_api::v1::kubernetes_roles_server::KubernetesRoles for Api {
         self.authorize(&req, kubernetes::ROLE_PATH, Capability::List)
             .await?;
         self.timed("KubernetesRoleList", async {
-            let mut names = self.names_under(kubernetes::ROLE_PREFIX, "").await?;
-            names.retain(|n| !n.is_empty());
+            let names = self.names_under(kubernetes::ROLE_PREFIX, None).await?;
             Ok(pb::KubernetesRoleListResponse { names })
         })
         .await
@@ -2206,13 +2196,9 @@ impl Api {
     ) -> Result<Vec<(String, Vec<u8>, u64, delegation::Delegation)>, Status> {
         self.node.linearize().await.map_err(raft_status)?;
         let view = self.node.store().read().map_err(storage_status)?;
-        let mut out = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let (page, more) = view
-                .list(delegation::PREFIX, after.as_deref(), 1000)
-                .map_err(storage_status)?;
-            for e in &page {
+        entries_under(&view, delegation::PREFIX, usize::MAX)?
+            .into_iter()
+            .map(|e| {
                 let plain = self.decrypt(keyring, &e.key, &e.value)?;
                 let g: delegation::Delegation = postcard::from_bytes(&plain)
                     .map_err(|err| Status::data_loss(format!("a grant is corrupt: {err}")))?;
@@ -2221,13 +2207,9 @@ impl Api {
                     .next()
                     .unwrap_or_default()
                     .to_string();
-                out.push((id, e.key.clone(), e.mod_revision, g));
-            }
-            match (more, page.last()) {
-                (true, Some(last)) => after = Some(last.key.clone()),
-                _ => return Ok(out),
-            }
-        }
+                Ok((id, e.key, e.mod_revision, g))
+            })
+            .collect()
     }
 }
 
@@ -2451,30 +2433,18 @@ impl coffer_api::v1::sessions_server::Sessions for Api {
             let view = self.node.store().read().map_err(storage_status)?;
             let now = auth::now_ms();
             let mut sessions = Vec::new();
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let (page, more) = view
-                    .list(auth::SESSION_PREFIX, after.as_deref(), 1000)
-                    .map_err(storage_status)?;
-                for e in &page {
-                    let plain = self.decrypt(&keyring, &e.key, &e.value)?;
-                    let s: auth::Session = postcard::from_bytes(&plain)
-                        .map_err(|e| Status::data_loss(format!("a session is corrupt: {e}")))?;
-                    if s.expires_ms > now && (r.identity.is_empty() || r.identity == s.identity) {
-                        sessions.push(pb::SessionInfo {
-                            session_id: String::from_utf8_lossy(
-                                &e.key[auth::SESSION_PREFIX.len()..],
-                            )
+            for e in entries_under(&view, auth::SESSION_PREFIX, usize::MAX)? {
+                let plain = self.decrypt(&keyring, &e.key, &e.value)?;
+                let s: auth::Session = postcard::from_bytes(&plain)
+                    .map_err(|e| Status::data_loss(format!("a session is corrupt: {e}")))?;
+                if s.expires_ms > now && (r.identity.is_empty() || r.identity == s.identity) {
+                    sessions.push(pb::SessionInfo {
+                        session_id: String::from_utf8_lossy(&e.key[auth::SESSION_PREFIX.len()..])
                             .into_owned(),
-                            identity: s.identity,
-                            created_at_ms: s.created_ms,
-                            expires_at_ms: s.expires_ms,
-                        });
-                    }
-                }
-                match (more, page.last()) {
-                    (true, Some(last)) => after = Some(last.key.clone()),
-                    _ => break,
+                        identity: s.identity,
+                        created_at_ms: s.created_ms,
+                        expires_at_ms: s.expires_ms,
+                    });
                 }
             }
             sessions.sort_by(|a, b| {
