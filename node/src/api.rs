@@ -1169,15 +1169,7 @@ impl Api {
         name: &str,
     ) -> Result<Option<(identity::Identity, u64)>, Status> {
         self.node.linearize().await.map_err(raft_status)?;
-        let view = self.node.store().read().map_err(storage_status)?;
-        let key = identity::store_key(name);
-        let Some(entry) = view.get(&key).map_err(storage_status)? else {
-            return Ok(None);
-        };
-        let plain = self.decrypt(keyring, &key, &entry.value)?;
-        let record = postcard::from_bytes(&plain)
-            .map_err(|e| Status::data_loss(format!("identity {name:?} is corrupt: {e}")))?;
-        Ok(Some((record, entry.mod_revision)))
+        self.read_record(keyring, &identity::store_key(name))
     }
 
     /// Warnings for policies an identity names that do not exist.
@@ -1670,22 +1662,24 @@ impl Api {
 }
 
 impl Api {
-    /// A record stored at `key` (inside the barrier), decoded; `None` when absent.
+    /// A record stored at `key` (inside the barrier) in this node's state, decoded, with its
+    /// `mod_revision`; `None` when absent.
     fn read_record<T: serde::de::DeserializeOwned>(
         &self,
         keyring: &Keyring,
         key: &[u8],
-    ) -> Result<Option<T>, Status> {
+    ) -> Result<Option<(T, u64)>, Status> {
         let view = self.node.store().read().map_err(storage_status)?;
         match view.get(key).map_err(storage_status)? {
             Some(e) => {
                 let plain = self.decrypt(keyring, key, &e.value)?;
-                postcard::from_bytes(&plain).map(Some).map_err(|e| {
+                let record = postcard::from_bytes(&plain).map_err(|err| {
                     Status::data_loss(format!(
-                        "the record at {:?} is corrupt: {e}",
+                        "the record at {:?} is corrupt: {err}",
                         String::from_utf8_lossy(key)
                     ))
-                })
+                })?;
+                Ok(Some((record, e.mod_revision)))
             }
             None => Ok(None),
         }
@@ -1695,6 +1689,7 @@ impl Api {
     fn cluster_ttls(&self, keyring: &Keyring) -> Result<auth::SessionTtls, Status> {
         Ok(self
             .read_record::<auth::Settings>(keyring, auth::SETTINGS_KEY)?
+            .map(|(settings, _)| settings)
             .unwrap_or_default()
             .session)
     }
@@ -1856,8 +1851,9 @@ impl coffer_api::v1::auth_server::Auth for Api {
             )
             .map_err(|_| unauthenticated(auth::Refused::BadSignature(fingerprint.clone())))?;
             // The lifetime: the identity's own limits within the cluster's.
-            let own: Option<identity::Identity> =
-                self.read_record(&keyring, &identity::store_key(&identity))?;
+            let own: Option<identity::Identity> = self
+                .read_record(&keyring, &identity::store_key(&identity))?
+                .map(|(record, _)| record);
             let ttl_s = auth::session_ttl(
                 r.ttl_seconds,
                 self.cluster_ttls(&keyring)?,
@@ -2126,7 +2122,7 @@ impl coffer_api::v1::kubernetes_roles_server::KubernetesRoles for Api {
             let keyring = self.keyring()?;
             self.node.linearize().await.map_err(raft_status)?;
             match self.read_record::<kubernetes::Role>(&keyring, &kubernetes::role_key(&name))? {
-                Some(role) => Ok(role_response(name, role, Vec::new())),
+                Some((role, _)) => Ok(role_response(name, role, Vec::new())),
                 None => Err(Status::not_found(format!(
                     "no Kubernetes role {name:?}; `coffer auth kubernetes role list` shows them"
                 ))),
@@ -2346,16 +2342,9 @@ impl Api {
     async fn settings(&self) -> Result<(auth::Settings, u64), Status> {
         let keyring = self.keyring()?;
         self.node.linearize().await.map_err(raft_status)?;
-        let view = self.node.store().read().map_err(storage_status)?;
-        match view.get(auth::SETTINGS_KEY).map_err(storage_status)? {
-            Some(e) => {
-                let plain = self.decrypt(&keyring, auth::SETTINGS_KEY, &e.value)?;
-                let settings = postcard::from_bytes(&plain)
-                    .map_err(|e| Status::data_loss(format!("the settings are corrupt: {e}")))?;
-                Ok((settings, e.mod_revision))
-            }
-            None => Ok((auth::Settings::default(), 0)),
-        }
+        Ok(self
+            .read_record(&keyring, auth::SETTINGS_KEY)?
+            .unwrap_or_default())
     }
 }
 

@@ -267,9 +267,27 @@ pub async fn login(
     key: &std::path::Path,
     ttl_s: u64,
 ) -> anyhow::Result<crate::client::SessionCredentials> {
-    use coffer_api::v1 as pb;
     let identity = crate::keys::KeyPair::load(key)?;
-    let (session, mut client, challenge) = begin_login(target).await?;
+    let mut client = coffer_api::v1::auth_client::AuthClient::new(target.connect().await?);
+    login_on(&mut client, &identity, ttl_s)
+        .await
+        .map_err(crate::cli::status_error)
+}
+
+/// One Private Key Challenge login on `client`: a challenge, a fresh session key, the signed
+/// login. (`coffer bench --op login` drives this too.)
+pub async fn login_on(
+    client: &mut coffer_api::v1::auth_client::AuthClient<tonic::transport::Channel>,
+    identity: &crate::keys::KeyPair,
+    ttl_s: u64,
+) -> Result<crate::client::SessionCredentials, tonic::Status> {
+    use coffer_api::v1 as pb;
+    let session =
+        crate::keys::KeyPair::generate().map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+    let challenge = client
+        .challenge(pb::ChallengeRequest {})
+        .await?
+        .into_inner();
     let session_key = session.public().to_bytes().to_vec();
     let signature = identity.sign(&login_message(
         &challenge.cluster_id,
@@ -285,8 +303,13 @@ pub async fn login(
             ttl_seconds: ttl_s,
             signature: signature.to_vec(),
         })
-        .await;
-    credentials(login, &session)
+        .await?
+        .into_inner();
+    Ok(crate::client::SessionCredentials {
+        certificate: login.certificate.clone(),
+        key: session.signing_key_pkcs8_pem(),
+        login,
+    })
 }
 
 /// A fresh session key, an Auth client on `target` and a challenge from it.

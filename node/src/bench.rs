@@ -112,32 +112,6 @@ async fn leader_flush_totals(target: &Target) -> Result<Option<(String, u64, u64
     Ok(Some((leader.api_addr.clone(), s.fsyncs, s.flushed_entries)))
 }
 
-/// One Private Key Challenge login with `identity` and a fresh session key.
-async fn login_once(
-    auth: &mut coffer_api::v1::auth_client::AuthClient<Channel>,
-    identity: &crate::keys::KeyPair,
-) -> Result<(), tonic::Status> {
-    let session =
-        crate::keys::KeyPair::generate().map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
-    let challenge = auth.challenge(pb::ChallengeRequest {}).await?.into_inner();
-    let session_key = session.public().to_bytes().to_vec();
-    let signature = identity.sign(&crate::auth::login_message(
-        &challenge.cluster_id,
-        &challenge.challenge,
-        &session_key,
-        0,
-    ));
-    auth.login(pb::LoginRequest {
-        challenge: challenge.challenge,
-        public_key: identity.public().to_bytes().to_vec(),
-        session_public_key: session_key,
-        ttl_seconds: 0,
-        signature: signature.to_vec(),
-    })
-    .await
-    .map(|_| ())
-}
-
 /// Runs the benchmark.
 pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     if args.concurrency == 0 || args.keys == 0 || args.duration <= 0.0 {
@@ -214,7 +188,9 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
                         .await
                         .map(|_| ()),
                     BenchOp::Login => match &login_key {
-                        Some(identity) => login_once(&mut auth, identity).await,
+                        Some(identity) => crate::auth::login_on(&mut auth, identity, 0)
+                            .await
+                            .map(|_| ()),
                         None => Err(tonic::Status::invalid_argument("no login key")),
                     },
                 };
