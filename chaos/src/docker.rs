@@ -177,8 +177,10 @@ pub struct NodeSpec {
     pub id: u64,
     /// Its address on the private network.
     pub ip: String,
-    /// Bootstraps with the initial members (else it waits to be added).
+    /// Bootstraps with the initial members (else it joins).
     pub initial: bool,
+    /// The member API address a joining node joins through.
+    pub join: Option<String>,
     /// Extra environment (e.g. the clock-skew preload) for its next container.
     pub env: Vec<(String, String)>,
 }
@@ -352,6 +354,42 @@ impl DockerCluster {
         Ok(())
     }
 
+    /// Makes the node key of prepared node `id` (in its data directory, where the node looks
+    /// for it) and registers it as the administrator through node `via` with the CLI; the
+    /// node's next container joins through `via`.
+    pub fn register_joining_node(&mut self, id: u64, via: u64) -> Result<()> {
+        let bin = self.binary.to_string_lossy().into_owned();
+        let out = self.data_dir(id).join("node-tls/node");
+        let out = out.to_string_lossy().into_owned();
+        run(&bin, &["keygen", "--out", &out])?;
+        let keys = self.dir.join("keys");
+        let p = |name: &str| keys.join(name).to_string_lossy().into_owned();
+        let addr = self.api_addr(via);
+        let ca = self.dir.join("tls/ca.pem").to_string_lossy().into_owned();
+        run_env(
+            &bin,
+            &[
+                "cluster",
+                "register-node",
+                "--id",
+                &id.to_string(),
+                "--public-key",
+                &format!("{out}.pub"),
+                "--addr",
+                &addr,
+                "--ca-cert",
+                &ca,
+                "--identity-key",
+                &p("admin.key"),
+            ],
+            &[("COFFER_SESSION_FILE", &p("session.json"))],
+        )?;
+        if let Some(spec) = self.nodes.get_mut(&id) {
+            spec.join = Some(addr);
+        }
+        Ok(())
+    }
+
     /// Issues node `id`'s certificate and reserves its address; `initial` nodes bootstrap.
     pub fn prepare(&mut self, id: u64, initial: bool) -> Result<()> {
         let ip = format!("{}.{}", self.prefix, 10 + id);
@@ -377,6 +415,7 @@ impl DockerCluster {
                 id,
                 ip,
                 initial,
+                join: None,
                 env: Vec::new(),
             },
         );
@@ -459,6 +498,11 @@ impl DockerCluster {
                 args.push("--initial-member".into());
                 args.push(m.clone());
             }
+        }
+        if let Some(via) = &spec.join {
+            // Its node key is /data/node-tls/node.key (see `register_joining_node`).
+            args.push("--join".into());
+            args.push(via.clone());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         docker(&args)?;

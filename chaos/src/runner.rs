@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::checkers::{self, Availability, Check};
-use crate::docker::{self, DockerCluster, PEER_PORT};
+use crate::docker::{self, DockerCluster};
 use crate::history::Outcome;
 use crate::nemesis::{self, Fault, Step};
 use crate::workload::{self, Recorded, SET_PREFIX, Shape, Targets, Workload};
@@ -415,17 +415,25 @@ impl Harness {
         let new = self.next_id;
         self.next_id += 1;
         self.cluster.prepare(new, false)?;
+        // The new node proves the node key the administrator registered and adds itself.
+        self.cluster.register_joining_node(new, leader)?;
         self.cluster.run_container(new)?;
-        let ip = self.cluster.nodes[&new].ip.clone();
         let mut admin = ClusterClient::new(self.cluster.channel(leader, Duration::from_secs(30))?);
-        admin
-            .add_learner(pb::AddLearnerRequest {
-                id: new,
-                api_addr: self.cluster.api_addr(new),
-                peer_addr: format!("{ip}:{PEER_PORT}"),
-            })
-            .await
-            .with_context(|| format!("add learner {new}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = admin
+                .status(pb::StatusRequest { digest: false })
+                .await
+                .with_context(|| format!("status of {leader}"))?
+                .into_inner();
+            if status.members.iter().any(|m| m.id == new) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {new} did not join within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         admin
             .promote(pb::NodeRequest { id: new })
             .await

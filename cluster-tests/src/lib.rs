@@ -14,6 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use coffer_api::v1 as pb;
@@ -88,7 +89,8 @@ pub struct NodeProc {
     /// Extra flags for the next start (e.g. `--metrics-addr`).
     pub extra_args: Vec<String>,
     child: Option<Child>,
-    log: PathBuf,
+    /// Where its output goes.
+    pub log: PathBuf,
 }
 
 /// A cluster of `coffer server` processes.
@@ -370,6 +372,61 @@ impl Cluster {
         let ip = node_ip(id);
         self.add_node_proc(id, free_addr(&ip), free_addr(&ip), false);
         &self.nodes[&id]
+    }
+
+    /// Prepares node `id` (not started) to join through node `via`: a node key, registered by
+    /// the administrator, and the `--join` and `--node-key` flags. Start it with
+    /// [`Cluster::spawn`]; it adds itself as a learner. Returns the key file.
+    pub async fn add_joining_node(&mut self, id: u64, via: u64) -> PathBuf {
+        let key = self.prepare_joining_node(id, via);
+        let public_key = coffer_node::keys::KeyPair::load(&key)
+            .expect("node key")
+            .public()
+            .to_bytes()
+            .to_vec();
+        self.admin(via)
+            .register_node(pb::RegisterNodeRequest { id, public_key })
+            .await
+            .expect("register the node key");
+        key
+    }
+
+    /// Like [`Cluster::add_joining_node`], without registering the key.
+    pub fn prepare_joining_node(&mut self, id: u64, via: u64) -> PathBuf {
+        self.add_node(id);
+        let out = self.dir.path().join(format!("keys/node-{id}"));
+        coffer_node::keys::KeyPair::generate()
+            .expect("key")
+            .save(&out, "test node key")
+            .expect("save the node key");
+        let key = out.with_extension("key");
+        let via_api = self.nodes[&via].api.to_string();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.extra_args.extend([
+            "--join".to_string(),
+            via_api,
+            "--node-key".to_string(),
+            key.display().to_string(),
+        ]);
+        key
+    }
+
+    /// Node `id`'s process record.
+    pub fn node(&self, id: u64) -> &NodeProc {
+        &self.nodes[&id]
+    }
+
+    /// Waits until node `id` is a member (voter or learner) in node `seen_by`'s view.
+    pub async fn must_wait_member(&self, id: u64, seen_by: u64, timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("node {id} to become a member"),
+            || async {
+                let s = self.status(seen_by).await?;
+                s.members.iter().any(|m| m.id == id).then_some(())
+            },
+        )
+        .await;
     }
 
     /// The `coffer server` command line of a node.
@@ -747,7 +804,10 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             // Keep the evidence of a failed scenario.
-            let keep = self.dir.path().to_path_buf();
+            let keep = match tempfile::TempDir::new() {
+                Ok(empty) => std::mem::replace(&mut self.dir, empty).keep(),
+                Err(_) => self.dir.path().to_path_buf(),
+            };
             eprintln!("cluster directory kept for inspection: {}", keep.display());
             for node in self.nodes.values() {
                 if let Ok(log) = std::fs::read_to_string(&node.log) {
@@ -850,5 +910,104 @@ impl Writer {
     pub async fn stop(self) -> WriterLog {
         let _ = self.stop.send(true);
         self.task.await.expect("writer task")
+    }
+}
+
+/// A TLS verifier for test probes of the peer port: it accepts any server (what is tested is
+/// whether the server accepts the probe's client certificate).
+#[derive(Debug)]
+struct AnyServer(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    coffer_node::handshake_signatures!();
+}
+
+impl coffer_node::tls::SignatureAlgorithms for AnyServer {
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.0
+    }
+}
+
+impl Cluster {
+    /// Calls `Peer.Info` on node `id`'s peer port presenting `cert_pem` with `key_pem` (PKCS#8
+    /// or any PEM key rustls loads): `Ok` if the node answers, else why not.
+    pub async fn peer_probe(&self, id: u64, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        self.peer_call(id, cert_pem, key_pem, |mut c| async move {
+            c.info(coffer_raft::pb::Payload::default()).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Calls node `id`'s peer service with `call` presenting `cert_pem` with `key_pem`: the
+    /// answer's bytes, or why not.
+    pub async fn peer_call<F, Fut>(
+        &self,
+        id: u64,
+        cert_pem: &str,
+        key_pem: &str,
+        call: F,
+    ) -> Result<Vec<u8>, String>
+    where
+        F: FnOnce(coffer_raft::pb::peer_client::PeerClient<tonic::transport::Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<coffer_raft::pb::Payload>, tonic::Status>>,
+    {
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .map_err(|e| e.to_string())?
+            .ok_or("no key")?;
+        let provider = rustls::crypto::ring::default_provider();
+        let verifier = Arc::new(AnyServer(provider.signature_verification_algorithms));
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let pool = coffer_raft::PeerPool::new(Arc::new(config), Duration::from_secs(3), None);
+        let client = pool.client(&self.nodes[&id].peer.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(10), call(client)).await {
+            Ok(Ok(answer)) => Ok(answer.into_inner().data),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err("no answer within 10 s".into()),
+        }
+    }
+
+    /// Node `id`'s node certificate and key (PEM), from its data directory.
+    pub fn node_certificate(&self, id: u64) -> (String, String) {
+        let dir = self.nodes[&id].data_dir.join("node-tls");
+        let cert = std::fs::read_to_string(dir.join("node-cert.pem")).expect("node certificate");
+        let key = coffer_node::keys::KeyPair::load(&dir.join("node.key")).expect("node key");
+        (cert, key.signing_key_pkcs8_pem().to_string())
+    }
+
+    /// Node `id`'s certificate from the operator's bootstrap CA (`coffer certs`) and its key.
+    pub fn bootstrap_certificate(&self, id: u64) -> (String, String) {
+        let tls = self.dir.path().join("tls");
+        (
+            std::fs::read_to_string(tls.join(format!("node-{id}.pem"))).expect("certificate"),
+            std::fs::read_to_string(tls.join(format!("node-{id}-key.pem"))).expect("key"),
+        )
+    }
+
+    /// Issues a bootstrap-CA certificate for node `id` (which need not exist).
+    pub fn issue_bootstrap_certificate(&self, id: u64) -> (String, String) {
+        must_issue_certs(&self.dir.path().join("tls"), id..=id);
+        self.bootstrap_certificate(id)
     }
 }

@@ -1,5 +1,6 @@
-//! While writes continue: a fourth node joins as a learner (a read replica), is promoted to
-//! voter, and an original voter is removed. No acknowledged write is lost and the new member
+//! While writes continue: a fourth node joins as a learner (a read replica) with its registered
+//! node key, is promoted to voter, and an original voter is removed: its node certificate
+//! opens nothing on the peer port afterwards. No acknowledged write is lost and the new member
 //! serves linearizable reads.
 
 use std::time::Duration;
@@ -14,19 +15,14 @@ async fn membership_change_under_writes() {
     let channels = [1, 2, 3].map(|id| cluster.channel(id)).to_vec();
     let writer = Writer::start("load", channels, 4);
 
-    let new = cluster.add_node(4);
-    let (api, peer) = (new.api.to_string(), new.peer.to_string());
-    cluster.spawn(4);
+    // The new node proves the node key the administrator registered (through a follower)
+    // and adds itself as a learner.
     let via = cluster.other_than(leader);
+    cluster.add_joining_node(4, via).await;
+    cluster.spawn(4);
     cluster
-        .admin(via)
-        .add_learner(pb::AddLearnerRequest {
-            id: 4,
-            api_addr: api,
-            peer_addr: peer,
-        })
-        .await
-        .expect("add learner through a follower");
+        .must_wait_member(4, leader, Duration::from_secs(20))
+        .await;
     // A learner is a read replica: once a member has unsealed it (peer unseal), it serves
     // linearizable reads.
     cluster
@@ -41,6 +37,11 @@ async fn membership_change_under_writes() {
         .await
         .expect("promote");
     let victim = cluster.other_than(leader);
+    let (cert, key) = cluster.node_certificate(victim);
+    cluster
+        .peer_probe(leader, &cert, &key)
+        .await
+        .expect("a member's node certificate is accepted");
     cluster
         .admin(leader)
         .remove(pb::NodeRequest { id: victim })
@@ -57,6 +58,18 @@ async fn membership_change_under_writes() {
         "removed node is gone"
     );
     cluster.kill(victim);
+    // The removed node's certificate (still within its validity) opens nothing.
+    wait_until(
+        Duration::from_secs(10),
+        "the leader to refuse the removed node's certificate",
+        || async { cluster.peer_probe(leader, &cert, &key).await.err() },
+    )
+    .await;
+    let log = std::fs::read_to_string(&cluster.node(leader).log).expect("leader log");
+    assert!(
+        log.contains("neither a member nor joining"),
+        "the refusal names the check"
+    );
 
     let log = writer.stop().await;
     assert!(!log.acked.is_empty());

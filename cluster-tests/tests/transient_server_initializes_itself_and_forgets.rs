@@ -97,6 +97,29 @@ async fn unsealed_cluster_id(dir: &Path, api: &str) -> String {
     .await
 }
 
+/// Waits until the administrator (whose session `admin` presents) holds the dev-data policy,
+/// which the transient server adds right after it unsealed itself.
+async fn wait_for_dev_data(admin: &Channel) {
+    wait_until(
+        Duration::from_secs(10),
+        "the admin to hold dev-data",
+        || {
+            let mut ids = coffer_api::v1::identities_client::IdentitiesClient::new(admin.clone());
+            async move {
+                let r = ids
+                    .read(pb::IdentityReadRequest {
+                        name: "admin".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                r.policies.iter().any(|p| p == "dev-data").then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -130,24 +153,7 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
     // The generated administrator key logs in and, on a transient cluster, may use the data:
     // the server adds the dev-data policy to it right after unsealing.
     let admin = admin_channel(d, &api).await;
-    wait_until(
-        Duration::from_secs(10),
-        "the admin to hold dev-data",
-        || {
-            let mut ids = coffer_api::v1::identities_client::IdentitiesClient::new(admin.clone());
-            async move {
-                let r = ids
-                    .read(pb::IdentityReadRequest {
-                        name: "admin".into(),
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                r.policies.iter().any(|p| p == "dev-data").then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_dev_data(&admin).await;
     let mut kv = KvClient::new(admin);
     kv.put(pb::PutRequest {
         key: b"app/db".to_vec(),
@@ -191,7 +197,9 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
         .await
         .expect_err("the old administrator key is no identity of the new cluster");
     assert_eq!(old_session.code(), tonic::Code::Unauthenticated);
-    let gone = KvClient::new(admin_channel(d, &api).await)
+    let admin = admin_channel(d, &api).await;
+    wait_for_dev_data(&admin).await;
+    let gone = KvClient::new(admin)
         .get(pb::GetRequest {
             key: b"app/db".to_vec(),
             consistency: 0,

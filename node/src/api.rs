@@ -23,6 +23,7 @@ use crate::identity;
 use crate::keys::PublicKey;
 use crate::kubernetes;
 use crate::metrics::Metrics;
+use crate::node_identity;
 use crate::policy::{self, Capability};
 use crate::seal::{
     Action, Operator, Refused, RekeyOutcome, RekeyProposal, RekeySubmission, Seal, Submission,
@@ -601,6 +602,7 @@ impl Cluster for Api {
                         api_addr: m.api_addr.clone(),
                         peer_addr: m.peer_addr.clone(),
                         voter,
+                        incarnation: m.incarnation,
                     });
                 }
             }
@@ -653,6 +655,20 @@ impl Cluster for Api {
             if s.voters.contains_key(&r.id) || s.learners.contains_key(&r.id) {
                 return Err(Status::already_exists(format!(
                     "node {} is already a member; ids are never reused: pick a new one",
+                    r.id
+                )));
+            }
+            self.node.linearize().await.map_err(raft_status)?;
+            let recorded = self
+                .node
+                .store()
+                .read()
+                .map_err(storage_status)?
+                .get(&node_identity::node_cert_record(r.id))
+                .map_err(storage_status)?;
+            if recorded.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "node {} has no node certificate, so its peers would refuse it: register its node key with `coffer cluster register-node` and start it with --join; it adds itself",
                     r.id
                 )));
             }
@@ -714,9 +730,101 @@ impl Cluster for Api {
                 .change_membership(MembershipChange::Remove { id })
                 .await
                 .map_err(raft_status)?;
+            // Its node certificate opens nothing from now on (peers accept recorded nodes only).
+            self.commit(
+                Txn::ops(vec![
+                    Op::Delete {
+                        key: node_identity::node_cert_record(id),
+                    },
+                    Op::Delete {
+                        key: node_identity::node_key_record(id),
+                    },
+                ]),
+                "",
+            )
+            .await?;
             Ok(pb::MembershipResponse { raft_index: index })
         })
         .await
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        self.timed("RegisterNode", async {
+            let id = req.get_ref().id;
+            if id == 0 {
+                return Err(Status::invalid_argument("the node id must be positive"));
+            }
+            self.authorize(&req, &format!("{RAFT_NODES}/{id}"), Capability::Create)
+                .await?;
+            let r = req.into_inner();
+            let key = PublicKey::from_bytes(&r.public_key)
+                .map_err(|e| Status::invalid_argument(format!("the node key: {e:#}")))?;
+            let s = self.node.status();
+            if s.voters.contains_key(&id) || s.learners.contains_key(&id) {
+                return Err(Status::already_exists(format!(
+                    "node {id} is already a member; ids are never reused: pick a new one"
+                )));
+            }
+            self.commit(
+                Txn {
+                    compare: vec![Compare::Absent(node_identity::node_key_record(id))],
+                    success: vec![Op::Put {
+                        key: node_identity::node_key_record(id),
+                        value: r.public_key,
+                    }],
+                    failure: Vec::new(),
+                },
+                &format!("a node key is already registered for node {id}; ids are never reused: pick a new one"),
+            )
+            .await?;
+            Ok(pb::RegisterNodeResponse {
+                fingerprint: key.fingerprint(),
+            })
+        })
+        .await
+    }
+
+    type JoinStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JoinProgress, Status>>;
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        self.rate_limit(&req)?;
+        let r = req.into_inner();
+        let (certificate, node_ca) = self.timed("Join", self.admit(&r)).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let first = pb::JoinProgress {
+                certificate,
+                node_ca,
+                raft_index: 0,
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            // The node serves its peer port with the certificate now; adding it asks it who it
+            // is over that port first.
+            let added = node
+                .change_membership(MembershipChange::AddLearner {
+                    id: r.node_id,
+                    member: Member::new(r.peer_addr, r.api_addr),
+                })
+                .await
+                .map(|raft_index| pb::JoinProgress {
+                    raft_index,
+                    ..pb::JoinProgress::default()
+                })
+                .map_err(raft_status);
+            let _ = tx.send(added).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn snapshot(
@@ -747,6 +855,131 @@ impl Cluster for Api {
             }
         })
         .await
+    }
+}
+
+/// Registering node keys is authorized at this path and the node id (`create`).
+pub const RAFT_NODES: &str = "sys/storage/raft/nodes";
+
+impl Api {
+    /// A proposal, refused if its compares fail (`why`).
+    async fn commit(&self, txn: Txn, why: &str) -> Result<u64, Status> {
+        let written = self
+            .node
+            .write(Command {
+                request_id: None,
+                txn,
+            })
+            .await
+            .map_err(raft_status)?;
+        if !written.result.succeeded {
+            return Err(Status::failed_precondition(why.to_string()));
+        }
+        Ok(written.index)
+    }
+
+    /// Checks a join request's proof; returns the node certificate (PEM) and the node CA
+    /// certificate (DER), with the node recorded.
+    async fn admit(&self, r: &pb::JoinRequest) -> Result<(String, Vec<u8>), Status> {
+        let keyring = self.keyring()?;
+        let (cluster_id, _) = self.admin_cluster()?;
+        if r.node_id == 0 || r.api_addr.is_empty() || r.peer_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "a join needs a positive node id, an API address and a peer address",
+            ));
+        }
+        let (nonce, challenge_expiry) =
+            auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
+                .map_err(unauthenticated)?;
+        let status = self.node.status();
+        if status.voters.contains_key(&r.node_id) || status.learners.contains_key(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member; ids are never reused: pick a new one",
+                r.node_id
+            )));
+        }
+        self.node.linearize().await.map_err(raft_status)?;
+        let registered_key = node_identity::node_key_record(r.node_id);
+        let registered = self
+            .node
+            .store()
+            .read()
+            .map_err(storage_status)?
+            .get(&registered_key)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "no node key is registered for node {}: an administrator runs `coffer cluster register-node --id {} --public-key FILE` first",
+                    r.node_id, r.node_id
+                ))
+            })?;
+        if registered.value != r.public_key {
+            return Err(Status::permission_denied(format!(
+                "the node key is not the one registered for node {}",
+                r.node_id
+            )));
+        }
+        let key = PublicKey::from_bytes(&r.public_key)
+            .map_err(|e| Status::unauthenticated(format!("the node key: {e:#}")))?;
+        key.verify(
+            &node_identity::join_message(
+                &cluster_id,
+                &r.challenge,
+                r.node_id,
+                &r.api_addr,
+                &r.peer_addr,
+            ),
+            &r.signature,
+        )
+        .map_err(|_| {
+            Status::unauthenticated(
+                "the join signature does not verify with the registered node key (another challenge, cluster or address?)",
+            )
+        })?;
+        let record = node_identity::NodeRecord {
+            api_addr: r.api_addr.clone(),
+            peer_addr: r.peer_addr.clone(),
+            recorded_ms: auth::now_ms(),
+            how: format!("joined with node key {}", key.fingerprint()),
+        };
+        let used = auth::nonce_key(&nonce);
+        self.commit(
+            Txn {
+                compare: vec![
+                    Compare::Absent(used.clone()),
+                    Compare::ModRevision(registered_key, registered.mod_revision),
+                ],
+                success: vec![
+                    Op::Put {
+                        key: used,
+                        value: challenge_expiry.to_be_bytes().to_vec(),
+                    },
+                    Op::Put {
+                        key: node_identity::node_cert_record(r.node_id),
+                        value: postcard::to_allocvec(&record)
+                            .map_err(|e| Status::internal(e.to_string()))?,
+                    },
+                ],
+                failure: Vec::new(),
+            },
+            "the challenge was already used (or the node's registration changed): ask for a new one",
+        )
+        .await?;
+        let ca = node_identity::NodeCa::from_keyring(&keyring)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let certificate = ca
+            .issue(
+                r.node_id,
+                &key.signing_key(),
+                node_identity::host_of(&r.peer_addr),
+                auth::now_ms(),
+            )
+            .map_err(|e| Status::internal(format!("cannot issue the node certificate: {e:#}")))?;
+        tracing::info!(
+            node = r.node_id,
+            "a node proved its registered key and joins"
+        );
+        Ok((certificate, ca.cert().to_vec()))
     }
 }
 

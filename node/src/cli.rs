@@ -589,7 +589,18 @@ pub enum KvCommand {
 /// `coffer cluster` operations.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Adds a node as a learner (read replica); returns once it caught up.
+    /// Registers the node key a new node joins with (`coffer keygen --out FILE` on the node,
+    /// then `coffer server --join ADDR --node-key FILE ...` there).
+    RegisterNode {
+        /// New, never used node id.
+        #[arg(long)]
+        id: u64,
+        /// The node key's public half (`FILE.pub` from `coffer keygen`).
+        #[arg(long)]
+        public_key: std::path::PathBuf,
+    },
+    /// Adds a node that holds a node certificate (it joined before) as a learner again; a new
+    /// node adds itself when it joins.
     AddLearner {
         /// New, never used node id.
         #[arg(long)]
@@ -1347,6 +1358,22 @@ async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> 
     let target = client.session_target().await?;
     let mut c = target.cluster().await?;
     let index = match op {
+        ClusterCommand::RegisterNode { id, public_key } => {
+            let key = crate::keys::PublicKey::load(&public_key)?;
+            let r = c
+                .register_node(pb::RegisterNodeRequest {
+                    id,
+                    public_key: key.to_bytes().to_vec(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "registered node {id} with key {}: start it with --join and --node-key",
+                r.fingerprint
+            );
+            return Ok(());
+        }
         ClusterCommand::AddLearner {
             id,
             api_addr,

@@ -65,6 +65,15 @@ pub struct ServerArgs {
     /// Cluster CA certificate (PEM): peers must present a certificate it signed.
     #[arg(long, env = "COFFER_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The node key (`coffer keygen`): what this node's node certificate certifies, and, for a
+    /// joining node, the key an administrator registered (`coffer cluster register-node`).
+    /// Default: `node.key` in the data directory, made on first start.
+    #[arg(long, env = "COFFER_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+    /// Join an existing cluster through this member's API address (`HOST:PORT`): the node
+    /// proves its registered node key, receives its node certificate and is added as a learner.
+    #[arg(long, env = "COFFER_JOIN")]
+    pub join: Option<String>,
     /// Voters of a new cluster, `ID=PEER_ADDR/API_ADDR`, repeated or comma-separated. Only the
     /// member with the lowest id initializes; an existing cluster ignores it.
     #[arg(
@@ -159,6 +168,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    node_key: Option<PathBuf>,
+    join: Option<String>,
     kubernetes_api_url: Option<String>,
     kubernetes_in_cluster: Option<bool>,
     kubernetes_issuer: Option<String>,
@@ -210,6 +221,10 @@ pub struct NodeConfig {
     pub member: Member,
     /// TLS files.
     pub tls: TlsFiles,
+    /// The node key file (`None`: in the data directory, or a new one in memory).
+    pub node_key: Option<PathBuf>,
+    /// A member's API address to join through.
+    pub join: Option<String>,
     /// Voters of a new cluster.
     pub initial_members: BTreeMap<NodeId, Member>,
     /// Largest value accepted.
@@ -322,13 +337,19 @@ impl ServerArgs {
         if !initial_members.is_empty() {
             match initial_members.get(&node_id) {
                 None => bail!(
-                    "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster is added with `coffer cluster add-learner`"
+                    "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster starts with --join instead"
                 ),
                 Some(m) if !m.same_addresses(&member) => bail!(
                     "--initial-member gives node {node_id} the addresses {m}, but this node advertises {member}"
                 ),
                 Some(_) => {}
             }
+        }
+        let join = self.join.or(file.join);
+        if join.is_some() && !initial_members.is_empty() {
+            bail!(
+                "--join and --initial-member exclude each other: initial members form a new cluster, a joining node enters an existing one"
+            );
         }
         let defaults = Settings::default();
         let heartbeat_ms = self
@@ -495,6 +516,8 @@ impl ServerArgs {
             metrics_addr,
             member,
             tls,
+            node_key: self.node_key.or(file.node_key),
+            join,
             initial_members,
             max_value_bytes,
             raft,

@@ -65,6 +65,8 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             metrics_addr: Some(metrics),
             member: members[&id].clone(),
             tls: files.clone(),
+            node_key: None,
+            join: None,
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
             unseal_progress_ttl: Duration::from_secs(600),

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod keys;
 pub mod kubernetes;
 pub mod metrics;
+pub mod node_identity;
 pub mod operator;
 pub mod policy;
 pub mod seal;

@@ -262,6 +262,16 @@ enum AppMessage {
     },
 }
 
+/// The peer `App` message by which member `requester` asks for the master key, encrypted to
+/// `key` (a one-time public key, 64 bytes), having applied the seal action of `seal_revision`.
+pub fn peer_unseal_request(requester: u64, key: &[u8], seal_revision: u64) -> Result<Vec<u8>> {
+    Ok(postcard::to_allocvec(&AppMessage::MasterKeyFor {
+        requester,
+        key: key.to_vec(),
+        seal_revision,
+    })?)
+}
+
 /// A share file's contents (JSON), written by `coffer operator init`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShareFile {
@@ -485,6 +495,13 @@ impl Seal {
                 Op::Put {
                     key: KEYRING_KEY.to_vec(),
                     value: keyring.seal(&master)?,
+                },
+                // Public: sealed members check node certificates against it.
+                Op::Put {
+                    key: crate::node_identity::NODE_CA_KEY.to_vec(),
+                    value: crate::node_identity::NodeCa::from_keyring(&keyring)?
+                        .cert()
+                        .to_vec(),
                 },
             ],
             failure: Vec::new(),
@@ -733,7 +750,7 @@ impl Seal {
     /// The handler for messages from other members: relayed shares, and peer-unseal requests.
     pub fn app_handler(self: &Arc<Self>) -> coffer_raft::AppHandler {
         let me = self.clone();
-        Arc::new(move |data: Vec<u8>| {
+        Arc::new(move |peer: Option<u64>, data: Vec<u8>| {
             let me = me.clone();
             Box::pin(async move {
                 match postcard::from_bytes(&data).map_err(|_| {
@@ -747,7 +764,15 @@ impl Seal {
                         requester,
                         key,
                         seal_revision,
-                    } => me.hand_out_master_key(requester, &key, seal_revision),
+                    } => {
+                        // The requester is who its certificate says, not who it claims.
+                        if peer != Some(requester) {
+                            return Err(format!(
+                                "the request names node {requester}, but the peer's certificate is not node {requester}'s"
+                            ));
+                        }
+                        me.hand_out_master_key(requester, &key, seal_revision)
+                    }
                 }
             })
         })
@@ -930,11 +955,8 @@ impl Seal {
         // A one-time key: the master key travels encrypted to it, inside the peer TLS channel.
         let once = crate::keys::KeyPair::generate()?;
         let seal_revision = self.revision_of(SEALED_KEY)?;
-        let request = postcard::to_allocvec(&AppMessage::MasterKeyFor {
-            requester: self.node.id(),
-            key: once.public().to_bytes().to_vec(),
-            seal_revision,
-        })?;
+        let request =
+            peer_unseal_request(self.node.id(), &once.public().to_bytes(), seal_revision)?;
         let mut errors = Vec::new();
         for (id, member) in self.node.peers() {
             match self

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use coffer_raft::{PeerPool, PeerService, RaftNode};
+use coffer_raft::{PeerIdentity, PeerPool, PeerService, RaftNode};
 use coffer_storage::{Backend, Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::api::Api;
 use crate::config::{DataLocation, NodeConfig};
 use crate::metrics::{self, Metrics};
+use crate::node_identity::{self, NodeRecord, PeerTls};
 use crate::seal::Seal;
 use crate::tls::TlsMaterial;
 
@@ -140,24 +140,12 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<(Store, u64)> {
     Ok((store, incarnation))
 }
 
-/// Accepted connections with Nagle's algorithm off: small gRPC frames must not wait for a
-/// delayed ACK (that costs ~40 ms per request).
-fn no_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
-
-/// API connections once their TLS handshake is done. Each handshake runs in its own task (at
+/// Connections once their TLS handshake is done. Each handshake runs in its own task (at
 /// most 10 s), so a slow client holds up no other; the accept loop ends with the server.
 fn tls_incoming(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    name: &'static str,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<
         std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
@@ -171,7 +159,7 @@ fn tls_incoming(
                 accepted = listener.accept() => match accepted {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot accept an API connection");
+                        tracing::warn!(error = %e, listener = name, "cannot accept a connection");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -185,8 +173,10 @@ fn tls_incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, listener = name, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(%peer, listener = name, "TLS handshake timed out"),
                 }
             });
         }
@@ -194,24 +184,64 @@ fn tls_incoming(
     (tokio_stream::wrappers::ReceiverStream::new(rx), task)
 }
 
-/// Serves a gRPC router on a listener until `stop` turns true.
+/// Serves a gRPC router on a TLS listener until `stop` turns true: the accept loop's task and
+/// the server's.
 fn serve(
     name: &'static str,
     router: tonic::transport::server::Router,
     listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
     mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let (incoming, accept) = tls_incoming(listener, acceptor, name);
+    let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         if let Err(e) = router
-            .serve_with_incoming_shutdown(no_delay(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
         {
             tracing::error!(error = %e, listener = name, "server stopped");
         }
-    })
+    });
+    [accept, server]
+}
+
+/// Until this node's log has a membership, asks the other initial members (every second,
+/// through their API) whether the cluster knows this node with another data directory
+/// incarnation; if one does, this node's data directory was replaced and it stops serving (as
+/// when a peer addresses it with the old incarnation).
+async fn stop_if_replaced(node: Arc<RaftNode>, others: crate::client::Target) {
+    use coffer_api::v1::cluster_client::ClusterClient;
+    loop {
+        if node.is_initialized().await.unwrap_or(true) {
+            return;
+        }
+        for addr in &others.addrs {
+            let Ok(channel) = others.channel_to(addr) else {
+                continue;
+            };
+            let status = ClusterClient::new(channel)
+                .status(coffer_api::v1::StatusRequest { digest: false })
+                .await;
+            let known = status.ok().and_then(|s| {
+                s.into_inner()
+                    .members
+                    .into_iter()
+                    .find(|m| m.id == node.id())
+                    .map(|m| m.incarnation)
+            });
+            if let Some(known) = known
+                && known != 0
+                && known != node.incarnation()
+            {
+                node.refuse_stale_incarnation(known).await;
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Starts a node: binds its listeners, starts Raft, bootstraps a new cluster if configured.
@@ -221,8 +251,26 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     // Outgoing peer connections leave from the peer listener's address when it is a specific
     // one (not 0.0.0.0 / ::), so each node's traffic carries its own source address.
     let local_ip = Some(cfg.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
-    let pool = PeerPool::new(tls.peer_client(), Duration::from_secs(2), local_ip);
+    let identity_dir = match &cfg.data {
+        DataLocation::Dir(dir) => Some(dir.join("node-tls")),
+        DataLocation::Memory => None,
+    };
+    let node_key = Arc::new(node_identity::load_node_key(
+        cfg.node_key.as_deref(),
+        identity_dir.as_deref(),
+    )?);
+    let peer_tls = PeerTls::new(
+        cfg.node_id,
+        tls.certified_key().context("the TLS files")?,
+        tls.ca_pem(),
+        node_key.clone(),
+        identity_dir,
+        cfg.initial_members.keys().copied().collect(),
+    )?;
+    let pool = PeerPool::new(peer_tls.client_config()?, Duration::from_secs(2), local_ip);
     let node = RaftNode::start(cfg.node_id, incarnation, cfg.raft.clone(), store, pool).await?;
+    // A restarted node knows the node CA and the recorded nodes from its state.
+    peer_tls.refresh(&node)?;
 
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await
@@ -246,6 +294,31 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     ));
     // Operators' seal and rotate actions reach this node through what it applies.
     tasks.push(tokio::spawn(seal.clone().watch()));
+    tasks.push(tokio::spawn(node_identity::maintain(
+        peer_tls.clone(),
+        node.clone(),
+        seal.clone(),
+        NodeRecord {
+            api_addr: cfg.member.api_addr.clone(),
+            peer_addr: cfg.member.peer_addr.clone(),
+            recorded_ms: 0,
+            how: "initial member, at its first unseal".into(),
+        },
+    )));
+    if let Some(via) = cfg.join.clone() {
+        tasks.push(tokio::spawn(node_identity::join(
+            peer_tls.clone(),
+            node.clone(),
+            node_key,
+            crate::client::Target {
+                addrs: vec![via],
+                ca_pem: tls.ca_pem().to_vec(),
+                timeout: Duration::from_secs(30),
+                session: None,
+            },
+            cfg.member.clone(),
+        )));
+    }
     let api = Api::new(
         node.clone(),
         metrics.clone(),
@@ -296,27 +369,38 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             api.clone(),
         ))
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
-    let (api_incoming, accept_task) =
-        tls_incoming(api_listener, tls.api_acceptor().context("API TLS")?);
-    tasks.push(accept_task);
-    let mut api_stop = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = api_stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = api_server
-            .serve_with_incoming_shutdown(api_incoming, shutdown)
-            .await
-        {
-            tracing::error!(error = %e, listener = "API", "server stopped");
-        }
-    }));
+    tasks.extend(serve(
+        "API",
+        api_server,
+        api_listener,
+        tls.api_acceptor().context("API TLS")?,
+        stop_rx.clone(),
+    ));
 
-    let peer_server = Server::builder()
-        .tls_config(tls.peer_server())
-        .context("peer TLS configuration")?
-        .add_service(PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES));
-    tasks.push(serve("peer", peer_server, peer_listener, stop_rx.clone()));
+    // Every peer request is checked again (the handshake checked the certificate once): a
+    // connection made before a member's bootstrap certificate stopped counting, or by a node
+    // since removed, gets no further.
+    let checker = peer_tls.clone();
+    let peer_service = tonic::service::interceptor::InterceptedService::new(
+        PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES),
+        move |mut req: tonic::Request<()>| {
+            let certs = req.peer_certs();
+            let id = checker
+                .check_request(certs.as_deref().map(Vec::as_slice))
+                .map_err(|why| {
+                    tonic::Status::unauthenticated(format!("peer certificate refused: {why}"))
+                })?;
+            req.extensions_mut().insert(PeerIdentity(id));
+            Ok(req)
+        },
+    );
+    tasks.extend(serve(
+        "peer",
+        Server::builder().add_service(peer_service),
+        peer_listener,
+        tokio_rustls::TlsAcceptor::from(peer_tls.server_config()?),
+        stop_rx.clone(),
+    ));
 
     let metrics_addr = match cfg.metrics_addr {
         Some(addr) => {
@@ -344,6 +428,26 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     }));
 
     if !cfg.initial_members.is_empty() && !node.is_initialized().await? {
+        // A member whose data directory was replaced cannot be told so over the peer port
+        // (it presents its bootstrap certificate, which its peers no longer accept once it has
+        // a node certificate): it asks the other members' API who the cluster knows instead.
+        let others: Vec<String> = cfg
+            .initial_members
+            .iter()
+            .filter(|(id, _)| **id != cfg.node_id)
+            .map(|(_, m)| m.api_addr.clone())
+            .collect();
+        if !others.is_empty() {
+            tasks.push(tokio::spawn(stop_if_replaced(
+                node.clone(),
+                crate::client::Target {
+                    addrs: others,
+                    ca_pem: tls.ca_pem().to_vec(),
+                    timeout: Duration::from_secs(3),
+                    session: None,
+                },
+            )));
+        }
         let first = cfg.initial_members.keys().next().copied();
         if first == Some(cfg.node_id) {
             // The other members may start later: wait for them in the background.

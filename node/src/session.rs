@@ -46,8 +46,36 @@ pub fn session_id(session_key: &[u8; 32]) -> String {
         .collect()
 }
 
+/// A CA whose Ed25519 key is derived from the keyring for `purpose`: the same on every
+/// unsealed node, never stored or sent. Its self-signed certificate (DER) is the same bytes on
+/// every node too (fixed fields, deterministic signature). Returns what signs certificates
+/// under it: its parameters and key, and its certificate.
+pub(crate) fn derived_ca(
+    keyring: &Keyring,
+    purpose: &[u8],
+    name: &str,
+) -> Result<(CertificateParams, CertKey, CertificateDer<'static>)> {
+    let seed = keyring.derive(purpose);
+    let mut pkcs8 = Zeroizing::new(ED25519_PKCS8_PREFIX.to_vec());
+    pkcs8.extend_from_slice(&*seed);
+    let key = CertKey::from_pkcs8_der_and_sign_algo(
+        &PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
+        &rcgen::PKCS_ED25519,
+    )
+    .with_context(|| format!("the {name} key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    params.serial_number = Some(SerialNumber::from(1u64));
+    let cert = params.self_signed(&key)?.der().clone();
+    Ok((params, key, cert))
+}
+
 /// A raw Ed25519 public key, to be certified.
-struct Ed25519Public<'a>(&'a [u8; 32]);
+pub(crate) struct Ed25519Public<'a>(pub(crate) &'a [u8; 32]);
 
 impl PublicKeyData for Ed25519Public<'_> {
     fn der_bytes(&self) -> &[u8] {
@@ -75,23 +103,8 @@ impl std::fmt::Debug for SessionCa {
 impl SessionCa {
     /// The session CA of the cluster whose keyring this is.
     pub fn from_keyring(keyring: &Keyring) -> Result<SessionCa> {
-        let seed = keyring.derive(CA_PURPOSE);
-        let mut pkcs8 = Zeroizing::new(ED25519_PKCS8_PREFIX.to_vec());
-        pkcs8.extend_from_slice(&*seed);
-        let key = CertKey::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
-            &rcgen::PKCS_ED25519,
-        )
-        .context("the session CA key")?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, CA_NAME);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        params.serial_number = Some(SerialNumber::from(1u64));
-        let cert = params.self_signed(&key)?;
-        let anchor = webpki::anchor_from_trusted_cert(cert.der())
+        let (params, key, cert) = derived_ca(keyring, CA_PURPOSE, CA_NAME)?;
+        let anchor = webpki::anchor_from_trusted_cert(&cert)
             .map_err(|e| anyhow::anyhow!("the session CA certificate: {e}"))?
             .to_owned();
         Ok(SessionCa {

@@ -10,12 +10,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::DistinguishedName as TlsName;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, SignatureScheme};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// PEM files of one node: its certificate (server and client auth), its key, the cluster CA.
 #[derive(Debug, Clone)]
@@ -79,22 +77,12 @@ impl TlsMaterial {
         })
     }
 
-    fn identity(&self) -> Identity {
-        Identity::from_pem(&self.cert, &self.key)
-    }
-
     /// The API listener's TLS: the node certificate; clients are asked for a session
     /// certificate but may connect without one (to log in). The handshake proves the client
     /// holds the key of the certificate it presents; whether the session CA issued it, and what
     /// the session may do, is checked per request (`session.rs`), against the cluster's state
     /// at that moment.
     pub fn api_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
-        let certs = rustls_pemfile::certs(&mut self.cert.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .context("the node certificate PEM")?;
-        let key = rustls_pemfile::private_key(&mut self.key.as_slice())
-            .context("the node key PEM")?
-            .context("the node key file holds no private key")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(AnyClientCertificate {
             algorithms: provider.signature_verification_algorithms,
@@ -103,24 +91,79 @@ impl TlsMaterial {
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .context("the node certificate and key do not match")?;
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                self.certified_key()?,
+            )));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 
-    /// The peer listener: mutual TLS, clients must present a certificate of the cluster CA.
-    pub fn peer_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .client_ca_root(Certificate::from_pem(&self.ca))
+    /// The node's certificate from the TLS files with its key: what the API listener serves,
+    /// and what an initial member presents on the peer port until it has its node certificate
+    /// (see `node_identity.rs`).
+    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>> {
+        let certs = rustls_pemfile::certs(&mut self.cert.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .context("the node certificate PEM")?;
+        let key = rustls_pemfile::private_key(&mut self.key.as_slice())
+            .context("the node key PEM")?
+            .context("the node key file holds no private key")?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
+        let certified = rustls::sign::CertifiedKey::new(certs, key);
+        certified
+            .keys_match()
+            .context("the node certificate and key do not match")?;
+        Ok(Arc::new(certified))
     }
 
-    /// Outgoing peer connections: verify the peer against the cluster CA, present our cert.
-    pub fn peer_client(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(self.identity())
+    /// The CA certificate of the TLS files (PEM).
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca
+    }
+}
+
+/// What checks the handshake signatures of a TLS verifier.
+pub trait SignatureAlgorithms {
+    /// The algorithms (ring's).
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms;
+}
+
+/// The handshake-signature methods of a rustls verifier (`ClientCertVerifier` or
+/// `ServerCertVerifier`) whose type implements [`SignatureAlgorithms`].
+#[macro_export]
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algorithms = $crate::tls::SignatureAlgorithms::algorithms(self);
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algorithms = $crate::tls::SignatureAlgorithms::algorithms(self);
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            $crate::tls::SignatureAlgorithms::algorithms(self).supported_schemes()
+        }
+    };
+}
+pub use handshake_signatures;
+
+impl SignatureAlgorithms for AnyClientCertificate {
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.algorithms
     }
 }
 
@@ -153,27 +196,7 @@ impl ClientCertVerifier for AnyClientCertificate {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// Subject name of every Coffer cluster CA made by `coffer certs` and `coffer dev`.
@@ -284,8 +307,10 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
 
 /// Writes one certificate per node into `dir` (`node-<id>.pem`, `node-<id>-key.pem`), signed by
 /// the CA in `dir` (`ca.pem`, `ca-key.pem`), which is created when missing: run it again later
-/// to issue certificates for new nodes. Each node certificate names `localhost`, `127.0.0.1`
-/// and its hosts. Keep `ca-key.pem` offline in production.
+/// to issue certificates for new nodes. Each node certificate names the node
+/// (`node-<id>.coffer.internal`), `localhost`, `127.0.0.1` and its hosts. It serves the API, and
+/// on the peer port it only lets an initial member form the cluster: from its first unseal on,
+/// a member uses its node certificate there. Keep `ca-key.pem` offline in production.
 pub fn generate_cluster_certs(dir: &Path, nodes: &[(u64, Vec<String>)]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
@@ -307,7 +332,12 @@ pub fn generate_cluster_certs(dir: &Path, nodes: &[(u64, Vec<String>)]) -> Resul
         ca
     };
     for (id, hosts) in nodes {
-        let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        // The node name says which node the certificate is for (see `node_identity.rs`).
+        let mut all = vec![
+            crate::node_identity::node_name(*id),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
         for h in hosts {
             if !all.contains(h) {
                 all.push(h.clone());

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 pub use log_store::LogStore;
 pub use network::{MAX_PEER_MESSAGE, Network, PeerPool};
-pub use node::{AppHandler, Changes, MembershipChange, NodeStatus, RaftNode, Written};
+pub use node::{
+    AppHandler, Changes, MembershipChange, NodeStatus, PeerIdentity, RaftNode, Written,
+};
 pub use service::PeerService;
 pub use state_machine::StateMachine;
 pub use types::{LogId, Member, NodeId, NodeInfo, TypeConfig};

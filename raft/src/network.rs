@@ -16,7 +16,7 @@ use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::codec::{decode, encode};
 use crate::pb::peer_client::PeerClient;
@@ -29,9 +29,14 @@ pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
 /// A pool of TLS channels to peers, by address. Channels reconnect by themselves.
+///
+/// The TLS client configuration is the node's: it decides which certificate to present and
+/// which peers to trust, and may change its mind (a node that receives its node certificate
+/// presents it from then on); [`PeerPool::reset`] drops the open channels so that new ones
+/// are made with the current choice.
 #[derive(Clone)]
 pub struct PeerPool {
-    tls: ClientTlsConfig,
+    tls: tokio_rustls::TlsConnector,
     connect_timeout: Duration,
     local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
@@ -43,20 +48,81 @@ impl std::fmt::Debug for PeerPool {
     }
 }
 
+/// Opens a TCP connection to `addr` (from `local_ip` when given) and runs the TLS handshake,
+/// checking the peer's certificate for the host of `addr`.
+async fn connect_tls(
+    tls: tokio_rustls::TlsConnector,
+    addr: String,
+    local_ip: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
+{
+    use std::io::{Error, ErrorKind};
+    let attempt = async {
+        let host = match addr.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => addr.as_str(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("{host:?}: {e}")))?;
+        let target = tokio::net::lookup_host(&addr)
+            .await?
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{addr} has no address")))?;
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        }
+        socket.set_nodelay(true)?;
+        let tcp = socket.connect(target).await?;
+        let stream = tls.connect(name, tcp).await?;
+        Ok(hyper_util::rt::TokioIo::new(stream))
+    };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        Error::new(
+            ErrorKind::TimedOut,
+            format!("connecting to {addr} timed out"),
+        )
+    })?
+}
+
 impl PeerPool {
-    /// A pool whose channels use `tls` (node certificate and cluster CA). With `local_ip`,
-    /// outgoing connections originate from that address (the node's own peer address), so
-    /// firewalls and fault injection can tell nodes apart by source address.
+    /// A pool whose channels use the TLS client configuration `tls` (it must offer ALPN
+    /// `h2`). With `local_ip`, outgoing connections originate from that address (the node's
+    /// own peer address), so firewalls and fault injection can tell nodes apart by source
+    /// address.
     pub fn new(
-        tls: ClientTlsConfig,
+        tls: Arc<rustls::ClientConfig>,
         connect_timeout: Duration,
         local_ip: Option<std::net::IpAddr>,
     ) -> PeerPool {
         PeerPool {
-            tls,
+            tls: tokio_rustls::TlsConnector::from(tls),
             connect_timeout,
             local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Drops every open channel: the next call to a peer connects (and authenticates) anew.
+    pub fn reset(&self) {
+        if let Ok(mut channels) = self.channels.lock() {
+            channels.clear();
+        }
+    }
+
+    /// Takes note of a peer's refusal: when it refused this node's certificate (the
+    /// connection was made with one it no longer accepts), the channel goes, so the next call
+    /// connects anew with the certificate this node presents now.
+    pub fn refused(&self, addr: &str, status: &tonic::Status) {
+        if status.code() == tonic::Code::Unauthenticated
+            && let Ok(mut channels) = self.channels.lock()
+        {
+            channels.remove(addr);
         }
     }
 
@@ -69,16 +135,23 @@ impl PeerPool {
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+                // The scheme is http because the connector below does the TLS itself.
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
-                    .tls_config(self.tls.clone())
-                    .map_err(|e| format!("peer TLS config: {e}"))?
                     .connect_timeout(self.connect_timeout)
-                    .local_address(self.local_ip)
-                    .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                let channel = endpoint.connect_lazy();
+                let (tls, target, local_ip, timeout) = (
+                    self.tls.clone(),
+                    addr.to_string(),
+                    self.local_ip,
+                    self.connect_timeout,
+                );
+                let channel = endpoint.connect_with_connector_lazy(tower::service_fn(
+                    move |_: tonic::transport::Uri| {
+                        connect_tls(tls.clone(), target.clone(), local_ip, timeout)
+                    },
+                ));
                 channels.insert(addr.to_string(), channel.clone());
                 channel
             }
@@ -112,18 +185,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConnection {
-        let client = if target == self.self_id {
-            Err(format!(
-                "node {target} refuses to open a connection to itself"
-            ))
-        } else {
-            self.pool.client(&node.peer_addr)
-        };
         PeerConnection {
             self_id: self.self_id,
             target,
             target_incarnation: node.incarnation,
-            client,
+            pool: self.pool.clone(),
+            addr: node.peer_addr.clone(),
             snapshot_timeout: self.snapshot_timeout,
         }
     }
@@ -135,7 +202,10 @@ pub struct PeerConnection {
     self_id: NodeId,
     target: NodeId,
     target_incarnation: u64,
-    client: Result<PeerClient<Channel>, String>,
+    /// The channel is taken from the pool on every call, so a [`PeerPool::reset`] takes effect
+    /// at once.
+    pool: PeerPool,
+    addr: String,
     snapshot_timeout: Duration,
 }
 
@@ -173,8 +243,14 @@ async fn injected_delay() {
 
 impl PeerConnection {
     fn client(&self) -> Result<PeerClient<Channel>, RPCError<TypeConfig>> {
-        self.client
-            .clone()
+        if self.target == self.self_id {
+            return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "node {} refuses to open a connection to itself",
+                self.target
+            ))));
+        }
+        self.pool
+            .client(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
     }
 
@@ -216,7 +292,10 @@ impl PeerConnection {
                     timeout: ttl,
                 })
             })?
-            .map_err(|s| status_error(&s))?;
+            .map_err(|s| {
+                self.pool.refused(&self.addr, &s);
+                status_error(&s)
+            })?;
         let result: Result<Resp, RaftError<TypeConfig>> =
             decode(&response.into_inner().data).map_err(|s| status_error(&s))?;
         result.map_err(|e| remote_fatal(self.target, e))
@@ -314,7 +393,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     timeout: self.snapshot_timeout,
                 })
             })?
-            .map_err(|s| StreamingError::from(status_error(&s)))?;
+            .map_err(|s| {
+                self.pool.refused(&self.addr, &s);
+                StreamingError::from(status_error(&s))
+            })?;
         let result: Result<SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>> =
             decode(&response.into_inner().data)
                 .map_err(|s| StreamingError::from(status_error(&s)))?;

@@ -99,16 +99,24 @@ pub struct NodeStatus {
     pub fatal: Option<String>,
 }
 
-/// Handles application messages from peers (see [`RaftNode::set_app_handler`]): the request's
-/// bytes in, the answer's bytes (or a refusal) out.
+/// Handles application messages from peers (see [`RaftNode::set_app_handler`]): the sending
+/// node's id as its TLS certificate proves it (see [`PeerIdentity`]) and the request's bytes
+/// in, the answer's bytes (or a refusal) out.
 pub type AppHandler = Arc<
     dyn Fn(
+            Option<NodeId>,
             Vec<u8>,
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>
         + Send
         + Sync,
 >;
+
+/// The id of the node at the other end of a peer connection, as its certificate proves it.
+/// Whoever serves the peer service puts it into each request's extensions after checking the
+/// client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIdentity(pub NodeId);
 
 /// Notices of changes to a node's Raft state; see [`RaftNode::changes`].
 pub struct Changes {
@@ -265,8 +273,17 @@ impl RaftNode {
         let response = tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| Error::Unavailable(format!("{peer_addr} did not answer in time")))?
-            .map_err(|s| Error::Unavailable(format!("{peer_addr}: {}", s.message())))?;
+            .map_err(|s| {
+                self.pool.refused(peer_addr, &s);
+                Error::Unavailable(format!("{peer_addr}: {}", s.message()))
+            })?;
         Ok(response.into_inner().data)
+    }
+
+    /// Drops the open peer connections: the next call to each peer connects anew (after this
+    /// node's TLS identity changed).
+    pub fn reset_peer_connections(&self) {
+        self.pool.reset();
     }
 
     /// This node's id.
@@ -305,14 +322,17 @@ impl RaftNode {
         let response = tokio::time::timeout(Duration::from_secs(3), call)
             .await
             .map_err(|_| Error::Unavailable(format!("{peer_addr} did not answer in time")))?
-            .map_err(|s| Error::Unavailable(format!("{peer_addr}: {}", s.message())))?;
+            .map_err(|s| {
+                self.pool.refused(peer_addr, &s);
+                Error::Unavailable(format!("{peer_addr}: {}", s.message()))
+            })?;
         decode(&response.into_inner().data).map_err(|s| Error::Unavailable(s.message().to_string()))
     }
 
     /// A peer addressed this node as an earlier incarnation of itself. If this node never
     /// joined a cluster, its data directory was replaced: it stops serving rather than rejoin
     /// with an empty log under its old id.
-    pub(crate) async fn refuse_stale_incarnation(&self, expected: u64) {
+    pub async fn refuse_stale_incarnation(&self, expected: u64) {
         if self.is_initialized().await.unwrap_or(true) {
             tracing::warn!(
                 expected,
@@ -608,9 +628,12 @@ impl RaftNode {
                 });
             }
             Ok(Err(status)) => {
-                // A refused connection never reached the leader; anything else might have.
-                let connect = status.code() == tonic::Code::Unavailable
-                    && status.message().contains("connect");
+                self.pool.refused(&member.peer_addr, &status);
+                // A refused connection (or certificate) never reached the leader; anything
+                // else might have.
+                let connect = (status.code() == tonic::Code::Unavailable
+                    && status.message().contains("connect"))
+                    || status.code() == tonic::Code::Unauthenticated;
                 return Err(Attempt::Retry {
                     attempted: !connect,
                     why: format!("leader {leader} unreachable: {}", status.message()),

@@ -157,7 +157,11 @@ impl Peer for PeerService {
         let Some(handler) = self.node.app_handler() else {
             return Err(Status::unavailable("this node is still starting"));
         };
-        match handler(req.into_inner().data).await {
+        let peer = req
+            .extensions()
+            .get::<crate::node::PeerIdentity>()
+            .map(|p| p.0);
+        match handler(peer, req.into_inner().data).await {
             Ok(data) => Ok(Response::new(Payload {
                 data: {
                     crate::tap::outgoing(&data);

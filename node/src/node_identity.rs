@@ -1,0 +1,937 @@
+//! Node identity: who may speak on the peer port.
+//!
+//! Node-to-node TLS uses **node certificates** issued by the cluster's **node CA**, an Ed25519
+//! key derived from the keyring (like the session CA: the same on every unsealed node, never
+//! stored or sent). Init stores the node CA's certificate (public) in the replicated state, so
+//! sealed members know it too. A node certificate certifies the node's key (a `coffer keygen`
+//! key, the one an administrator registers for a joining node) and names the node as
+//! `node-<id>.coffer.internal` besides its peer host.
+//!
+//! How a node gets one:
+//! * an **initial member** (one of `--initial-member`) forms the cluster with a certificate of
+//!   the operator's bootstrap CA (`--tls-cert`, from `coffer certs`). Once unsealed it issues
+//!   its own node certificate, presents that from then on, and records itself
+//!   (`\0coffer/node-cert/<id>`). From the moment a member's record is applied, the bootstrap CA
+//!   is no longer accepted for it: once every initial member has unsealed once, the bootstrap
+//!   CA opens nothing on the peer port;
+//! * a **joining node** proves the node key an administrator registered for its id
+//!   (`coffer cluster register-node`) by signing a login challenge (`Cluster.Join`); the
+//!   serving node records it, issues its certificate and adds it as a learner.
+//!
+//! Every peer connection is checked at the handshake and every peer request again (so a
+//! connection opened before a member's bootstrap window closed, or by a node since removed,
+//! gets no further): the certificate chains to the node CA and names a member or a recorded
+//! node, or chains to the bootstrap CA and names an initial member not yet recorded.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use coffer_raft::RaftNode;
+use coffer_storage::{Command, Compare, Op, Txn};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer,
+    KeyPair as CertKey, KeyUsagePurpose,
+};
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DistinguishedName as TlsName, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+use crate::barrier::Keyring;
+use crate::keys::KeyPair;
+use crate::session::{Ed25519Public, derived_ca};
+use crate::tls::{SignatureAlgorithms, handshake_signatures};
+
+/// The node CA's certificate (DER), written at init; public.
+pub const NODE_CA_KEY: &[u8] = b"\0coffer/seal/node-ca";
+/// `\0coffer/node-key/<id>`: the node key an administrator registered for a joining node.
+pub const NODE_KEY_PREFIX: &[u8] = b"\0coffer/node-key/";
+/// `\0coffer/node-cert/<id>`: a node that holds a node certificate (see [`NodeRecord`]).
+pub const NODE_CERT_PREFIX: &[u8] = b"\0coffer/node-cert/";
+const CA_PURPOSE: &[u8] = b"coffer/node-ca/v1";
+const CA_NAME: &str = "coffer node CA";
+/// Node certificates are good for a year; a node renews its own when it is unsealed and less
+/// than [`RENEW_BEFORE_S`] remain.
+const CERT_LIFETIME_S: i64 = 365 * 86_400;
+const RENEW_BEFORE_S: i64 = 30 * 86_400;
+const BACKDATE_S: i64 = 300;
+/// An accepted peer certificate is checked again after this long.
+const ACCEPTED_FOR: Duration = Duration::from_secs(60);
+
+/// The name every certificate of node `id` carries (DNS subject alternative name).
+pub fn node_name(id: u64) -> String {
+    format!("node-{id}.coffer.internal")
+}
+
+/// The reserved key of node `id`'s registered key.
+pub fn node_key_record(id: u64) -> Vec<u8> {
+    [NODE_KEY_PREFIX, id.to_string().as_bytes()].concat()
+}
+
+/// The reserved key of node `id`'s certificate record.
+pub fn node_cert_record(id: u64) -> Vec<u8> {
+    [NODE_CERT_PREFIX, id.to_string().as_bytes()].concat()
+}
+
+/// What the state records of a node that holds a node certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Its API address.
+    pub api_addr: String,
+    /// Its peer address.
+    pub peer_addr: String,
+    /// When it was recorded (ms since the Unix epoch).
+    pub recorded_ms: u64,
+    /// How: "initial member" or "joined with a registered node key".
+    pub how: String,
+}
+
+/// What a joining node signs with its node key.
+pub fn join_message(
+    cluster_id: &str,
+    challenge: &[u8],
+    node_id: u64,
+    api_addr: &str,
+    peer_addr: &str,
+) -> Vec<u8> {
+    let mut m = b"coffer/node-join/v1\0".to_vec();
+    for part in [
+        cluster_id.as_bytes(),
+        api_addr.as_bytes(),
+        peer_addr.as_bytes(),
+    ] {
+        m.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        m.extend_from_slice(part);
+    }
+    m.extend_from_slice(&node_id.to_be_bytes());
+    m.extend_from_slice(challenge);
+    m
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The node CA of one cluster.
+pub struct NodeCa {
+    params: CertificateParams,
+    key: CertKey,
+    cert: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for NodeCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeCa(***)")
+    }
+}
+
+impl NodeCa {
+    /// The node CA of the cluster whose keyring this is.
+    pub fn from_keyring(keyring: &Keyring) -> Result<NodeCa> {
+        let (params, key, cert) = derived_ca(keyring, CA_PURPOSE, CA_NAME)?;
+        Ok(NodeCa { params, key, cert })
+    }
+
+    /// Its certificate (DER).
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// A certificate for node `id`'s key (Ed25519, raw), for server and client auth, naming
+    /// [`node_name`] and `host` (its peer host). PEM.
+    pub fn issue(&self, id: u64, node_key: &[u8; 32], host: &str, now_ms: u64) -> Result<String> {
+        let mut names = vec![node_name(id)];
+        if !host.is_empty() && host != names[0] {
+            names.push(host.to_string());
+        }
+        let mut params = CertificateParams::new(names)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("coffer-node-{id}"));
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(now - BACKDATE_S)
+            .context("the clock is out of range")?;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(now + CERT_LIFETIME_S)
+            .context("the clock is out of range")?;
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        Ok(params.signed_by(&Ed25519Public(node_key), &issuer)?.pem())
+    }
+}
+
+/// The subject a node CA certificate has (the same for every cluster), as TLS hints name it.
+fn node_ca_subject() -> Result<TlsName> {
+    let key = CertKey::generate_for(&rcgen::PKCS_ED25519)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let cert = params.self_signed(&key)?;
+    let anchor = webpki::anchor_from_trusted_cert(cert.der())
+        .map_err(|e| anyhow::anyhow!("the node CA certificate: {e}"))?;
+    Ok(TlsName::in_sequence(&anchor.subject))
+}
+
+fn anchor(der: &[u8]) -> Result<TrustAnchor<'static>> {
+    Ok(
+        webpki::anchor_from_trusted_cert(&CertificateDer::from(der.to_vec()))
+            .map_err(|e| anyhow::anyhow!("not a CA certificate: {e}"))?
+            .to_owned(),
+    )
+}
+
+fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .context("a PEM certificate")
+}
+
+/// Whom this node trusts on the peer port.
+#[derive(Debug, Default)]
+struct Trust {
+    /// The node CA, once known (from the applied state, or from a join answer).
+    node_ca: Option<TrustAnchor<'static>>,
+    /// The node CA came from a join answer and this node has no state yet: any node of the
+    /// cluster is accepted (it only talks to the members that added it).
+    joining: bool,
+    /// The operator's bootstrap CA.
+    bootstrap: Vec<TrustAnchor<'static>>,
+    /// Initial members (from this node's configuration).
+    initial: BTreeSet<u64>,
+    /// Nodes recorded as holding a node certificate (from the applied state).
+    recorded: BTreeSet<u64>,
+    /// Voters and learners (from the applied membership).
+    members: BTreeSet<u64>,
+}
+
+impl Trust {
+    /// Initial members still allowed to use a bootstrap certificate.
+    fn bootstrap_open(&self) -> impl Iterator<Item = u64> + '_ {
+        self.initial
+            .iter()
+            .copied()
+            .filter(|id| !self.recorded.contains(id))
+    }
+}
+
+/// This node's peer TLS: what it presents and whom it accepts. Cheap to share.
+pub struct PeerTls {
+    node_id: u64,
+    algorithms: WebPkiSupportedAlgorithms,
+    trust: RwLock<Trust>,
+    /// The bootstrap certificate and key (from the TLS files).
+    bootstrap: Arc<CertifiedKey>,
+    /// The node key, which node certificates certify.
+    node_key: Arc<KeyPair>,
+    /// The node certificate, once this node uses it.
+    own: RwLock<Option<(Arc<CertifiedKey>, i64)>>,
+    /// Where it is kept (none for in-memory nodes).
+    dir: Option<PathBuf>,
+    /// TLS hints (acceptable CA names): [none, node CA, bootstrap CA, both].
+    hints: [Vec<TlsName>; 4],
+    node_ca_name: TlsName,
+    /// Peer certificates accepted lately: certificate hash to (node id, when).
+    accepted: Mutex<HashMap<[u8; 32], (u64, std::time::Instant)>>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerTls {
+    /// The peer TLS of node `node_id`: `bootstrap` is its certificate chain and key from the
+    /// TLS files with the bootstrap CA `bootstrap_ca` (PEM), `node_key` its node key, `dir`
+    /// where its node certificate is kept (loaded from there when present), `initial` the
+    /// initial members.
+    pub fn new(
+        node_id: u64,
+        bootstrap: Arc<CertifiedKey>,
+        bootstrap_ca: &[u8],
+        node_key: Arc<KeyPair>,
+        dir: Option<PathBuf>,
+        initial: BTreeSet<u64>,
+    ) -> Result<Arc<PeerTls>> {
+        let provider = rustls::crypto::ring::default_provider();
+        let bootstrap_anchors = pem_certs(bootstrap_ca)?
+            .iter()
+            .map(|c| anchor(c))
+            .collect::<Result<Vec<_>>>()
+            .context("the bootstrap CA (--tls-ca)")?;
+        let node_ca_name = node_ca_subject()?;
+        let bootstrap_names: Vec<TlsName> = bootstrap_anchors
+            .iter()
+            .map(|a| TlsName::in_sequence(&a.subject))
+            .collect();
+        let hints = [
+            Vec::new(),
+            vec![node_ca_name.clone()],
+            bootstrap_names.clone(),
+            [vec![node_ca_name.clone()], bootstrap_names].concat(),
+        ];
+        let tls = Arc::new(PeerTls {
+            node_id,
+            algorithms: provider.signature_verification_algorithms,
+            trust: RwLock::new(Trust {
+                bootstrap: bootstrap_anchors,
+                initial,
+                ..Trust::default()
+            }),
+            bootstrap,
+            node_key,
+            own: RwLock::new(None),
+            dir,
+            hints,
+            node_ca_name,
+            accepted: Mutex::new(HashMap::new()),
+        });
+        if let Some(dir) = &tls.dir {
+            let cert = dir.join("node-cert.pem");
+            if cert.exists() {
+                let pem = std::fs::read(&cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?;
+                tls.install(&pem)
+                    .with_context(|| format!("the node certificate {}", cert.display()))?;
+            }
+            // Until its state holds the node CA (a node restarted right after joining).
+            let ca = dir.join("node-ca.der");
+            if ca.exists() {
+                let der =
+                    std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
+                let mut trust = tls.trust_mut();
+                trust.node_ca = Some(anchor(&der)?);
+                trust.joining = true;
+            }
+        }
+        Ok(tls)
+    }
+
+    fn trust(&self) -> std::sync::RwLockReadGuard<'_, Trust> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trust_mut(&self) -> std::sync::RwLockWriteGuard<'_, Trust> {
+        self.accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.trust.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn own_cert(&self) -> Option<(Arc<CertifiedKey>, i64)> {
+        self.own.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Uses `pem` (a node certificate for this node's key) from now on.
+    fn install(&self, pem: &[u8]) -> Result<()> {
+        let chain = pem_certs(pem)?;
+        let first = chain.first().context("no certificate in the PEM")?;
+        let parsed = webpki::EndEntityCert::try_from(first)
+            .map_err(|e| anyhow::anyhow!("malformed certificate: {e}"))?;
+        parsed
+            .verify_is_valid_for_subject_name(&ServerName::try_from(node_name(self.node_id))?)
+            .map_err(|_| anyhow::anyhow!("the certificate is not for node {}", self.node_id))?;
+        let spki = parsed.subject_public_key_info();
+        if !spki
+            .as_ref()
+            .ends_with(&self.node_key.public().signing_key())
+        {
+            anyhow::bail!("the certificate is for another key than this node's key");
+        }
+        let not_after = not_after_s(first)?;
+        let pkcs8 = rustls_pemfile::pkcs8_private_keys(
+            &mut self.node_key.signing_key_pkcs8_pem().as_bytes(),
+        )
+        .next()
+        .context("the node key")??;
+        let key = rustls::crypto::ring::sign::any_eddsa_type(&pkcs8)
+            .map_err(|e| anyhow::anyhow!("the node key: {e}"))?;
+        *self.own.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((Arc::new(CertifiedKey::new(chain, key)), not_after));
+        Ok(())
+    }
+
+    /// Saves and uses a node certificate (PEM) and the node CA it chains to.
+    pub fn take(&self, cert_pem: &str, node_ca: &[u8]) -> Result<()> {
+        self.install(cert_pem.as_bytes())?;
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("node-cert.pem"), cert_pem)
+                .with_context(|| format!("cannot write {}", dir.display()))?;
+            std::fs::write(dir.join("node-ca.der"), node_ca)
+                .with_context(|| format!("cannot write {}", dir.display()))?;
+        }
+        let mut trust = self.trust_mut();
+        if trust.node_ca.is_none() {
+            trust.node_ca = Some(anchor(node_ca)?);
+            trust.joining = true;
+        }
+        Ok(())
+    }
+
+    /// Takes in the node CA and the node records from this node's applied state. Returns
+    /// whether this node is recorded.
+    pub fn refresh(&self, node: &RaftNode) -> Result<bool> {
+        let view = node.store().read().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Some(ca) = view.get(NODE_CA_KEY).map_err(|e| anyhow::anyhow!("{e}"))? else {
+            return Ok(false);
+        };
+        // A cluster has a handful of nodes: one page holds them all.
+        let (entries, _) = view
+            .list(NODE_CERT_PREFIX, None, 10_000)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let recorded: BTreeSet<u64> = entries
+            .into_iter()
+            .filter_map(|e| {
+                std::str::from_utf8(&e.key[NODE_CERT_PREFIX.len()..])
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let status = node.status();
+        let members: BTreeSet<u64> = status
+            .voters
+            .keys()
+            .chain(status.learners.keys())
+            .copied()
+            .collect();
+        let me = recorded.contains(&self.node_id);
+        let changed = {
+            let t = self.trust();
+            t.joining || t.recorded != recorded || t.members != members || t.node_ca.is_none()
+        };
+        if changed {
+            let mut t = self.trust_mut();
+            t.node_ca = Some(anchor(&ca.value)?);
+            t.joining = false;
+            t.recorded = recorded;
+            t.members = members;
+        }
+        Ok(me)
+    }
+
+    /// Checks a peer's certificate chain for `usage`; returns the node it proves.
+    pub fn accept(
+        &self,
+        chain: &[CertificateDer<'_>],
+        usage: webpki::KeyUsage,
+        now: UnixTime,
+    ) -> Result<u64, String> {
+        let (first, rest) = chain.split_first().ok_or("no certificate was presented")?;
+        let cert = webpki::EndEntityCert::try_from(first)
+            .map_err(|e| format!("the peer certificate is malformed ({e})"))?;
+        let algorithms = self.algorithms.all;
+        let chains_to = |anchors: &[TrustAnchor<'_>]| {
+            cert.verify_for_usage(algorithms, anchors, rest, now, usage, None, None)
+                .map(|_| ())
+        };
+        let names = |ids: Vec<u64>| {
+            ids.into_iter().find(|id| {
+                ServerName::try_from(node_name(*id))
+                    .is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+            })
+        };
+        let t = self.trust();
+        let mut why = Vec::new();
+        if let Some(ca) = &t.node_ca {
+            match chains_to(std::slice::from_ref(ca)) {
+                // Before it has any state, a joined node accepts any node of the cluster (id 0:
+                // not known here; it hands nothing out while it has no state).
+                Ok(()) if t.joining => return Ok(0),
+                Ok(()) => {
+                    return names(t.members.union(&t.recorded).copied().collect()).ok_or_else(
+                        || {
+                            "a node certificate of this cluster, but for a node that is neither a \
+                         member nor joining (removed?)"
+                                .to_string()
+                        },
+                    );
+                }
+                Err(e) => why.push(format!("not from the node CA ({e:?})")),
+            }
+        }
+        if !t.bootstrap.is_empty() {
+            match chains_to(&t.bootstrap) {
+                Ok(()) => {
+                    return names(t.bootstrap_open().collect()).ok_or_else(|| {
+                        "a bootstrap certificate, which is accepted only from an initial member \
+                         that has no node certificate yet: this node has one (or is no initial \
+                         member); it must present its node certificate"
+                            .to_string()
+                    });
+                }
+                Err(e) => why.push(format!("not from the bootstrap CA ({e:?})")),
+            }
+        }
+        Err(format!(
+            "the peer certificate is not trusted: {}",
+            why.join("; ")
+        ))
+    }
+
+    /// Checks the client certificate of one peer request (the handshake checked it once;
+    /// the answer may have changed since). Returns the node it proves.
+    pub fn check_request(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<u64, String> {
+        let chain = certs.ok_or("no client certificate")?;
+        let first = chain.first().ok_or("no client certificate")?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, first.as_ref());
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(digest.as_ref());
+        if let Some((id, at)) = self
+            .accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            && at.elapsed() < ACCEPTED_FOR
+        {
+            return Ok(*id);
+        }
+        let id = self.accept(chain, webpki::KeyUsage::client_auth(), UnixTime::now())?;
+        self.accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, (id, std::time::Instant::now()));
+        Ok(id)
+    }
+
+    /// The peer listener's TLS configuration.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS versions")?
+            .with_client_cert_verifier(Arc::new(Verifier(self.clone())))
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session would carry the certificate of the first handshake,
+        // and which one a node presents (and whether it counts) changes.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+
+    /// The TLS configuration of outgoing peer connections.
+    pub fn client_config(self: &Arc<Self>) -> Result<Arc<rustls::ClientConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS versions")?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier(self.clone())))
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+}
+
+fn not_after_s(cert: &CertificateDer<'_>) -> Result<i64> {
+    // rcgen parses what it can sign; x509 parsing here would be one more dependency, so the
+    // validity end is read from the DER directly: tbsCertificate.validity.notAfter.
+    let (_, not_after) = validity(cert.as_ref()).context("cannot read the certificate validity")?;
+    Ok(not_after)
+}
+
+/// (notBefore, notAfter) in seconds since the epoch, read from a DER certificate.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let tag = *b.first()?;
+        let first = *b.get(1)?;
+        let (len, head) = if first < 0x80 {
+            (first as usize, 2)
+        } else {
+            let n = (first & 0x7f) as usize;
+            let mut len = 0usize;
+            for i in 0..n {
+                len = (len << 8) | *b.get(2 + i)? as usize;
+            }
+            (len, 2 + n)
+        };
+        let body = b.get(head..head + len)?;
+        Some((tag, body, &b[head + len..]))
+    }
+    fn time(tag: u8, body: &[u8]) -> Option<i64> {
+        let s = std::str::from_utf8(body).ok()?;
+        let s = s.strip_suffix('Z')?;
+        let (year, rest) = if tag == 0x17 {
+            let y: i32 = s.get(..2)?.parse().ok()?;
+            (if y >= 50 { 1900 + y } else { 2000 + y }, s.get(2..)?)
+        } else {
+            (s.get(..4)?.parse().ok()?, s.get(4..)?)
+        };
+        let n = |i: usize| rest.get(i..i + 2)?.parse::<u8>().ok();
+        let date =
+            time::Date::from_calendar_date(year, time::Month::try_from(n(0)?).ok()?, n(2)?).ok()?;
+        let t = time::Time::from_hms(n(4)?, n(6)?, n(8)?).ok()?;
+        Some(
+            time::PrimitiveDateTime::new(date, t)
+                .assume_utc()
+                .unix_timestamp(),
+        )
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    // [0] version (optional), serial, signature algorithm, issuer, then validity.
+    let (tag, _, after) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    for _ in 0..3 {
+        rest = tlv(rest)?.2;
+    }
+    let (_, validity, _) = tlv(rest)?;
+    let (t1, b1, after) = tlv(validity)?;
+    let (t2, b2, _) = tlv(after)?;
+    Some((time(t1, b1)?, time(t2, b2)?))
+}
+
+/// The TLS verifier of both sides of peer connections.
+#[derive(Debug)]
+struct Verifier(Arc<PeerTls>);
+
+impl SignatureAlgorithms for Verifier {
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.0.algorithms
+    }
+}
+
+impl ClientCertVerifier for Verifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        let t = self.0.trust();
+        let node = usize::from(t.node_ca.is_some());
+        let bootstrap = usize::from(!t.bootstrap.is_empty() && t.bootstrap_open().next().is_some());
+        &self.0.hints[node | bootstrap << 1]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let chain = [std::slice::from_ref(end_entity), intermediates].concat();
+        match self.0.accept(&chain, webpki::KeyUsage::client_auth(), now) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(why) => {
+                tracing::warn!(reason = %why, "refused a peer's certificate");
+                Err(rustls::Error::General(why))
+            }
+        }
+    }
+
+    handshake_signatures!();
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let chain = [std::slice::from_ref(end_entity), intermediates].concat();
+        let why = match self.0.accept(&chain, webpki::KeyUsage::server_auth(), now) {
+            Ok(_) => match webpki::EndEntityCert::try_from(end_entity)
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    c.verify_is_valid_for_subject_name(server_name)
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(()) => return Ok(ServerCertVerified::assertion()),
+                Err(e) => format!("the peer certificate is not valid for {server_name:?}: {e}"),
+            },
+            Err(why) => why,
+        };
+        tracing::warn!(reason = %why, "refused a peer's certificate");
+        Err(rustls::Error::General(why))
+    }
+
+    handshake_signatures!();
+}
+
+/// Picks the certificate a node presents: its node certificate once it has one, except to a
+/// peer that does not know the node CA yet (it hints only the bootstrap CA).
+#[derive(Debug)]
+struct Resolver(Arc<PeerTls>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .own_cert()
+                .map_or_else(|| self.0.bootstrap.clone(), |(k, _)| k),
+        )
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let own = self.0.own_cert().map(|(k, _)| k);
+        let knows_node_ca = root_hint_subjects.is_empty()
+            || root_hint_subjects
+                .iter()
+                .any(|h| *h == self.0.node_ca_name.as_ref());
+        Some(match own {
+            Some(own) if knows_node_ca => own,
+            _ => self.0.bootstrap.clone(),
+        })
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Keeps this node's node certificate: once the node is unsealed, issues it one (and renews it
+/// when less than 30 days remain) and records the node; takes in the node records and the
+/// membership as they are applied. Runs until the node stops.
+pub async fn maintain(
+    tls: Arc<PeerTls>,
+    node: Arc<RaftNode>,
+    seal: Arc<crate::seal::Seal>,
+    record: NodeRecord,
+) {
+    // The trust follows every change this node applies, apart from the (slower) renewal.
+    let (follower, following) = (tls.clone(), node.clone());
+    let _follow = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            if let Err(e) = follower.refresh(&following) {
+                tracing::warn!(error = %e, "cannot read the node records");
+            }
+            following.wait_changed(Duration::from_secs(1)).await;
+        }
+    }));
+    let mut last_error = String::new();
+    loop {
+        if let Err(e) = maintain_once(&tls, &node, &seal, &record).await {
+            let e = format!("{e:#}");
+            if e != last_error {
+                tracing::warn!(error = %e, "cannot renew this node's certificate yet");
+                last_error = e;
+            }
+        }
+        node.wait_changed(Duration::from_secs(1)).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn maintain_once(
+    tls: &Arc<PeerTls>,
+    node: &Arc<RaftNode>,
+    seal: &crate::seal::Seal,
+    record: &NodeRecord,
+) -> Result<()> {
+    let recorded = tls.refresh(node)?;
+    let now_s = i64::try_from(crate::auth::now_ms() / 1000).unwrap_or(i64::MAX);
+    let due = tls
+        .own_cert()
+        .is_none_or(|(_, not_after)| not_after - now_s < RENEW_BEFORE_S);
+    if due && let Ok(keyring) = seal.keyring() {
+        let ca = NodeCa::from_keyring(&keyring)?;
+        let pem = ca.issue(
+            tls.node_id,
+            &tls.node_key.public().signing_key(),
+            host_of(&record.peer_addr),
+            crate::auth::now_ms(),
+        )?;
+        tls.take(&pem, ca.cert())?;
+        // New connections present it; the old ones (with the bootstrap certificate) go.
+        node.reset_peer_connections();
+        tracing::info!("this node presents its node certificate from now on");
+    }
+    if !recorded && tls.own_cert().is_some() {
+        // Recorded once it presents its node certificate: from then on its bootstrap
+        // certificate opens nothing.
+        let key = node_cert_record(tls.node_id);
+        let record = NodeRecord {
+            recorded_ms: crate::auth::now_ms(),
+            ..record.clone()
+        };
+        let txn = Txn {
+            compare: vec![Compare::Absent(key.clone())],
+            success: vec![Op::Put {
+                key,
+                value: postcard::to_allocvec(&record)?,
+            }],
+            failure: Vec::new(),
+        };
+        node.write(Command {
+            request_id: None,
+            txn,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("recording this node: {e}"))?;
+        tls.refresh(node)?;
+    }
+    Ok(())
+}
+
+/// Joins the cluster through a member's API (`via`) until it is done: proves the node key,
+/// takes the node certificate, and waits to be added as a learner. Retries (every 2 s) while
+/// the member is unreachable or the key is not registered yet, saying why once per reason.
+pub async fn join(
+    tls: Arc<PeerTls>,
+    node: Arc<RaftNode>,
+    node_key: Arc<KeyPair>,
+    via: crate::client::Target,
+    me: coffer_raft::Member,
+) {
+    let mut last_error = String::new();
+    loop {
+        if node.is_initialized().await.unwrap_or(false) {
+            return;
+        }
+        match join_once(&tls, &node_key, &via, node.id(), &me).await {
+            Ok(index) => {
+                tracing::info!(raft_index = index, "joined the cluster as a learner");
+                return;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if e != last_error {
+                    tracing::warn!(error = %e, via = ?via.addrs, "cannot join yet; retrying");
+                    last_error = e;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn join_once(
+    tls: &PeerTls,
+    node_key: &KeyPair,
+    via: &crate::client::Target,
+    id: u64,
+    me: &coffer_raft::Member,
+) -> Result<u64> {
+    use coffer_api::v1 as pb;
+    let channel = via.channel_to(&via.addrs[0])?;
+    let challenge = pb::auth_client::AuthClient::new(channel.clone())
+        .challenge(pb::ChallengeRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("challenge: {}", s.message()))?
+        .into_inner();
+    let signature = node_key.sign(&join_message(
+        &challenge.cluster_id,
+        &challenge.challenge,
+        id,
+        &me.api_addr,
+        &me.peer_addr,
+    ));
+    let mut answers = pb::cluster_client::ClusterClient::new(channel)
+        .join(pb::JoinRequest {
+            node_id: id,
+            api_addr: me.api_addr.clone(),
+            peer_addr: me.peer_addr.clone(),
+            challenge: challenge.challenge,
+            public_key: node_key.public().to_bytes().to_vec(),
+            signature: signature.to_vec(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("join: {}", s.message()))?
+        .into_inner();
+    let first = answers
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("join: {}", s.message()))?
+        .context("the member closed the join without an answer")?;
+    tls.take(&first.certificate, &first.node_ca)
+        .context("the node certificate from the join")?;
+    tracing::info!("received this node's node certificate");
+    let added = answers
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("adding this node: {}", s.message()))?
+        .context("the member closed the join before adding this node")?;
+    Ok(added.raft_index)
+}
+
+/// The node key: `--node-key FILE`, else `node-tls/node.key` in the data directory (made on
+/// first start, with `node.pub` beside it), else (in memory) a new one.
+pub fn load_node_key(file: Option<&Path>, data_dir: Option<&Path>) -> Result<KeyPair> {
+    if let Some(file) = file {
+        return KeyPair::load(file).context("the node key (--node-key)");
+    }
+    let Some(dir) = data_dir else {
+        return KeyPair::generate();
+    };
+    let path = dir.join("node.key");
+    if path.exists() {
+        return KeyPair::load(&path);
+    }
+    let key = KeyPair::generate()?;
+    key.save(&dir.join("node"), "node key")?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_is_read_from_the_certificate() {
+        let ring = Keyring::new().expect("keyring");
+        let ca = NodeCa::from_keyring(&ring).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let now_ms = 1_800_000_000_000;
+        let pem = ca
+            .issue(7, &key.public().signing_key(), "10.0.0.7", now_ms)
+            .expect("issue");
+        let der = pem_certs(pem.as_bytes()).expect("pem").remove(0);
+        let (from, to) = validity(der.as_ref()).expect("validity");
+        assert_eq!(from, 1_800_000_000 - BACKDATE_S);
+        assert_eq!(to, 1_800_000_000 + CERT_LIFETIME_S);
+    }
+
+    #[test]
+    fn every_node_derives_the_same_node_ca_and_another_cluster_another() {
+        let ring = Keyring::new().expect("keyring");
+        let a = NodeCa::from_keyring(&ring).expect("a");
+        let b = NodeCa::from_keyring(&ring).expect("b");
+        assert_eq!(a.cert(), b.cert());
+        let other = NodeCa::from_keyring(&Keyring::new().expect("keyring")).expect("other");
+        assert_ne!(a.cert(), other.cert());
+    }
+}
