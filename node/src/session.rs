@@ -9,7 +9,7 @@
 //! The API listener asks every client for a certificate but does not require one (login works
 //! without). TLS proves the client holds the key of the certificate it presents; each request
 //! then checks that certificate against the session CA, finds the session by its key in the
-//! local replicated state, and decides with the identity's current policies (see `api.rs`).
+//! local replicated state, and decides with the identity's current policies (see `api/mod.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,399 @@
+//! The `Cluster` service: status, membership, snapshots, and nodes registering and joining.
+
+use super::*;
+
+#[tonic::async_trait]
+impl Cluster for Api {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let want_digest = req.into_inner().digest;
+        self.timed("Status", async {
+            let s = self.node.status();
+            let view = self.node.store().read().map_err(storage_status)?;
+            let mut members = Vec::new();
+            for (voter, map) in [(true, &s.voters), (false, &s.learners)] {
+                for (id, m) in map {
+                    members.push(pb::Member {
+                        id: *id,
+                        api_addr: m.api_addr.clone(),
+                        peer_addr: m.peer_addr.clone(),
+                        voter,
+                        incarnation: m.incarnation,
+                    });
+                }
+            }
+            Ok(pb::StatusResponse {
+                node_id: s.id,
+                state: s.state.clone(),
+                term: s.term,
+                leader_id: s.leader.unwrap_or(0),
+                last_log_index: s.last_log_index,
+                commit_index: s.committed,
+                applied_index: s.applied,
+                snapshot_index: s.snapshot,
+                purged_index: s.purged,
+                members,
+                replication_lag: s
+                    .replication
+                    .iter()
+                    .map(|(id, m)| (*id, s.last_log_index.saturating_sub(*m)))
+                    .collect(),
+                fatal: self.node.fatal().unwrap_or_default(),
+                revision: view.revision().map_err(storage_status)?,
+                digest: if want_digest {
+                    view.digest().map_err(storage_status)?
+                } else {
+                    0
+                },
+                cluster_id: self.cluster_name.clone(),
+                fsyncs: self.metrics.flush_totals().0,
+                flushed_entries: self.metrics.flush_totals().1,
+                seal: self.seal.summary(),
+            })
+        })
+        .await
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("AddLearner", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
+            let r = req.into_inner();
+            if r.id == 0 || r.api_addr.is_empty() || r.peer_addr.is_empty() {
+                return Err(Status::invalid_argument(
+                    "add-learner needs a positive id, an api address and a peer address",
+                ));
+            }
+            let s = self.node.status();
+            if s.voters.contains_key(&r.id) || s.learners.contains_key(&r.id) {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a member; ids are never reused: pick a new one",
+                    r.id
+                )));
+            }
+            self.node.linearize().await.map_err(raft_status)?;
+            let recorded = self
+                .node
+                .store()
+                .read()
+                .map_err(storage_status)?
+                .get(&node_identity::node_cert_record(r.id))
+                .map_err(storage_status)?;
+            if recorded.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "node {} has no node certificate, so its peers would refuse it: register its node key with `coffer cluster register-node` and start it with --join; it adds itself",
+                    r.id
+                )));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::AddLearner {
+                    id: r.id,
+                    member: Member::new(r.peer_addr, r.api_addr),
+                })
+                .await
+                .map_err(raft_status)?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("Promote", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
+            let id = req.into_inner().id;
+            if !self.node.status().learners.contains_key(&id) {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is not a learner; add it first with `coffer cluster add-learner`"
+                )));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::Promote { id })
+                .await
+                .map_err(raft_status)?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.timed("Remove", async {
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
+            let id = req.into_inner().id;
+            let s = self.node.status();
+            if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
+                return Err(Status::not_found(format!("node {id} is not a member")));
+            }
+            if s.voters.contains_key(&id) && s.voters.len() == 1 {
+                return Err(Status::failed_precondition(
+                    "cannot remove the last voter; the cluster would have no quorum",
+                ));
+            }
+            let index = self
+                .node
+                .change_membership(MembershipChange::Remove { id })
+                .await
+                .map_err(raft_status)?;
+            // Its node certificate opens nothing from now on (peers accept recorded nodes only).
+            self.commit(
+                Txn::ops(vec![
+                    Op::Delete {
+                        key: node_identity::node_cert_record(id),
+                    },
+                    Op::Delete {
+                        key: node_identity::node_key_record(id),
+                    },
+                ]),
+                "",
+            )
+            .await?;
+            Ok(pb::MembershipResponse { raft_index: index })
+        })
+        .await
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        self.timed("RegisterNode", async {
+            let id = req.get_ref().id;
+            if id == 0 {
+                return Err(Status::invalid_argument("the node id must be positive"));
+            }
+            self.authorize(&req, &format!("{RAFT_NODES}/{id}"), Capability::Create)
+                .await?;
+            let r = req.into_inner();
+            let key = PublicKey::from_bytes(&r.public_key)
+                .map_err(|e| Status::invalid_argument(format!("the node key: {e:#}")))?;
+            let s = self.node.status();
+            if s.voters.contains_key(&id) || s.learners.contains_key(&id) {
+                return Err(Status::already_exists(format!(
+                    "node {id} is already a member; ids are never reused: pick a new one"
+                )));
+            }
+            self.commit(
+                Txn {
+                    compare: vec![Compare::Absent(node_identity::node_key_record(id))],
+                    success: vec![Op::Put {
+                        key: node_identity::node_key_record(id),
+                        value: r.public_key,
+                    }],
+                    failure: Vec::new(),
+                },
+                &format!("a node key is already registered for node {id}; ids are never reused: pick a new one"),
+            )
+            .await?;
+            Ok(pb::RegisterNodeResponse {
+                fingerprint: key.fingerprint(),
+            })
+        })
+        .await
+    }
+
+    type JoinStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JoinProgress, Status>>;
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        self.rate_limit(&req)?;
+        let r = req.into_inner();
+        let (certificate, node_ca) = self.timed("Join", self.admit(&r)).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let first = pb::JoinProgress {
+                certificate,
+                node_ca,
+                raft_index: 0,
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            // The node serves its peer port with the certificate now; adding it asks it who it
+            // is over that port first.
+            let added = node
+                .change_membership(MembershipChange::AddLearner {
+                    id: r.node_id,
+                    member: Member::new(r.peer_addr, r.api_addr),
+                })
+                .await
+                .map(|raft_index| pb::JoinProgress {
+                    raft_index,
+                    ..pb::JoinProgress::default()
+                })
+                .map_err(raft_status);
+            let _ = tx.send(added).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        self.timed("Snapshot", async {
+            self.authorize(&req, RAFT_SNAPSHOT, Capability::Update)
+                .await?;
+            let before = self.node.status().snapshot;
+            self.node.trigger_snapshot().await.map_err(raft_status)?;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let s = self.node.status();
+                if s.snapshot > before || (s.snapshot == s.applied && s.applied > 0) {
+                    return Ok(pb::SnapshotResponse {
+                        snapshot_index: s.snapshot,
+                    });
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Status::deadline_exceeded(
+                        "the snapshot did not finish within 30 s",
+                    ));
+                }
+                self.node
+                    .wait_changed(std::time::Duration::from_millis(200))
+                    .await;
+            }
+        })
+        .await
+    }
+}
+
+impl Api {
+    /// A proposal, refused if its compares fail (`why`).
+    async fn commit(&self, txn: Txn, why: &str) -> Result<u64, Status> {
+        let written = self
+            .node
+            .write(Command {
+                request_id: None,
+                txn,
+            })
+            .await
+            .map_err(raft_status)?;
+        if !written.result.succeeded {
+            return Err(Status::failed_precondition(why.to_string()));
+        }
+        Ok(written.index)
+    }
+
+    /// Checks a join request's proof; returns the node certificate (PEM) and the node CA
+    /// certificate (DER), with the node recorded.
+    async fn admit(&self, r: &pb::JoinRequest) -> Result<(String, Vec<u8>), Status> {
+        let keyring = self.keyring()?;
+        let (cluster_id, _) = self.admin_cluster()?;
+        if r.node_id == 0 || r.api_addr.is_empty() || r.peer_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "a join needs a positive node id, an API address and a peer address",
+            ));
+        }
+        let (nonce, challenge_expiry) =
+            auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
+                .map_err(unauthenticated)?;
+        let status = self.node.status();
+        if status.voters.contains_key(&r.node_id) || status.learners.contains_key(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member; ids are never reused: pick a new one",
+                r.node_id
+            )));
+        }
+        self.node.linearize().await.map_err(raft_status)?;
+        let registered_key = node_identity::node_key_record(r.node_id);
+        let registered = self
+            .node
+            .store()
+            .read()
+            .map_err(storage_status)?
+            .get(&registered_key)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "no node key is registered for node {}: an administrator runs `coffer cluster register-node --id {} --public-key FILE` first",
+                    r.node_id, r.node_id
+                ))
+            })?;
+        if registered.value != r.public_key {
+            return Err(Status::permission_denied(format!(
+                "the node key is not the one registered for node {}",
+                r.node_id
+            )));
+        }
+        let key = PublicKey::from_bytes(&r.public_key)
+            .map_err(|e| Status::unauthenticated(format!("the node key: {e:#}")))?;
+        key.verify(
+            &node_identity::join_message(
+                &cluster_id,
+                &r.challenge,
+                r.node_id,
+                &r.api_addr,
+                &r.peer_addr,
+            ),
+            &r.signature,
+        )
+        .map_err(|_| {
+            Status::unauthenticated(
+                "the join signature does not verify with the registered node key (another challenge, cluster or address?)",
+            )
+        })?;
+        let record = node_identity::NodeRecord {
+            api_addr: r.api_addr.clone(),
+            peer_addr: r.peer_addr.clone(),
+            recorded_ms: auth::now_ms(),
+            how: format!("joined with node key {}", key.fingerprint()),
+        };
+        let used = auth::nonce_key(&nonce);
+        self.commit(
+            Txn {
+                compare: vec![
+                    Compare::Absent(used.clone()),
+                    Compare::ModRevision(registered_key, registered.mod_revision),
+                ],
+                success: vec![
+                    Op::Put {
+                        key: used,
+                        value: challenge_expiry.to_be_bytes().to_vec(),
+                    },
+                    Op::Put {
+                        key: node_identity::node_cert_record(r.node_id),
+                        value: postcard::to_allocvec(&record)
+                            .map_err(|e| Status::internal(e.to_string()))?,
+                    },
+                ],
+                failure: Vec::new(),
+            },
+            "the challenge was already used (or the node's registration changed): ask for a new one",
+        )
+        .await?;
+        let ca = node_identity::NodeCa::from_keyring(&keyring)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let certificate = ca
+            .issue(
+                r.node_id,
+                &key.signing_key(),
+                node_identity::host_of(&r.peer_addr),
+                auth::now_ms(),
+            )
+            .map_err(|e| Status::internal(format!("cannot issue the node certificate: {e:#}")))?;
+        tracing::info!(
+            node = r.node_id,
+            "a node proved its registered key and joins"
+        );
+        Ok((certificate, ca.cert().to_vec()))
+    }
+}
