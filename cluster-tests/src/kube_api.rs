@@ -40,6 +40,20 @@ pub struct KubeApi {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl KubeApi {
+    /// The `coffer server` flags that check tokens with this server's TokenReview.
+    pub fn token_review_args(&self) -> Vec<String> {
+        vec![
+            "--kubernetes-api-url".into(),
+            self.url.clone(),
+            "--kubernetes-ca-cert".into(),
+            self.ca_file.display().to_string(),
+            "--kubernetes-reviewer-token-file".into(),
+            self.reviewer_token_file.display().to_string(),
+        ]
+    }
+}
+
 impl std::fmt::Debug for KubeApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeApi").field("url", &self.url).finish()

@@ -411,9 +411,26 @@ impl Cluster {
         key
     }
 
+    /// Waits until a node that joined is a member (in `leader`'s view), unsealed (by peer
+    /// unseal), and serves a linearizable read of a write made through `leader`.
+    pub async fn must_wait_joined(&self, id: u64, leader: u64) {
+        self.must_wait_member(id, leader, Duration::from_secs(20))
+            .await;
+        self.must_wait_unsealed(&[id], Duration::from_secs(20))
+            .await;
+        let key = format!("joined/{id}");
+        self.must_put(leader, &key, "yes").await;
+        self.must_get_equal(id, &key, "yes").await;
+    }
+
     /// Node `id`'s process record.
     pub fn node(&self, id: u64) -> &NodeProc {
         &self.nodes[&id]
+    }
+
+    /// Node `id`'s process record, to change its next start.
+    pub fn node_mut(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.get_mut(&id).expect("known node")
     }
 
     /// Waits until node `id` is a member (voter or learner) in node `seen_by`'s view.

@@ -144,16 +144,11 @@ async fn kubernetes_login_with_token_review() {
     let dir = tempfile::tempdir().expect("tempdir");
     let api = KubeApi::start(dir.path()).await;
     let options = ClusterOptions {
-        extra_args: vec![
-            "--kubernetes-api-url".into(),
-            api.url.clone(),
-            "--kubernetes-ca-cert".into(),
-            api.ca_file.display().to_string(),
-            "--kubernetes-reviewer-token-file".into(),
-            api.reviewer_token_file.display().to_string(),
-            "--kubernetes-timeout-ms".into(),
-            "1000".into(),
-        ],
+        extra_args: [
+            api.token_review_args(),
+            vec!["--kubernetes-timeout-ms".into(), "1000".into()],
+        ]
+        .concat(),
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start(3, options).await;

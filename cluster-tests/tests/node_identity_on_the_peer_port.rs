@@ -1,7 +1,8 @@
 //! Node identity: on the peer port a node is accepted only with a node certificate of the
 //! cluster's node CA (for a member or a node that joined), or, while the cluster forms, with a
 //! bootstrap-CA certificate of an initial member that has no node certificate yet. A new node
-//! joins only by proving the node key an administrator registered for its id.
+//! joins only by proving the node key an administrator registered for its id, or (a pod) with
+//! a service-account token the Kubernetes role reserved for members admits.
 
 use std::time::Duration;
 
@@ -142,14 +143,7 @@ async fn a_node_joins_only_with_its_registered_node_key() {
         .register_node(pb::RegisterNodeRequest { id: 4, public_key })
         .await
         .expect("register");
-    cluster
-        .must_wait_member(4, leader, Duration::from_secs(20))
-        .await;
-    cluster
-        .must_wait_unsealed(&[4], Duration::from_secs(20))
-        .await;
-    cluster.must_put(leader, "joined", "yes").await;
-    cluster.must_get_equal(4, "joined", "yes").await;
+    cluster.must_wait_joined(4, leader).await;
 
     // A join for node 5 signed with a key that is not node 5's registered key is refused, as
     // is a signature over another challenge, and a good request replayed to another node.
@@ -169,13 +163,14 @@ async fn a_node_joins_only_with_its_registered_node_key() {
             node_id: 5,
             signature: key
                 .sign(&coffer_node::node_identity::join_message(
-                    cluster_id, &challenge, 5, &api, &peer,
+                    cluster_id, &challenge, 5, &api, &peer, "",
                 ))
                 .to_vec(),
             public_key: key.public().to_bytes().to_vec(),
             api_addr: api,
             peer_addr: peer,
             challenge,
+            kubernetes_token: String::new(),
         }
     };
     let challenge = || async {
@@ -224,4 +219,89 @@ async fn a_node_joins_only_with_its_registered_node_key() {
         .expect_err("the same join replayed to node 3");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(refused.message().contains("already used"), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_joins_with_the_kubernetes_role_reserved_for_members() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = coffer_cluster_tests::kube_api::KubeApi::start(dir.path()).await;
+    let options = ClusterOptions {
+        extra_args: api.token_review_args(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(3, options).await;
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    let role = coffer_node::node_identity::KUBERNETES_MEMBER_ROLE;
+    coffer_api::v1::kubernetes_roles_client::KubernetesRolesClient::new(cluster.channel(1))
+        .write(pb::KubernetesRole {
+            name: role.into(),
+            bound_service_accounts: vec!["coffer".into()],
+            bound_namespaces: vec!["vault-ns".into()],
+            audience: "coffer-cluster".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("write the member role");
+
+    // A pod of another service account is refused, whatever node key it brings.
+    let stranger = dir.path().join("stranger.token");
+    std::fs::write(
+        &stranger,
+        api.token(
+            "vault-ns",
+            "web",
+            ("web-0", "uid-w"),
+            &["coffer-cluster"],
+            600,
+        ),
+    )
+    .expect("token");
+    cluster.prepare_joining_node(5, 1);
+    cluster
+        .node_mut(5)
+        .extra_args
+        .extend(["--join-token-file".into(), stranger.display().to_string()]);
+    cluster.spawn(5);
+    wait_until(Duration::from_secs(20), "node 5 to be refused", || async {
+        let log = std::fs::read_to_string(&cluster.node(5).log).ok()?;
+        log.contains("not bound").then_some(())
+    })
+    .await;
+
+    // The cluster's own service account joins with a node key nobody registered.
+    let member = dir.path().join("member.token");
+    std::fs::write(
+        &member,
+        api.token(
+            "vault-ns",
+            "coffer",
+            ("coffer-3", "uid-4"),
+            &["coffer-cluster"],
+            600,
+        ),
+    )
+    .expect("token");
+    cluster.prepare_joining_node(4, 2);
+    cluster
+        .node_mut(4)
+        .extra_args
+        .extend(["--join-token-file".into(), member.display().to_string()]);
+    cluster.spawn(4);
+    cluster.must_wait_joined(4, leader).await;
+    let status = cluster.status(leader).await.expect("status");
+    assert!(
+        status.members.iter().all(|m| m.id != 5),
+        "node 5 stayed out"
+    );
+
+    // No session logs in with the member role.
+    let refused = coffer_node::auth::kubernetes_login(
+        &cluster.target_without_session(1),
+        role,
+        &std::fs::read_to_string(&member).expect("token"),
+        0,
+    )
+    .await
+    .expect_err("a session with the member role");
+    assert!(format!("{refused:#}").contains("reserved"), "{refused:#}");
 }

@@ -74,6 +74,10 @@ pub struct ServerArgs {
     /// proves its registered node key, receives its node certificate and is added as a learner.
     #[arg(long, env = "COFFER_JOIN")]
     pub join: Option<String>,
+    /// With --join: prove membership with this service-account token file (read at each try)
+    /// instead of a registered node key; the Kubernetes role `coffer-members` must admit it.
+    #[arg(long, env = "COFFER_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// Voters of a new cluster, `ID=PEER_ADDR/API_ADDR`, repeated or comma-separated. Only the
     /// member with the lowest id initializes; an existing cluster ignores it.
     #[arg(
@@ -170,6 +174,7 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     node_key: Option<PathBuf>,
     join: Option<String>,
+    join_token_file: Option<PathBuf>,
     kubernetes_api_url: Option<String>,
     kubernetes_in_cluster: Option<bool>,
     kubernetes_issuer: Option<String>,
@@ -225,6 +230,8 @@ pub struct NodeConfig {
     pub node_key: Option<PathBuf>,
     /// A member's API address to join through.
     pub join: Option<String>,
+    /// The service-account token file a joining pod proves membership with.
+    pub join_token_file: Option<PathBuf>,
     /// Voters of a new cluster.
     pub initial_members: BTreeMap<NodeId, Member>,
     /// Largest value accepted.
@@ -517,6 +524,7 @@ impl ServerArgs {
             member,
             tls,
             node_key: self.node_key.or(file.node_key),
+            join_token_file: self.join_token_file.or(file.join_token_file),
             join,
             initial_members,
             max_value_bytes,

@@ -67,6 +67,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             tls: files.clone(),
             node_key: None,
             join: None,
+            join_token_file: None,
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
             unseal_progress_ttl: Duration::from_secs(600),

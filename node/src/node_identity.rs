@@ -81,6 +81,19 @@ pub fn node_cert_record(id: u64) -> Vec<u8> {
     [NODE_CERT_PREFIX, id.to_string().as_bytes()].concat()
 }
 
+/// `\0coffer/node-retired/<id>`: a removed node's id, never admitted again.
+pub fn node_retired_record(id: u64) -> Vec<u8> {
+    [
+        b"\0coffer/node-retired/".as_slice(),
+        id.to_string().as_bytes(),
+    ]
+    .concat()
+}
+
+/// The Kubernetes role reserved for cluster members: a pod whose service-account token it
+/// admits may join (with a node key of its own); no session logs in with it.
+pub const KUBERNETES_MEMBER_ROLE: &str = "coffer-members";
+
 /// What the state records of a node that holds a node certificate.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -94,19 +107,22 @@ pub struct NodeRecord {
     pub how: String,
 }
 
-/// What a joining node signs with its node key.
+/// What a joining node signs with its node key (`kubernetes_token` empty when it proves a
+/// registered key instead).
 pub fn join_message(
     cluster_id: &str,
     challenge: &[u8],
     node_id: u64,
     api_addr: &str,
     peer_addr: &str,
+    kubernetes_token: &str,
 ) -> Vec<u8> {
     let mut m = b"coffer/node-join/v1\0".to_vec();
     for part in [
         cluster_id.as_bytes(),
         api_addr.as_bytes(),
         peer_addr.as_bytes(),
+        kubernetes_token.as_bytes(),
     ] {
         m.extend_from_slice(&(part.len() as u64).to_be_bytes());
         m.extend_from_slice(part);
@@ -807,7 +823,8 @@ async fn maintain_once(
     Ok(())
 }
 
-/// Joins the cluster through a member's API (`via`) until it is done: proves the node key,
+/// Joins the cluster through a member's API (`via`) until it is done: proves the node key (or,
+/// with `token_file`, membership with a service-account token for the member role),
 /// takes the node certificate, and waits to be added as a learner. Retries (every 2 s) while
 /// the member is unreachable or the key is not registered yet, saying why once per reason.
 pub async fn join(
@@ -816,13 +833,14 @@ pub async fn join(
     node_key: Arc<KeyPair>,
     via: crate::client::Target,
     me: coffer_raft::Member,
+    token_file: Option<PathBuf>,
 ) {
     let mut last_error = String::new();
     loop {
         if node.is_initialized().await.unwrap_or(false) {
             return;
         }
-        match join_once(&tls, &node_key, &via, node.id(), &me).await {
+        match join_once(&tls, &node_key, &via, node.id(), &me, token_file.as_deref()).await {
             Ok(index) => {
                 tracing::info!(raft_index = index, "joined the cluster as a learner");
                 return;
@@ -845,8 +863,17 @@ async fn join_once(
     via: &crate::client::Target,
     id: u64,
     me: &coffer_raft::Member,
+    token_file: Option<&Path>,
 ) -> Result<u64> {
     use coffer_api::v1 as pb;
+    // Re-read at each try: the kubelet rotates projected tokens.
+    let kubernetes_token = match token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the service-account token {}", f.display()))?
+            .trim()
+            .to_string(),
+        None => String::new(),
+    };
     let channel = via.channel_to(&via.addrs[0])?;
     let challenge = pb::auth_client::AuthClient::new(channel.clone())
         .challenge(pb::ChallengeRequest::default())
@@ -859,6 +886,7 @@ async fn join_once(
         id,
         &me.api_addr,
         &me.peer_addr,
+        &kubernetes_token,
     ));
     let mut answers = pb::cluster_client::ClusterClient::new(channel)
         .join(pb::JoinRequest {
@@ -868,6 +896,7 @@ async fn join_once(
             challenge: challenge.challenge,
             public_key: node_key.public().to_bytes().to_vec(),
             signature: signature.to_vec(),
+            kubernetes_token,
         })
         .await
         .map_err(|s| anyhow::anyhow!("join: {}", s.message()))?

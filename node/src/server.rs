@@ -317,6 +317,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 session: None,
             },
             cfg.member.clone(),
+            cfg.join_token_file.clone(),
         )));
     }
     let api = Api::new(

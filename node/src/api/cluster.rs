@@ -157,6 +157,10 @@ impl Cluster for Api {
                     Op::Delete {
                         key: node_identity::node_key_record(id),
                     },
+                    Op::Put {
+                        key: node_identity::node_retired_record(id),
+                        value: auth::now_ms().to_be_bytes().to_vec(),
+                    },
                 ]),
                 "",
             )
@@ -188,14 +192,17 @@ impl Cluster for Api {
             }
             self.commit(
                 Txn {
-                    compare: vec![Compare::Absent(node_identity::node_key_record(id))],
+                    compare: vec![
+                        Compare::Absent(node_identity::node_key_record(id)),
+                        Compare::Absent(node_identity::node_retired_record(id)),
+                    ],
                     success: vec![Op::Put {
                         key: node_identity::node_key_record(id),
                         value: r.public_key,
                     }],
                     failure: Vec::new(),
                 },
-                &format!("a node key is already registered for node {id}; ids are never reused: pick a new one"),
+                &format!("node {id} has a registered key already, or was removed; ids are never reused: pick a new one"),
             )
             .await?;
             Ok(pb::RegisterNodeResponse {
@@ -293,6 +300,79 @@ impl Api {
         Ok(written.index)
     }
 
+    /// The registered node key of node `id` must be `public_key`: returns the compare that
+    /// keeps the registration as read, and how the node joins.
+    async fn registered_node_key(
+        &self,
+        id: u64,
+        public_key: &[u8],
+    ) -> Result<(Compare, String), Status> {
+        let registered_key = node_identity::node_key_record(id);
+        let registered = self
+            .node
+            .store()
+            .read()
+            .map_err(storage_status)?
+            .get(&registered_key)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "no node key is registered for node {id}: an administrator runs `coffer cluster register-node --id {id} --public-key FILE` first"
+                ))
+            })?;
+        if registered.value != public_key {
+            return Err(Status::permission_denied(format!(
+                "the node key is not the one registered for node {id}"
+            )));
+        }
+        Ok((
+            Compare::ModRevision(registered_key, registered.mod_revision),
+            "joined with its registered node key".into(),
+        ))
+    }
+
+    /// The service-account token must be admitted by the Kubernetes role reserved for
+    /// members: returns the compare that keeps the role as read, and how the node joins.
+    async fn kubernetes_member(
+        &self,
+        keyring: &Keyring,
+        token: &str,
+    ) -> Result<(Compare, String), Status> {
+        let name = node_identity::KUBERNETES_MEMBER_ROLE;
+        let role_key = kubernetes::role_key(name);
+        let entry = self
+            .node
+            .store()
+            .read()
+            .map_err(storage_status)?
+            .get(&role_key)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "no Kubernetes role {name:?}: an administrator writes it (`coffer auth kubernetes role write {name} ...`) to let pods of the cluster's service account join"
+                ))
+            })?;
+        let role: kubernetes::Role =
+            postcard::from_bytes(&self.decrypt(keyring, &role_key, &entry.value)?)
+                .map_err(|e| Status::data_loss(format!("role {name:?} is corrupt: {e}")))?;
+        let account = self
+            .kubernetes
+            .validate(token, &role.audience)
+            .await
+            .map_err(|refusal| match refusal {
+                kubernetes::Refusal::Invalid(why) => Status::unauthenticated(why),
+                kubernetes::Refusal::Unavailable(why) => Status::unavailable(why),
+            })?;
+        role.admits(&account).map_err(Status::permission_denied)?;
+        Ok((
+            Compare::ModRevision(role_key, entry.mod_revision),
+            format!(
+                "joined as Kubernetes service account {}/{}",
+                account.namespace, account.name
+            ),
+        ))
+    }
+
     /// Checks a join request's proof; returns the node certificate (PEM) and the node CA
     /// certificate (DER), with the node recorded.
     async fn admit(&self, r: &pb::JoinRequest) -> Result<(String, Vec<u8>), Status> {
@@ -313,29 +393,9 @@ impl Api {
                 r.node_id
             )));
         }
-        self.node.linearize().await.map_err(raft_status)?;
-        let registered_key = node_identity::node_key_record(r.node_id);
-        let registered = self
-            .node
-            .store()
-            .read()
-            .map_err(storage_status)?
-            .get(&registered_key)
-            .map_err(storage_status)?
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "no node key is registered for node {}: an administrator runs `coffer cluster register-node --id {} --public-key FILE` first",
-                    r.node_id, r.node_id
-                ))
-            })?;
-        if registered.value != r.public_key {
-            return Err(Status::permission_denied(format!(
-                "the node key is not the one registered for node {}",
-                r.node_id
-            )));
-        }
         let key = PublicKey::from_bytes(&r.public_key)
             .map_err(|e| Status::unauthenticated(format!("the node key: {e:#}")))?;
+        // The node key signs the join (and the token, if any): the certificate will be for it.
         key.verify(
             &node_identity::join_message(
                 &cluster_id,
@@ -343,27 +403,33 @@ impl Api {
                 r.node_id,
                 &r.api_addr,
                 &r.peer_addr,
+                &r.kubernetes_token,
             ),
             &r.signature,
         )
         .map_err(|_| {
             Status::unauthenticated(
-                "the join signature does not verify with the registered node key (another challenge, cluster or address?)",
+                "the join signature does not verify with the node key (another challenge, cluster, address or token?)",
             )
         })?;
+        self.node.linearize().await.map_err(raft_status)?;
+        let retired = node_identity::node_retired_record(r.node_id);
+        let (proof, how) = if r.kubernetes_token.is_empty() {
+            self.registered_node_key(r.node_id, &r.public_key).await?
+        } else {
+            self.kubernetes_member(&keyring, &r.kubernetes_token)
+                .await?
+        };
         let record = node_identity::NodeRecord {
             api_addr: r.api_addr.clone(),
             peer_addr: r.peer_addr.clone(),
             recorded_ms: auth::now_ms(),
-            how: format!("joined with node key {}", key.fingerprint()),
+            how: format!("{how}, node key {}", key.fingerprint()),
         };
         let used = auth::nonce_key(&nonce);
         self.commit(
             Txn {
-                compare: vec![
-                    Compare::Absent(used.clone()),
-                    Compare::ModRevision(registered_key, registered.mod_revision),
-                ],
+                compare: vec![Compare::Absent(used.clone()), Compare::Absent(retired), proof],
                 success: vec![
                     Op::Put {
                         key: used,
@@ -377,7 +443,7 @@ impl Api {
                 ],
                 failure: Vec::new(),
             },
-            "the challenge was already used (or the node's registration changed): ask for a new one",
+            "the challenge was already used, the node id was retired, or its registration changed: ask for a new challenge (a removed node's id is never reused)",
         )
         .await?;
         let ca = node_identity::NodeCa::from_keyring(&keyring)

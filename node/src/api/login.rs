@@ -127,6 +127,12 @@ impl coffer_api::v1::auth_server::Auth for Api {
                     )
                 })?;
             policy::check_name(&r.role).map_err(Status::invalid_argument)?;
+            if r.role == node_identity::KUBERNETES_MEMBER_ROLE {
+                return Err(Status::permission_denied(format!(
+                    "the Kubernetes role {:?} is reserved for nodes joining the cluster; no session logs in with it",
+                    r.role
+                )));
+            }
             self.node.linearize().await.map_err(raft_status)?;
             let role_key = kubernetes::role_key(&r.role);
             let view = self.node.store().read().map_err(storage_status)?;
