@@ -38,8 +38,7 @@ async fn the_bootstrap_ca_opens_nothing_once_members_hold_node_certificates() {
 
     // The operator's bootstrap certificate of an initial member stopped counting once that
     // member recorded its node certificate.
-    const BOOTSTRAP: &str =
-        "a bootstrap certificate, which is accepted only from an initial member";
+    const BOOTSTRAP: &str = "a bootstrap certificate, which counts only for an initial member";
     let before = refusals(&cluster, 1, BOOTSTRAP);
     let (cert, key) = cluster.bootstrap_certificate(2);
     wait_until(

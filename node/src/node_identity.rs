@@ -23,7 +23,7 @@
 //! gets no further): the certificate chains to the node CA and names a member or a recorded
 //! node, or chains to the bootstrap CA and names an initial member not yet recorded.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -62,7 +62,12 @@ const CA_NAME: &str = "coffer node CA";
 /// than [`RENEW_BEFORE_S`] remain.
 const CERT_LIFETIME_S: i64 = 365 * 86_400;
 const RENEW_BEFORE_S: i64 = 30 * 86_400;
-const BACKDATE_S: i64 = 300;
+/// Node certificates start a day before they are issued: a peer whose clock is behind (by
+/// minutes, as the chaos clock-skew fault makes it) still takes them as valid.
+const BACKDATE_S: i64 = 86_400;
+/// How long a recorded node that is not (yet) a member is trusted: a join adds it within
+/// seconds, or failed.
+const JOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// An accepted peer certificate is checked again after this long.
 const ACCEPTED_FOR: Duration = Duration::from_secs(60);
 
@@ -82,12 +87,11 @@ pub fn node_cert_record(id: u64) -> Vec<u8> {
 }
 
 /// `\0coffer/node-retired/<id>`: a removed node's id, never admitted again.
+pub const NODE_RETIRED_PREFIX: &[u8] = b"\0coffer/node-retired/";
+
+/// The reserved key that retires node `id`.
 pub fn node_retired_record(id: u64) -> Vec<u8> {
-    [
-        b"\0coffer/node-retired/".as_slice(),
-        id.to_string().as_bytes(),
-    ]
-    .concat()
+    [NODE_RETIRED_PREFIX, id.to_string().as_bytes()].concat()
 }
 
 /// The Kubernetes role reserved for cluster members: a pod whose service-account token it
@@ -130,6 +134,28 @@ pub fn join_message(
     m.extend_from_slice(&node_id.to_be_bytes());
     m.extend_from_slice(challenge);
     m
+}
+
+/// Checks a peer address a node asks its certificate to name: a DNS name or an IP address,
+/// with a port, and never a node name or a wildcard (which would let it pass for other nodes).
+pub fn check_peer_addr(addr: &str) -> Result<(), String> {
+    let host = host_of(addr);
+    let port_ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let lower = host.to_ascii_lowercase();
+    if !port_ok
+        || host.is_empty()
+        || host.contains('*')
+        || lower.ends_with(".coffer.internal")
+        || lower == "coffer.internal"
+        || ServerName::try_from(host.to_string()).is_err()
+    {
+        return Err(format!(
+            "the peer address {addr:?} must be HOST:PORT with a DNS name or an IP address (no wildcard, nothing under coffer.internal)"
+        ));
+    }
+    Ok(())
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
@@ -217,6 +243,41 @@ fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
         .context("a PEM certificate")
 }
 
+/// A change of the trust. When it ends, still holding the lock, it bumps the generation and
+/// then empties the cache of accepted certificates: an acceptance decided on the old trust is
+/// either emptied out or (seeing the new generation) never cached.
+struct TrustWrite<'a> {
+    guard: std::sync::RwLockWriteGuard<'a, Trust>,
+    tls: &'a PeerTls,
+}
+
+impl std::ops::Deref for TrustWrite<'_> {
+    type Target = Trust;
+
+    fn deref(&self) -> &Trust {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for TrustWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Trust {
+        &mut self.guard
+    }
+}
+
+impl Drop for TrustWrite<'_> {
+    fn drop(&mut self) {
+        self.tls
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.tls
+            .accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 /// Whom this node trusts on the peer port.
 #[derive(Debug, Default)]
 struct Trust {
@@ -229,19 +290,37 @@ struct Trust {
     bootstrap: Vec<TrustAnchor<'static>>,
     /// Initial members (from this node's configuration).
     initial: BTreeSet<u64>,
-    /// Nodes recorded as holding a node certificate (from the applied state).
-    recorded: BTreeSet<u64>,
+    /// Nodes recorded as holding a node certificate, with when (from the applied state).
+    recorded: BTreeMap<u64, u64>,
+    /// Removed nodes' ids (from the applied state).
+    retired: BTreeSet<u64>,
     /// Voters and learners (from the applied membership).
     members: BTreeSet<u64>,
 }
 
 impl Trust {
-    /// Initial members still allowed to use a bootstrap certificate.
+    /// Initial members still allowed to use a bootstrap certificate: those of this node's
+    /// configuration, and members without a record (a node that joined has no
+    /// `--initial-member` list; every member but an initial one that never unsealed has a
+    /// record), unless recorded or retired.
     fn bootstrap_open(&self) -> impl Iterator<Item = u64> + '_ {
         self.initial
-            .iter()
+            .union(&self.members)
             .copied()
-            .filter(|id| !self.recorded.contains(id))
+            .filter(|id| !self.recorded.contains_key(id) && !self.retired.contains(id))
+    }
+
+    /// Nodes whose node certificates count: members, and nodes recorded lately that are
+    /// being added (a join that never became a membership stops counting).
+    fn certified(&self, now_ms: u64) -> Vec<u64> {
+        let joining = self
+            .recorded
+            .iter()
+            .filter(|(_, at)| now_ms.saturating_sub(**at) < JOIN_WINDOW_MS)
+            .map(|(id, _)| *id);
+        let mut ids: BTreeSet<u64> = self.members.iter().copied().chain(joining).collect();
+        ids.retain(|id| !self.retired.contains(id));
+        ids.into_iter().collect()
     }
 }
 
@@ -263,6 +342,9 @@ pub struct PeerTls {
     node_ca_name: TlsName,
     /// Peer certificates accepted lately: certificate hash to (node id, when).
     accepted: Mutex<HashMap<[u8; 32], (u64, std::time::Instant)>>,
+    /// Bumped on every change of the trust: an acceptance decided before a change is not
+    /// cached after it.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -318,6 +400,7 @@ impl PeerTls {
             hints,
             node_ca_name,
             accepted: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         if let Some(dir) = &tls.dir {
             let cert = dir.join("node-cert.pem");
@@ -344,12 +427,11 @@ impl PeerTls {
         self.trust.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn trust_mut(&self) -> std::sync::RwLockWriteGuard<'_, Trust> {
-        self.accepted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.trust.write().unwrap_or_else(|p| p.into_inner())
+    fn trust_mut(&self) -> TrustWrite<'_> {
+        TrustWrite {
+            guard: self.trust.write().unwrap_or_else(|p| p.into_inner()),
+            tls: self,
+        }
     }
 
     fn own_cert(&self) -> Option<(Arc<CertifiedKey>, i64)> {
@@ -385,16 +467,23 @@ impl PeerTls {
         Ok(())
     }
 
-    /// Saves and uses a node certificate (PEM) and the node CA it chains to.
+    /// Saves and uses a node certificate (PEM) and the node CA it chains to. The files are
+    /// replaced whole (written beside, then renamed), before the certificate is used.
     pub fn take(&self, cert_pem: &str, node_ca: &[u8]) -> Result<()> {
-        self.install(cert_pem.as_bytes())?;
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("node-cert.pem"), cert_pem)
-                .with_context(|| format!("cannot write {}", dir.display()))?;
-            std::fs::write(dir.join("node-ca.der"), node_ca)
-                .with_context(|| format!("cannot write {}", dir.display()))?;
+            for (name, bytes) in [
+                ("node-ca.der", node_ca),
+                ("node-cert.pem", cert_pem.as_bytes()),
+            ] {
+                let (tmp, path) = (dir.join(format!("{name}.new")), dir.join(name));
+                std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
         }
+        self.install(cert_pem.as_bytes())?;
         let mut trust = self.trust_mut();
         if trust.node_ca.is_none() {
             trust.node_ca = Some(anchor(node_ca)?);
@@ -414,14 +503,22 @@ impl PeerTls {
         let (entries, _) = view
             .list(NODE_CERT_PREFIX, None, 10_000)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let recorded: BTreeSet<u64> = entries
+        let id_of = |key: &[u8], prefix: &[u8]| -> Option<u64> {
+            std::str::from_utf8(&key[prefix.len()..]).ok()?.parse().ok()
+        };
+        let recorded: BTreeMap<u64, u64> = entries
             .into_iter()
             .filter_map(|e| {
-                std::str::from_utf8(&e.key[NODE_CERT_PREFIX.len()..])
-                    .ok()?
-                    .parse()
-                    .ok()
+                let at = postcard::from_bytes::<NodeRecord>(&e.value).map_or(0, |r| r.recorded_ms);
+                Some((id_of(&e.key, NODE_CERT_PREFIX)?, at))
             })
+            .collect();
+        let (entries, _) = view
+            .list(NODE_RETIRED_PREFIX, None, 10_000)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let retired: BTreeSet<u64> = entries
+            .iter()
+            .filter_map(|e| id_of(&e.key, NODE_RETIRED_PREFIX))
             .collect();
         let status = node.status();
         let members: BTreeSet<u64> = status
@@ -430,10 +527,14 @@ impl PeerTls {
             .chain(status.learners.keys())
             .copied()
             .collect();
-        let me = recorded.contains(&self.node_id);
+        let me = recorded.contains_key(&self.node_id);
         let changed = {
             let t = self.trust();
-            t.joining || t.recorded != recorded || t.members != members || t.node_ca.is_none()
+            t.joining
+                || t.recorded != recorded
+                || t.members != members
+                || t.retired != retired
+                || t.node_ca.is_none()
         };
         if changed {
             let mut t = self.trust_mut();
@@ -441,6 +542,7 @@ impl PeerTls {
             t.joining = false;
             t.recorded = recorded;
             t.members = members;
+            t.retired = retired;
         }
         Ok(me)
     }
@@ -460,11 +562,17 @@ impl PeerTls {
             cert.verify_for_usage(algorithms, anchors, rest, now, usage, None, None)
                 .map(|_| ())
         };
+        // The node a certificate is for: exactly one of `ids` (a certificate naming several
+        // nodes, say by a wildcard, is nobody's).
         let names = |ids: Vec<u64>| {
-            ids.into_iter().find(|id| {
+            let mut named = ids.into_iter().filter(|id| {
                 ServerName::try_from(node_name(*id))
                     .is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
-            })
+            });
+            match (named.next(), named.next()) {
+                (Some(id), None) => Some(id),
+                _ => None,
+            }
         };
         let t = self.trust();
         let mut why = Vec::new();
@@ -474,13 +582,12 @@ impl PeerTls {
                 // not known here; it hands nothing out while it has no state).
                 Ok(()) if t.joining => return Ok(0),
                 Ok(()) => {
-                    return names(t.members.union(&t.recorded).copied().collect()).ok_or_else(
-                        || {
-                            "a node certificate of this cluster, but for a node that is neither a \
-                         member nor joining (removed?)"
-                                .to_string()
-                        },
-                    );
+                    let now_ms = now.as_secs().saturating_mul(1000);
+                    return names(t.certified(now_ms)).ok_or_else(|| {
+                        "a node certificate of this cluster, but for a node that is neither a \
+                         member nor joining (removed, or a join that never completed)"
+                            .to_string()
+                    });
                 }
                 Err(e) => why.push(format!("not from the node CA ({e:?})")),
             }
@@ -489,9 +596,11 @@ impl PeerTls {
             match chains_to(&t.bootstrap) {
                 Ok(()) => {
                     return names(t.bootstrap_open().collect()).ok_or_else(|| {
-                        "a bootstrap certificate, which is accepted only from an initial member \
-                         that has no node certificate yet: this node has one (or is no initial \
-                         member); it must present its node certificate"
+                        "a bootstrap certificate, which counts only for an initial member (of \
+                         this node's --initial-member list) that has no node certificate yet and \
+                         was not removed, and only if it names that node \
+                         (node-ID.coffer.internal, as `coffer certs` writes): the peer must \
+                         present its node certificate"
                             .to_string()
                     });
                 }
@@ -521,11 +630,12 @@ impl PeerTls {
         {
             return Ok(*id);
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let id = self.accept(chain, webpki::KeyUsage::client_auth(), UnixTime::now())?;
-        self.accepted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, (id, std::time::Instant::now()));
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+            accepted.insert(hash, (id, std::time::Instant::now()));
+        }
         Ok(id)
     }
 
@@ -756,7 +866,7 @@ pub async fn maintain(
         if let Err(e) = maintain_once(&tls, &node, &seal, &record).await {
             let e = format!("{e:#}");
             if e != last_error {
-                tracing::warn!(error = %e, "cannot renew this node's certificate yet");
+                tracing::warn!(error = %e, "cannot issue, renew or record this node's certificate yet");
                 last_error = e;
             }
         }
@@ -952,6 +1062,104 @@ mod tests {
         let (from, to) = validity(der.as_ref()).expect("validity");
         assert_eq!(from, 1_800_000_000 - BACKDATE_S);
         assert_eq!(to, 1_800_000_000 + CERT_LIFETIME_S);
+    }
+
+    #[test]
+    fn a_peer_address_must_not_name_nodes() {
+        for good in ["10.0.0.7:7001", "coffer-2.coffer.ns.svc:7001", "[::1]:7001"] {
+            assert!(check_peer_addr(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "node-1.coffer.internal:7001",
+            "*.coffer.internal:7001",
+            "*:7001",
+            "10.0.0.7",
+            "10.0.0.7:port",
+            ":7001",
+            "a b:7001",
+        ] {
+            assert!(check_peer_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn pem_certified_key(cert: &str, key: &str) -> Arc<CertifiedKey> {
+        let key = rustls_pemfile::private_key(&mut key.as_bytes())
+            .expect("pem")
+            .expect("key");
+        Arc::new(CertifiedKey::new(
+            pem_certs(cert.as_bytes()).expect("cert"),
+            rustls::crypto::ring::sign::any_supported_type(&key).expect("signing key"),
+        ))
+    }
+
+    #[test]
+    fn who_a_certificate_is_decides_whether_it_counts() {
+        let ring = Keyring::new().expect("keyring");
+        let ca = NodeCa::from_keyring(&ring);
+        let ca = ca.expect("node CA");
+        let bootstrap = crate::tls::CertAuthority::generate().expect("bootstrap CA");
+        let (cert, key) = bootstrap
+            .issue("coffer-node-1", &[node_name(1)])
+            .expect("bootstrap certificate");
+        let tls = PeerTls::new(
+            1,
+            pem_certified_key(&cert, &key),
+            bootstrap.cert_pem().as_bytes(),
+            Arc::new(KeyPair::generate().expect("key")),
+            None,
+            [1, 2, 3].into(),
+        )
+        .expect("peer TLS");
+        {
+            let mut t = tls.trust_mut();
+            t.node_ca = Some(anchor(ca.cert()).expect("anchor"));
+            t.members = [1, 2, 3].into();
+        }
+        let now = crate::auth::now_ms();
+        let check = |pem: &str| {
+            tls.accept(
+                &pem_certs(pem.as_bytes()).expect("pem"),
+                webpki::KeyUsage::client_auth(),
+                UnixTime::now(),
+            )
+        };
+        let node_key = KeyPair::generate().expect("key").public().signing_key();
+        assert_eq!(
+            check(&ca.issue(2, &node_key, "10.0.0.2", now).expect("issue")),
+            Ok(2)
+        );
+        // A certificate whose extra name covers every node is nobody's.
+        let wildcard = ca
+            .issue(9, &node_key, "*.coffer.internal", now)
+            .expect("issue");
+        assert!(check(&wildcard).is_err());
+        // An initial member's bootstrap certificate counts until it is recorded.
+        assert_eq!(check(&cert), Ok(1));
+        tls.trust_mut().recorded.insert(1, now);
+        assert!(check(&cert).unwrap_err().contains("bootstrap certificate"));
+        // A removed node's node certificate no longer counts, nor a joiner's after the window.
+        let three = ca.issue(3, &node_key, "10.0.0.3", now).expect("issue");
+        assert_eq!(check(&three), Ok(3));
+        {
+            let mut t = tls.trust_mut();
+            t.members.remove(&3);
+            t.retired.insert(3);
+            t.recorded.insert(4, now - JOIN_WINDOW_MS - 2_000);
+            t.recorded.insert(5, now);
+        }
+        assert!(check(&three).unwrap_err().contains("neither a member"));
+        assert!(check(&ca.issue(4, &node_key, "10.0.0.4", now).expect("issue")).is_err());
+        assert_eq!(
+            check(&ca.issue(5, &node_key, "10.0.0.5", now).expect("issue")),
+            Ok(5)
+        );
+        // Another cluster's node CA is not this one.
+        let other = NodeCa::from_keyring(&Keyring::new().expect("keyring")).expect("CA");
+        assert!(
+            check(&other.issue(2, &node_key, "10.0.0.2", now).expect("issue"))
+                .unwrap_err()
+                .contains("not trusted")
+        );
     }
 
     #[test]

@@ -417,6 +417,9 @@ impl RaftNode {
     /// Waits until the node's Raft state changes, at most `timeout`.
     pub async fn wait_changed(&self, timeout: Duration) {
         let mut rx = self.raft.metrics();
+        // A new receiver has not seen the current value: without this, `changed` would return
+        // at once and every caller's loop would spin.
+        drop(rx.borrow_and_update());
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
     }
 

@@ -135,8 +135,38 @@ impl Cluster for Api {
                 .await?;
             let id = req.into_inner().id;
             let s = self.node.status();
-            if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
-                return Err(Status::not_found(format!("node {id} is not a member")));
+            let member = s.voters.contains_key(&id) || s.learners.contains_key(&id);
+            let retire = Txn::ops(vec![
+                Op::Delete {
+                    key: node_identity::node_cert_record(id),
+                },
+                Op::Delete {
+                    key: node_identity::node_key_record(id),
+                },
+                Op::Put {
+                    key: node_identity::node_retired_record(id),
+                    value: auth::now_ms().to_be_bytes().to_vec(),
+                },
+            ]);
+            if !member {
+                // A join that recorded the node but never added it, or a removal whose second
+                // step did not commit: finish retiring it.
+                self.node.linearize().await.map_err(raft_status)?;
+                let view = self.node.store().read().map_err(storage_status)?;
+                let recorded = view
+                    .get(&node_identity::node_cert_record(id))
+                    .map_err(storage_status)?
+                    .is_some()
+                    || view
+                        .get(&node_identity::node_key_record(id))
+                        .map_err(storage_status)?
+                        .is_some();
+                drop(view);
+                if !recorded {
+                    return Err(Status::not_found(format!("node {id} is not a member")));
+                }
+                let index = self.commit(retire, "").await?;
+                return Ok(pb::MembershipResponse { raft_index: index });
             }
             if s.voters.contains_key(&id) && s.voters.len() == 1 {
                 return Err(Status::failed_precondition(
@@ -148,23 +178,10 @@ impl Cluster for Api {
                 .change_membership(MembershipChange::Remove { id })
                 .await
                 .map_err(raft_status)?;
-            // Its node certificate opens nothing from now on (peers accept recorded nodes only).
-            self.commit(
-                Txn::ops(vec![
-                    Op::Delete {
-                        key: node_identity::node_cert_record(id),
-                    },
-                    Op::Delete {
-                        key: node_identity::node_key_record(id),
-                    },
-                    Op::Put {
-                        key: node_identity::node_retired_record(id),
-                        value: auth::now_ms().to_be_bytes().to_vec(),
-                    },
-                ]),
-                "",
-            )
-            .await?;
+            // Its node certificate opens nothing from now on (peers accept members and nodes
+            // being added only), and its id is never admitted again. If this step does not
+            // commit, removing the id again finishes it.
+            self.commit(retire, "").await?;
             Ok(pb::MembershipResponse { raft_index: index })
         })
         .await
@@ -300,13 +317,14 @@ impl Api {
         Ok(written.index)
     }
 
-    /// The registered node key of node `id` must be `public_key`: returns the compare that
-    /// keeps the registration as read, and how the node joins.
+    /// The registered node key of node `id` must be `public_key`: adds to `proof` the compare
+    /// that keeps the registration as read; returns how the node joins.
     async fn registered_node_key(
         &self,
         id: u64,
         public_key: &[u8],
-    ) -> Result<(Compare, String), Status> {
+        proof: &mut Vec<Compare>,
+    ) -> Result<String, Status> {
         let registered_key = node_identity::node_key_record(id);
         let registered = self
             .node
@@ -325,19 +343,22 @@ impl Api {
                 "the node key is not the one registered for node {id}"
             )));
         }
-        Ok((
-            Compare::ModRevision(registered_key, registered.mod_revision),
-            "joined with its registered node key".into(),
-        ))
+        proof.push(Compare::ModRevision(
+            registered_key,
+            registered.mod_revision,
+        ));
+        Ok("joined with its registered node key".into())
     }
 
     /// The service-account token must be admitted by the Kubernetes role reserved for
-    /// members: returns the compare that keeps the role as read, and how the node joins.
+    /// members: adds to `proof` the compare that keeps the role as read; returns how the node
+    /// joins.
     async fn kubernetes_member(
         &self,
         keyring: &Keyring,
         token: &str,
-    ) -> Result<(Compare, String), Status> {
+        proof: &mut Vec<Compare>,
+    ) -> Result<String, Status> {
         let name = node_identity::KUBERNETES_MEMBER_ROLE;
         let role_key = kubernetes::role_key(name);
         let entry = self
@@ -364,12 +385,10 @@ impl Api {
                 kubernetes::Refusal::Unavailable(why) => Status::unavailable(why),
             })?;
         role.admits(&account).map_err(Status::permission_denied)?;
-        Ok((
-            Compare::ModRevision(role_key, entry.mod_revision),
-            format!(
-                "joined as Kubernetes service account {}/{}",
-                account.namespace, account.name
-            ),
+        proof.push(Compare::ModRevision(role_key, entry.mod_revision));
+        Ok(format!(
+            "joined as Kubernetes service account {}/{}",
+            account.namespace, account.name
         ))
     }
 
@@ -383,16 +402,10 @@ impl Api {
                 "a join needs a positive node id, an API address and a peer address",
             ));
         }
+        node_identity::check_peer_addr(&r.peer_addr).map_err(Status::invalid_argument)?;
         let (nonce, challenge_expiry) =
             auth::check_challenge(&keyring, &r.challenge, auth::now_ms())
                 .map_err(unauthenticated)?;
-        let status = self.node.status();
-        if status.voters.contains_key(&r.node_id) || status.learners.contains_key(&r.node_id) {
-            return Err(Status::already_exists(format!(
-                "node {} is already a member; ids are never reused: pick a new one",
-                r.node_id
-            )));
-        }
         let key = PublicKey::from_bytes(&r.public_key)
             .map_err(|e| Status::unauthenticated(format!("the node key: {e:#}")))?;
         // The node key signs the join (and the token, if any): the certificate will be for it.
@@ -413,11 +426,22 @@ impl Api {
             )
         })?;
         self.node.linearize().await.map_err(raft_status)?;
+        let status = self.node.status();
+        if status.voters.contains_key(&r.node_id) || status.learners.contains_key(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member: if this is that node, it was added and catches up; a replaced node joins under a new id",
+                r.node_id
+            )));
+        }
         let retired = node_identity::node_retired_record(r.node_id);
-        let (proof, how) = if r.kubernetes_token.is_empty() {
-            self.registered_node_key(r.node_id, &r.public_key).await?
+        let mut proof = Vec::new();
+        let how = if r.kubernetes_token.is_empty() {
+            self.registered_node_key(r.node_id, &r.public_key, &mut proof)
+                .await?
         } else {
-            self.kubernetes_member(&keyring, &r.kubernetes_token)
+            // A pod never takes an id an administrator registered for a node key.
+            proof.push(Compare::Absent(node_identity::node_key_record(r.node_id)));
+            self.kubernetes_member(&keyring, &r.kubernetes_token, &mut proof)
                 .await?
         };
         let record = node_identity::NodeRecord {
@@ -429,7 +453,7 @@ impl Api {
         let used = auth::nonce_key(&nonce);
         self.commit(
             Txn {
-                compare: vec![Compare::Absent(used.clone()), Compare::Absent(retired), proof],
+                compare: [vec![Compare::Absent(used.clone()), Compare::Absent(retired)], proof].concat(),
                 success: vec![
                     Op::Put {
                         key: used,
@@ -458,7 +482,8 @@ impl Api {
             .map_err(|e| Status::internal(format!("cannot issue the node certificate: {e:#}")))?;
         tracing::info!(
             node = r.node_id,
-            "a node proved its registered key and joins"
+            how = record.how,
+            "a node proved its right to join"
         );
         Ok((certificate, ca.cert().to_vec()))
     }

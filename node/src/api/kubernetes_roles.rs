@@ -26,6 +26,11 @@ impl coffer_api::v1::kubernetes_roles_server::KubernetesRoles for Api {
     ) -> Result<Response<pb::KubernetesRole>, Status> {
         let path = format!("{}/{}", kubernetes::ROLE_PATH, req.get_ref().name);
         self.authorize(&req, &path, Capability::Update).await?;
+        if req.get_ref().name == node_identity::KUBERNETES_MEMBER_ROLE {
+            // It admits cluster members: as much as a membership change.
+            self.authorize(&req, RAFT_MEMBERS, Capability::Update)
+                .await?;
+        }
         let r = req.into_inner();
         self.timed("KubernetesRoleWrite", async {
             policy::check_name(&r.name).map_err(Status::invalid_argument)?;
