@@ -361,21 +361,13 @@ impl Api {
     ) -> Result<String, Status> {
         let name = node_identity::KUBERNETES_MEMBER_ROLE;
         let role_key = kubernetes::role_key(name);
-        let entry = self
-            .node
-            .store()
-            .read()
-            .map_err(storage_status)?
-            .get(&role_key)
-            .map_err(storage_status)?
+        let (role, revision) = self
+            .read_record::<kubernetes::Role>(keyring, &role_key)?
             .ok_or_else(|| {
                 Status::permission_denied(format!(
                     "no Kubernetes role {name:?}: an administrator writes it (`coffer auth kubernetes role write {name} ...`) to let pods of the cluster's service account join"
                 ))
             })?;
-        let role: kubernetes::Role =
-            postcard::from_bytes(&self.decrypt(keyring, &role_key, &entry.value)?)
-                .map_err(|e| Status::data_loss(format!("role {name:?} is corrupt: {e}")))?;
         let account = self
             .kubernetes
             .validate(token, &role.audience)
@@ -385,7 +377,7 @@ impl Api {
                 kubernetes::Refusal::Unavailable(why) => Status::unavailable(why),
             })?;
         role.admits(&account).map_err(Status::permission_denied)?;
-        proof.push(Compare::ModRevision(role_key, entry.mod_revision));
+        proof.push(Compare::ModRevision(role_key, revision));
         Ok(format!(
             "joined as Kubernetes service account {}/{}",
             account.namespace, account.name
