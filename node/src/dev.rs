@@ -194,6 +194,10 @@ const DEV_DATA_TEXT: &str = r#"# Added by `coffer dev` / `coffer server --transi
 path "secret/*" {
   capabilities = ["create", "read", "update", "patch", "delete", "list"]
 }
+# Wrapped data for any identity.
+path "wrap/to/*" {
+  capabilities = ["create"]
+}
 "#;
 
 /// Logs in as the administrator (key file `admin_key`), writes the [`DEV_DATA_POLICY`] policy

@@ -333,6 +333,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         ),
     );
     tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
+    tasks.push(tokio::spawn(api.clone().clean_up_wraps_loop()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -369,6 +370,19 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         .add_service(coffer_api::v1::grants_server::GrantsServer::new(
             api.clone(),
         ))
+        .add_service(
+            coffer_api::kv::v1::kv_server::KvServer::new(api.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(coffer_api::kv::v1::mounts_server::MountsServer::new(
+            api.clone(),
+        ))
+        .add_service(
+            coffer_api::wrap::v1::wrap_server::WrapServer::new(api.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
     tasks.extend(serve(
         "API",

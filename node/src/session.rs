@@ -191,6 +191,9 @@ pub struct Grant {
     pub session_key: [u8; 32],
     /// The identity that logged in.
     pub identity: String,
+    /// Its public key (64 bytes) for a key login; `None` for a Kubernetes login. Sealed
+    /// responses are encrypted to it, and wrapped data is released to it.
+    pub identity_key: Option<Vec<u8>>,
     /// When the session ends, ms since the Unix epoch.
     pub expires_ms: u64,
     /// When a grant in the decision ends: it must be decided again from then on.
@@ -289,6 +292,7 @@ pub fn decide(
     Ok(Grant {
         session_id: id,
         session_key: *session_key,
+        identity_key: s.kubernetes.is_none().then(|| s.identity_key.clone()),
         identity: s.identity,
         expires_ms: s.expires_ms,
         recheck_at_ms,
@@ -430,6 +434,7 @@ mod tests {
             session_id: "s".into(),
             session_key: [1; 32],
             identity: "app".into(),
+            identity_key: None,
             expires_ms: 1,
             recheck_at_ms: None,
             policies: Vec::new(),
@@ -445,6 +450,7 @@ mod tests {
                 session_id: "t".into(),
                 session_key: [2; 32],
                 identity: "app".into(),
+                identity_key: None,
                 expires_ms: 1,
                 recheck_at_ms: None,
                 policies: Vec::new(),

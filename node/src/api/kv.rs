@@ -1,6 +1,7 @@
 //! The `Kv` service: the raw key/value store API, each key authorized as `secret/data/KEY`.
 
 use super::*;
+use crate::kv_engine;
 
 #[tonic::async_trait]
 impl Kv for Api {
@@ -133,9 +134,12 @@ impl Kv for Api {
                 }
                 n => n as usize,
             };
-            if r.prefix.first() == Some(&0) {
+            if r.prefix
+                .first()
+                .is_some_and(|&b| b <= kv_engine::ENGINE_BYTE)
+            {
                 return Err(Status::invalid_argument(
-                    "keys starting with a NUL byte are reserved for Coffer itself",
+                    "keys starting with a NUL or \\x01 byte are reserved for Coffer itself",
                 ));
             }
             let keyring = self.keyring()?;
@@ -145,7 +149,7 @@ impl Kv for Api {
             let view = self.node.store().read().map_err(storage_status)?;
             // Coffer's own keys all start with a NUL byte and sort first: a listing from the
             // start skips past them instead of paging through them.
-            const PAST_RESERVED: &[u8] = b"\0\xff";
+            const PAST_RESERVED: &[u8] = b"\x01\xff";
             let after = if r.prefix.is_empty() && r.start_after.as_slice() < PAST_RESERVED {
                 Some(PAST_RESERVED)
             } else {
@@ -153,7 +157,7 @@ impl Kv for Api {
             };
             let (mut entries, more) = view.list(&r.prefix, after, limit).map_err(storage_status)?;
             // Coffer's own keys (the seal configuration) sort first; they are not listed.
-            entries.retain(|e| e.key.first() != Some(&0));
+            entries.retain(|e| e.key.first().is_some_and(|&b| b > kv_engine::ENGINE_BYTE));
             let (entries, more) = cap_page(entries, more, r.keys_only);
             if !r.keys_only {
                 for e in &entries {

@@ -37,11 +37,13 @@ mod grants;
 mod identities;
 mod kubernetes_roles;
 mod kv;
+mod kv_engine;
 mod login;
 mod policies;
 mod seal;
 mod sessions;
 mod settings;
+mod wrap;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -118,9 +120,9 @@ impl Api {
         if key.is_empty() {
             return Err(Status::invalid_argument("the key must not be empty"));
         }
-        if key[0] == 0 {
+        if key[0] <= crate::kv_engine::ENGINE_BYTE {
             return Err(Status::invalid_argument(
-                "keys starting with a NUL byte are reserved for Coffer itself",
+                "keys starting with a NUL or \\x01 byte are reserved for Coffer itself and its secrets engines",
             ));
         }
         if key.len() > MAX_KEY_BYTES {
