@@ -59,7 +59,7 @@ fn written_values(history: &History) -> (HashSet<Value>, HashSet<Value>) {
 }
 
 /// Stale reads: a node's state never goes back while it runs (per client, node, restart and
-/// key, the `mod_revision` seen never decreases), and every value seen was written by an
+/// secret, the version seen never decreases), and every value seen was written by an
 /// operation that was not refused.
 pub fn check_stale_reads(stale: &[StaleRead], history: &History) -> Check {
     let (maybe, never) = written_values(history);
@@ -81,11 +81,11 @@ pub fn check_stale_reads(stale: &[StaleRead], history: &History) -> Check {
         }
         let k = (r.client, r.node, r.epoch, r.key.as_str());
         if let Some(prev) = last.get(&k)
-            && r.mod_revision < prev.mod_revision
+            && r.version < prev.version
         {
             violations.push(format!(
-                "node {} went back on {}: mod_revision {} then {} (client {})",
-                r.node, r.key, prev.mod_revision, r.mod_revision, r.client
+                "node {} went back on {}: version {} then {} (client {})",
+                r.node, r.key, prev.version, r.version, r.client
             ));
         }
         last.insert(k, r);
@@ -217,7 +217,7 @@ mod tests {
             epoch,
             key: "k".into(),
             value,
-            mod_revision: rev,
+            version: rev,
             at: 0,
         }
     }

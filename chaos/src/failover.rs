@@ -5,8 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use coffer_api::v1 as pb;
-use coffer_api::v1::kv_client::KvClient;
+use coffer_api::kv::v1::kv_client::KvClient;
 use tokio::time::Instant;
 
 use crate::docker::{self, DockerCluster};
@@ -66,11 +65,11 @@ pub async fn measure(binary: &Path, dir: &Path, nodes: u64, runs: usize) -> Resu
             // A short client timeout, so the figure is the cluster's and not the retry policy's.
             let mut kv = KvClient::new(cluster.channel(via, Duration::from_millis(250))?);
             let put = kv
-                .put(pb::PutRequest {
-                    key: b"failover".to_vec(),
-                    value: round.to_string().into_bytes(),
-                    request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                })
+                .put(crate::workload::put_request(
+                    "failover",
+                    round.to_string(),
+                    None,
+                ))
                 .await;
             if put.is_ok() {
                 break killed.elapsed();

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use coffer_api::kv::v1 as kvpb;
+use coffer_api::kv::v1::kv_client::KvClient;
 use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
-use coffer_api::v1::kv_client::KvClient;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -490,17 +491,15 @@ impl Harness {
             for (id, channel) in self.targets.all() {
                 n += 1;
                 let mut kv = KvClient::new(channel);
+                let probe = format!("probe/{id}");
                 let put = kv
-                    .put(pb::PutRequest {
-                        key: format!("probe/{id}").into_bytes(),
-                        value: n.to_string().into_bytes(),
-                        request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                    })
+                    .put(workload::put_request(&probe, n.to_string(), None))
                     .await;
                 let get = kv
-                    .get(pb::GetRequest {
-                        key: format!("probe/{id}").into_bytes(),
-                        consistency: pb::Consistency::Linearizable as i32,
+                    .get(kvpb::GetRequest {
+                        mount: workload::MOUNT.into(),
+                        path: probe,
+                        ..Default::default()
                     })
                     .await;
                 if put.is_err() || get.is_err() {
@@ -546,35 +545,42 @@ fn parse_http_date(s: &str) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + mi * 60 + se)
 }
 
-/// Reads every set key on node `id` (linearizable, paginated).
+/// Reads every set key on node `id` (linearizable, paginated): the secrets in each set
+/// client's folder.
 async fn list_set(cluster: &DockerCluster, id: u64) -> Result<BTreeSet<String>> {
     let mut kv = KvClient::new(cluster.channel(id, Duration::from_secs(10))?);
     let mut keys = BTreeSet::new();
-    let mut start_after = Vec::new();
-    loop {
-        let page = kv
-            .list(pb::ListRequest {
-                prefix: SET_PREFIX.as_bytes().to_vec(),
-                start_after: start_after.clone(),
-                limit: 1000,
-                consistency: pb::Consistency::Linearizable as i32,
-                keys_only: true,
-            })
-            .await
-            .with_context(|| format!("list on node {id}"))?
-            .into_inner();
-        if let Some(last) = page.kvs.last() {
-            start_after = last.key.clone();
-        }
-        keys.extend(
-            page.kvs
-                .iter()
-                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned()),
-        );
-        if !page.more {
-            return Ok(keys);
+    let mut folders = vec![SET_PREFIX.to_string()];
+    while let Some(folder) = folders.pop() {
+        let mut start_after = String::new();
+        loop {
+            let page = kv
+                .list(kvpb::ListRequest {
+                    mount: workload::MOUNT.into(),
+                    prefix: folder.clone(),
+                    start_after: start_after.clone(),
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("list {folder} on node {id}"))?
+                .into_inner();
+            if let Some(last) = page.names.last() {
+                start_after = last.clone();
+            }
+            for name in page.names {
+                if name.ends_with('/') {
+                    folders.push(format!("{folder}{name}"));
+                } else {
+                    keys.insert(format!("{folder}{name}"));
+                }
+            }
+            if !page.more {
+                break;
+            }
         }
     }
+    Ok(keys)
 }
 
 fn counts(rec: &Recorded) -> Counts {

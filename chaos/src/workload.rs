@@ -1,9 +1,9 @@
 //! The clients of a chaos run. Three kinds run concurrently, each request through a node drawn
 //! at random from the current members:
 //!
-//! - register clients on a few keys: writes of unique values, linearizable reads, and
-//!   compare-and-set (a linearizable read, then a transaction that writes only if the key's
-//!   `mod_revision` is still the one read: with unique values that is a compare on the value);
+//! - register clients on a few secrets: writes of unique values, linearizable reads, and
+//!   compare-and-set (a linearizable read, then a write with `cas` = the version read: with
+//!   unique values that is a compare on the value);
 //! - stale readers: local reads without read-index, judged only for monotonicity per node and
 //!   for never showing a value nobody wrote;
 //! - set clients: each adds keys of its own that are never overwritten, so the end of the run
@@ -11,19 +11,30 @@
 //!
 //! Every operation is recorded with invoke and complete times (nanoseconds since the start)
 //! and its outcome: ok, failed (certainly no effect) or unknown.
+//!
+//! Every request goes through the kv secrets engine (`coffer.kv.v1`) at the built-in `secret`
+//! mount, as a service's would: authorized by the session, encrypted by the barrier. A register
+//! is the secret's field `v`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use coffer_api::v1 as pb;
-use coffer_api::v1::kv_client::KvClient;
+use coffer_api::kv::v1 as pb;
+use coffer_api::kv::v1::kv_client::KvClient;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::history::{History, Op, OpKind, Outcome, Value};
+
+/// The mount the workloads write to.
+pub const MOUNT: &str = "secret";
+/// How the kv engine says a check-and-set did not hold (FAILED_PRECONDITION).
+const CAS_FAILED: &str = "check-and-set failed";
+/// The field of a secret that holds a register's value.
+pub const FIELD: &str = "v";
 
 /// The register keys.
 pub fn register_key(k: usize) -> String {
@@ -46,8 +57,8 @@ pub struct StaleRead {
     pub key: String,
     /// The value seen (`None`: absent).
     pub value: Option<Value>,
-    /// The key's `mod_revision` (0 when absent).
-    pub mod_revision: u64,
+    /// The secret's version (0 when absent).
+    pub version: u64,
     /// Completion time.
     pub at: u64,
 }
@@ -121,7 +132,8 @@ impl Targets {
 }
 
 /// Whether an error certainly means "not applied": our server's own UNAVAILABLE (not proposed),
-/// RESOURCE_EXHAUSTED (refused) or a validation error. A transport error (no answer from the
+/// RESOURCE_EXHAUSTED (refused), ABORTED (the kv engine gave up deciding a write: each of its
+/// attempts was refused by its compare) or a validation error. A transport error (no answer from the
 /// server, e.g. the connection broke after the request went out) proves nothing.
 fn certainly_failed(s: &tonic::Status) -> bool {
     let from_server = std::error::Error::source(s).is_none();
@@ -130,6 +142,7 @@ fn certainly_failed(s: &tonic::Status) -> bool {
             s.code(),
             tonic::Code::Unavailable
                 | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
                 | tonic::Code::InvalidArgument
                 | tonic::Code::FailedPrecondition
         )
@@ -143,11 +156,18 @@ fn write_outcome<T>(r: &Result<T, tonic::Status>) -> Outcome {
     }
 }
 
-fn parse_value(kv: &pb::KeyValue) -> Option<Value> {
-    std::str::from_utf8(&kv.value).ok()?.parse().ok()
+/// A put of `value` as the field [`FIELD`] of secret `key`, with check-and-set `cas`.
+pub fn put_request(key: &str, value: String, cas: Option<u64>) -> pb::PutRequest {
+    pb::PutRequest {
+        mount: MOUNT.into(),
+        path: key.into(),
+        data: [(FIELD.to_string(), value)].into_iter().collect(),
+        cas,
+        request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+    }
 }
 
-/// A linearizable read: (value, mod_revision) or the error.
+/// A read of secret `key`: (value, version) or the error.
 async fn get(
     channel: Channel,
     key: &str,
@@ -155,16 +175,18 @@ async fn get(
 ) -> Result<(Option<Value>, u64), tonic::Status> {
     match KvClient::new(channel)
         .get(pb::GetRequest {
-            key: key.as_bytes().to_vec(),
+            mount: MOUNT.into(),
+            path: key.into(),
             consistency: consistency as i32,
+            ..Default::default()
         })
         .await
     {
-        Ok(r) => Ok(r
-            .into_inner()
-            .kv
-            .map(|kv| (parse_value(&kv), kv.mod_revision))
-            .unwrap_or((None, 0))),
+        Ok(r) => {
+            let r = r.into_inner();
+            let value = r.data.get(FIELD).and_then(|v| v.parse().ok());
+            Ok((value, r.version.map_or(0, |v| v.version)))
+        }
         Err(s) if s.code() == tonic::Code::NotFound => Ok((None, 0)),
         Err(s) => Err(s),
     }
@@ -200,11 +222,7 @@ pub async fn write_op(
 ) -> Op {
     let invoked = start.elapsed().as_nanos() as u64;
     let r = KvClient::new(channel)
-        .put(pb::PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.to_string().into_bytes(),
-            request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-        })
+        .put(put_request(key, value.to_string(), None))
         .await;
     Op {
         client,
@@ -221,35 +239,21 @@ async fn cas_op(
     client: u32,
     key: &str,
     expected: Option<Value>,
-    mod_revision: u64,
+    version: u64,
     new: Value,
     start: Instant,
 ) -> Op {
-    let target = if expected.is_some() {
-        pb::compare::Target::ModRevision(mod_revision)
-    } else {
-        pb::compare::Target::Absent(true)
-    };
+    // A secret that was never written has no version: `cas` 0 writes only if there is none.
+    let cas = if expected.is_some() { version } else { 0 };
     let invoked = start.elapsed().as_nanos() as u64;
     let r = KvClient::new(channel)
-        .txn(pb::TxnRequest {
-            compare: vec![pb::Compare {
-                key: key.as_bytes().to_vec(),
-                target: Some(target),
-            }],
-            success: vec![pb::RequestOp {
-                op: Some(pb::request_op::Op::Put(pb::PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value: new.to_string().into_bytes(),
-                    request_id: Vec::new(),
-                })),
-            }],
-            failure: Vec::new(),
-            request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-        })
+        .put(put_request(key, new.to_string(), Some(cas)))
         .await;
     let completed = start.elapsed().as_nanos() as u64;
-    let succeeded = r.as_ref().map(|t| t.get_ref().succeeded).unwrap_or(false);
+    // A check-and-set that did not hold is an answer too: the register did not hold `expected`.
+    let refused = matches!(&r, Err(s) if s.code() == tonic::Code::FailedPrecondition
+        && s.message().contains(CAS_FAILED));
+    let succeeded = r.is_ok();
     Op {
         client,
         key: key.to_string(),
@@ -260,7 +264,11 @@ async fn cas_op(
         },
         invoked,
         completed,
-        outcome: write_outcome(&r),
+        outcome: if refused {
+            Outcome::Ok
+        } else {
+            write_outcome(&r)
+        },
     }
 }
 
@@ -358,7 +366,7 @@ impl Workload {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     let got = get(channel, &key, pb::Consistency::Stale).await;
                     // A read that raced a restart of its node proves nothing about monotonicity.
-                    if let Ok((value, mod_revision)) = got
+                    if let Ok((value, version)) = got
                         && targets.epoch(node) == epoch
                         && let Ok(mut rec) = recorded.lock()
                     {
@@ -368,7 +376,7 @@ impl Workload {
                             epoch,
                             key,
                             value,
-                            mod_revision,
+                            version,
                             at: start.elapsed().as_nanos() as u64,
                         });
                     }
@@ -389,11 +397,7 @@ impl Workload {
                     let key = format!("{SET_PREFIX}{i}/{n:08}");
                     let invoked = start.elapsed().as_nanos() as u64;
                     let res = KvClient::new(channel)
-                        .put(pb::PutRequest {
-                            key: key.as_bytes().to_vec(),
-                            value: b"x".to_vec(),
-                            request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                        })
+                        .put(put_request(&key, "x".into(), None))
                         .await;
                     let add = SetAdd {
                         key,

@@ -1,14 +1,19 @@
 //! `coffer bench`: a closed-loop load generator against any set of nodes. Prints throughput and
 //! latency percentiles (HdrHistogram), and the group commit batch size seen by the servers.
+//!
+//! Puts and gets go through the kv secrets engine at the built-in `secret` mount (the path is
+//! the padded key number, the value one field `value`), as a service's would: a put is a new
+//! version with its metadata, authorized and encrypted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use coffer_api::kv::v1 as kvpb;
+use coffer_api::kv::v1::kv_client::KvClient;
 use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
-use coffer_api::v1::kv_client::KvClient;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -94,8 +99,24 @@ pub struct BenchReport {
     pub sample_errors: Vec<String>,
 }
 
-fn key(i: usize, size: usize) -> Vec<u8> {
-    format!("{i:0size$}").into_bytes()
+fn key(i: usize, size: usize) -> String {
+    format!("{i:0size$}")
+}
+
+/// The mount the bench writes to and reads from.
+const BENCH_MOUNT: &str = "secret";
+
+/// A put of `value` to the secret `path` (a new version), with a request id as the SDK sends.
+fn put_request(path: String, value: &str) -> kvpb::PutRequest {
+    kvpb::PutRequest {
+        mount: BENCH_MOUNT.into(),
+        path,
+        data: [("value".to_string(), value.to_string())]
+            .into_iter()
+            .collect(),
+        cas: None,
+        request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+    }
 }
 
 async fn leader_flush_totals(target: &Target) -> Result<Option<(String, u64, u64)>> {
@@ -123,7 +144,7 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
             channels.push(target.channel_to(addr)?);
         }
     }
-    let value = vec![b'v'; args.value_size];
+    let value = "v".repeat(args.value_size);
     let login_key = match (args.op, &args.login_key) {
         (BenchOp::Login, Some(path)) => Some(Arc::new(crate::keys::KeyPair::load(path)?)),
         (BenchOp::Login, None) => bail!("--op login needs --login-key FILE"),
@@ -133,13 +154,9 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
         // Reads need the keys to exist.
         let mut kv = KvClient::new(channels[0].clone());
         for i in 0..args.keys {
-            kv.put(pb::PutRequest {
-                key: key(i, args.key_size),
-                value: value.clone(),
-                request_id: Vec::new(),
-            })
-            .await
-            .context("preloading keys")?;
+            kv.put(put_request(key(i, args.key_size), &value))
+                .await
+                .context("preloading keys")?;
         }
     }
     let before = if args.op == BenchOp::Put {
@@ -162,28 +179,24 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
             let (mut ok, mut failed) = (0u64, 0u64);
-            let mut i = w.wrapping_mul(7919);
             while Instant::now() < deadline {
-                i = (i.wrapping_mul(1_103_515_245).wrapping_add(12_345)) % keys.max(1);
+                // Uniform over the key set (a linear congruential sequence modulo the key count
+                // has short cycles that all workers fall into: a few hot keys).
+                let i = rand::random_range(0..keys.max(1));
                 let k = key(i, key_size);
                 let t = Instant::now();
                 let r = match op {
-                    BenchOp::Put => kv
-                        .put(pb::PutRequest {
-                            key: k,
-                            value: value.clone(),
-                            request_id: Vec::new(),
-                        })
-                        .await
-                        .map(|_| ()),
+                    BenchOp::Put => kv.put(put_request(k, &value)).await.map(|_| ()),
                     BenchOp::Get | BenchOp::GetStale => kv
-                        .get(pb::GetRequest {
-                            key: k,
+                        .get(kvpb::GetRequest {
+                            mount: BENCH_MOUNT.into(),
+                            path: k,
                             consistency: if op == BenchOp::Get {
-                                pb::Consistency::Linearizable as i32
+                                kvpb::Consistency::Linearizable as i32
                             } else {
-                                pb::Consistency::Stale as i32
+                                kvpb::Consistency::Stale as i32
                             },
+                            ..Default::default()
                         })
                         .await
                         .map(|_| ()),

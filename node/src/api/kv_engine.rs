@@ -14,8 +14,9 @@ use prost::Message as _;
 use super::*;
 use crate::kv_engine::{self as engine, Mount, Refusal, SecretMetadata};
 
-/// How often a write decides again after its metadata changed under it.
-const MAX_ATTEMPTS: u64 = 8;
+/// How often a write decides again after its metadata changed under it (writes to one secret
+/// through other nodes), backing off a random while longer each time.
+const MAX_ATTEMPTS: u64 = 24;
 /// What a sealed response is encrypted for (HPKE `info`).
 pub const SEALED_RESPONSE_INFO: &[u8] = b"coffer sealed response v1";
 /// Mounts are managed at this path and the mount name (`list` on the path itself).
@@ -48,6 +49,16 @@ fn attempt_id(request_id: &[u8], attempt: u64) -> Vec<u8> {
     ctx.finish().as_ref()[..16].to_vec()
 }
 
+/// Waits before attempt `attempt` (from the second retry on): a random time up to 2^attempt
+/// ms, at most 100 ms, so that writers to one secret through different nodes stop colliding.
+async fn contention_backoff(attempt: u64) {
+    if attempt >= 2 {
+        let most = 1u64 << attempt.min(7);
+        let ms = rand::random_range(0..most.min(100));
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 fn version_info(m: &SecretMetadata, mount: &Mount, number: u64, now: u64) -> kvpb::VersionInfo {
     match m.versions.get(&number) {
         Some(v) => kvpb::VersionInfo {
@@ -71,6 +82,15 @@ struct Change<T> {
 }
 
 impl Api {
+    /// The turn of writes to `path` of `mount` on this node (see `Api::secret_locks`).
+    async fn secret_turn(&self, mount: &str, path: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA256, &engine::metadata_key(mount, path));
+        let d = digest.as_ref();
+        let stripe = usize::from(u16::from_be_bytes([d[0], d[1]])) % self.secret_locks.len();
+        self.secret_locks[stripe].lock().await
+    }
+
     fn kv_header(&self, request_id: &[u8], revision: u64) -> Option<kvpb::ResponseHeader> {
         Some(kvpb::ResponseHeader {
             request_id: request_id.to_vec(),
@@ -136,8 +156,10 @@ impl Api {
         parse_request_id(request_id)?;
         let data_path = acl_path(mount_name, "data", path);
         let meta_key = engine::metadata_key(mount_name, path);
+        let _turn = self.secret_turn(mount_name, path).await;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
+                contention_backoff(attempt).await;
                 self.node.linearize().await.map_err(raft_status)?;
             }
             let read = self.read_record::<SecretMetadata>(keyring, &meta_key)?;
@@ -285,8 +307,10 @@ impl Api {
     ) -> Result<(T, SecretMetadata, u64), Status> {
         parse_request_id(request_id)?;
         let meta_key = engine::metadata_key(mount_name, path);
+        let _turn = self.secret_turn(mount_name, path).await;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
+                contention_backoff(attempt).await;
                 self.node.linearize().await.map_err(raft_status)?;
             }
             let (mut meta, rev) = match self.read_record::<SecretMetadata>(keyring, &meta_key)? {

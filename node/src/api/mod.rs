@@ -64,6 +64,9 @@ pub struct Api {
     sessions: Arc<Sessions>,
     login: auth::LoginSettings,
     kubernetes: Arc<kubernetes::Validator>,
+    /// Writes to one secret through this node take turns (striped by path), so that they do
+    /// not keep invalidating each other's compare-and-swap.
+    secret_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
 }
 
 impl Api {
@@ -91,6 +94,7 @@ impl Api {
             sessions: Arc::new(Sessions::default()),
             login,
             kubernetes,
+            secret_locks: Arc::new((0..4096).map(|_| tokio::sync::Mutex::new(())).collect()),
         }
     }
 
