@@ -126,6 +126,59 @@ fn node_ip(id: u64) -> String {
     format!("127.0.0.{}", 10 + id)
 }
 
+/// Lowercase hex of `b`.
+pub fn hex(b: &[u8]) -> Vec<u8> {
+    b.iter()
+        .flat_map(|x| format!("{x:02x}").into_bytes())
+        .collect()
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 of `b`, without padding.
+pub fn base64_unpadded(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(B64[(n >> (18 - 6 * i) & 63) as usize]);
+        }
+    }
+    out
+}
+
+/// The forms of a plaintext `marker` a leak scan looks for: raw, hex (both cases) and base64
+/// (standard and URL-safe) at each of the three byte alignments it could have inside a longer
+/// encoded text (the middle part, which is fixed).
+pub fn plaintext_forms(marker: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut n = vec![
+        ("raw".to_string(), marker.to_vec()),
+        ("hex".into(), hex(marker)),
+        ("HEX".into(), hex(marker).to_ascii_uppercase()),
+    ];
+    for pad in 0..3 {
+        let mut padded = vec![0u8; pad];
+        padded.extend_from_slice(marker);
+        let enc = base64_unpadded(&padded);
+        let skip = (pad * 4).div_ceil(3);
+        let core = enc[skip..enc.len() - 4].to_vec();
+        n.push((format!("base64+{pad}"), core.clone()));
+        let url: Vec<u8> = core
+            .iter()
+            .map(|c| match c {
+                b'+' => b'-',
+                b'/' => b'_',
+                c => *c,
+            })
+            .collect();
+        n.push((format!("base64url+{pad}"), url));
+    }
+    n
+}
+
 /// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` at the deadline.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
@@ -670,6 +723,51 @@ impl Cluster {
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .timeout(timeout)
             .connect_lazy()
+    }
+
+    /// The API addresses of nodes `ids`, in that order (an SDK client starts with the first).
+    pub fn endpoints(&self, ids: &[u64]) -> Vec<String> {
+        ids.iter().map(|id| self.nodes[id].api.to_string()).collect()
+    }
+
+    /// An SDK client over nodes `ids` (starting with the first) that logs in with `login`.
+    pub async fn sdk(&self, ids: &[u64], login: coffer_client::Login) -> coffer_client::Client {
+        coffer_client::Client::connect(coffer_client::Config::new(
+            self.endpoints(ids),
+            self.ca_pem.clone(),
+            login,
+        ))
+        .await
+        .expect("SDK client connects and logs in")
+    }
+
+    /// Writes policy `name` with `text` and creates identity `name` holding it, with a new key
+    /// pair saved as `keys/NAME.key` (and `.pub`) in the cluster directory; returns the private
+    /// key file. Done as the administrator.
+    pub async fn must_create_identity(&self, name: &str, text: &str) -> PathBuf {
+        use coffer_api::v1::identities_client::IdentitiesClient;
+        use coffer_api::v1::policies_client::PoliciesClient;
+        PoliciesClient::new(self.channel(self.running()[0]))
+            .write(pb::PolicyWriteRequest {
+                name: name.into(),
+                text: text.into(),
+            })
+            .await
+            .expect("policy write");
+        let key = coffer_node::keys::KeyPair::generate().expect("key");
+        IdentitiesClient::new(self.channel(self.running()[0]))
+            .create(pb::IdentityCreateRequest {
+                name: name.into(),
+                public_key: key.public().to_bytes().to_vec(),
+                policies: vec![name.into()],
+                ..Default::default()
+            })
+            .await
+            .expect("identity create");
+        let (private, _) = key
+            .save(&self.dir.path().join("keys").join(name), name)
+            .expect("save the identity key");
+        private
     }
 
     /// A key/value client for a node.

@@ -8,59 +8,9 @@
 use std::time::Duration;
 
 use coffer_api::v1 as pb;
-use coffer_cluster_tests::{Cluster, ClusterOptions, files_under, wait_until};
+use coffer_cluster_tests::{Cluster, ClusterOptions, base64_unpadded, files_under, plaintext_forms, wait_until};
 
 const MARKER: &[u8] = b"MARKER-7f3a9c-plaintext-must-never-leak";
-
-fn hex(b: &[u8]) -> Vec<u8> {
-    b.iter()
-        .flat_map(|x| format!("{x:02x}").into_bytes())
-        .collect()
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn base64(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in b.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(B64[(n >> (18 - 6 * i) & 63) as usize]);
-        }
-    }
-    out
-}
-
-/// The marker's forms to look for: raw, hex (both cases) and base64 at each of the three byte
-/// alignments it could have inside a longer encoded text (the middle part, which is fixed).
-fn needles() -> Vec<(String, Vec<u8>)> {
-    let mut n = vec![
-        ("raw".to_string(), MARKER.to_vec()),
-        ("hex".into(), hex(MARKER)),
-        ("HEX".into(), hex(MARKER).to_ascii_uppercase()),
-    ];
-    for pad in 0..3 {
-        let mut padded = vec![0u8; pad];
-        padded.extend_from_slice(MARKER);
-        let enc = base64(&padded);
-        let skip = (pad * 4).div_ceil(3);
-        let core = enc[skip..enc.len() - 4].to_vec();
-        n.push((format!("base64+{pad}"), core.clone()));
-        let url: Vec<u8> = core
-            .iter()
-            .map(|c| match c {
-                b'+' => b'-',
-                b'/' => b'_',
-                c => *c,
-            })
-            .collect();
-        n.push((format!("base64url+{pad}"), url));
-    }
-    n
-}
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
@@ -69,8 +19,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_is_never_at_rest_or_on_the_wire() {
     // The encoder the needles come from (RFC 4648 test vector, padding left off).
-    assert_eq!(base64(b"foobar"), b"Zm9vYmFy");
-    assert_eq!(base64(b"fooba"), b"Zm9vYmE");
+    assert_eq!(base64_unpadded(b"foobar"), b"Zm9vYmFy");
+    assert_eq!(base64_unpadded(b"fooba"), b"Zm9vYmE");
     let taps = tempfile::tempdir().expect("tempdir");
     let options = ClusterOptions {
         snapshot_logs: 50,
@@ -162,7 +112,7 @@ async fn plaintext_is_never_at_rest_or_on_the_wire() {
         wire.len() >= 3,
         "every node's wire tap wrote a file: {wire:?}"
     );
-    let needles = needles();
+    let needles = plaintext_forms(MARKER);
     let mut found = Vec::new();
     let mut path_seen_on_disk = false;
     let mut path_seen_on_wire = false;
