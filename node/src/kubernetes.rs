@@ -113,27 +113,6 @@ pub enum Refusal {
     Unavailable(String),
 }
 
-/// What the client signs with its session key to log in with a service-account token.
-pub fn login_message(
-    cluster_id: &str,
-    challenge: &[u8],
-    role: &str,
-    token: &str,
-    session_key: &[u8],
-    ttl_s: u64,
-) -> Vec<u8> {
-    let mut m = b"coffer/kubernetes-login/v1\0".to_vec();
-    m.extend_from_slice(cluster_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(challenge);
-    m.extend_from_slice(role.as_bytes());
-    m.push(0);
-    m.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-    m.extend_from_slice(session_key);
-    m.extend_from_slice(&ttl_s.to_be_bytes());
-    m
-}
-
 // ---- JWTs -------------------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,7 @@ pub mod config;
 pub mod delegation;
 pub mod dev;
 pub mod identity;
-pub mod keys;
+pub use coffer_client::keys;
 pub mod kubernetes;
 pub mod metrics;
 pub mod node_identity;
