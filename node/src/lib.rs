@@ -11,6 +11,7 @@ pub mod auth;
 pub mod barrier;
 pub mod bench;
 pub mod cli;
+pub mod cli_secrets;
 pub mod client;
 pub mod config;
 pub mod delegation;
