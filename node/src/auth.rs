@@ -135,6 +135,10 @@ pub fn check_challenge(
     Ok((nonce, expiry))
 }
 
+/// What the client signs with its identity key to log in (kept here for the callers that
+/// name it so; the bytes are defined once, in the client SDK).
+pub use coffer_client::login::key_login_message as login_message;
+
 /// The reserved key that marks `nonce` used.
 pub fn nonce_key(nonce: &[u8]) -> Vec<u8> {
     let mut k = NONCE_PREFIX.to_vec();
