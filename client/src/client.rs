@@ -445,6 +445,14 @@ mod tests {
     fn a_client_can_be_shared_between_tasks() {
         fn shareable<T: Send + Sync + Clone + 'static>() {}
         shareable::<Client>();
+        // Its calls can run in spawned tasks (no lock is held across an await).
+        fn spawnable<F: Future + Send>(_: F) {}
+        let never: Option<Client> = None;
+        if let Some(c) = never {
+            let kv = c.kv("secret");
+            spawnable(async move { kv.get("app/db").await });
+            spawnable(async move { c.wrap().unwrap("w_00").await });
+        }
     }
 
     #[tokio::test]

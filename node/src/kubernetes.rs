@@ -19,7 +19,7 @@ pub const ROLE_PREFIX: &[u8] = b"\0coffer/k8s-role/";
 /// Roles are managed at this path and the role name (`list` on the path itself).
 pub const ROLE_PATH: &str = "auth/kubernetes/role";
 /// Where a pod's projected service-account token is, by default.
-pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const DEFAULT_TOKEN_FILE: &str = coffer_client::KUBERNETES_TOKEN_FILE;
 /// Clocks may differ by this much when checking a token's times locally.
 const LEEWAY_S: u64 = 60;
 
