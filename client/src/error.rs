@@ -57,10 +57,22 @@ impl Error {
 }
 
 impl From<tonic::Status> for Error {
+    /// The server's message; for a failure on this side of the connection, with its causes
+    /// ("tcp connect error: Connection refused").
     fn from(s: tonic::Status) -> Self {
+        let mut message = s.message().to_string();
+        let mut source = std::error::Error::source(&s);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
         Error::Status {
             code: s.code(),
-            message: s.message().to_string(),
+            message,
         }
     }
 }

@@ -139,6 +139,17 @@ where
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(policy.max_backoff);
             }
+            Verdict::Retry => {
+                let mut error = Error::from(status);
+                if let Error::Status { message, .. } = &mut error {
+                    message.push_str(&format!(
+                        "; gave up after {} attempts in {:.1?}, every endpoint tried",
+                        n + 1,
+                        start.elapsed()
+                    ));
+                }
+                return Err(error);
+            }
             _ => return Err(status.into()),
         }
     }
@@ -196,6 +207,9 @@ mod tests {
             classify(CallKind::Write, &transport_failure()),
             Verdict::Fail
         );
+        // The cause of a transport failure is kept in the message.
+        let err = Error::from(transport_failure());
+        assert!(err.to_string().contains("connection reset"), "{err}");
     }
 
     #[test]
@@ -318,6 +332,7 @@ mod tests {
         .await
         .expect_err("gives up");
         assert_eq!(err.code(), Some(Code::Unavailable));
+        assert!(err.to_string().contains("gave up after"), "{err}");
         let n = *attempts.lock().expect("lock");
         assert!((2..=4).contains(&n), "{n} attempts in a 30 ms budget");
     }
