@@ -216,7 +216,12 @@ impl Kv {
     /// Reads a version encrypted by the server to the caller's key (past any TLS-terminating
     /// proxy only the caller can read it), decrypts it and checks it is the secret asked for.
     /// Needs a [`crate::Login::Key`] client.
-    pub async fn get_sealed(&self, path: &str, options: ReadOptions) -> Result<Secret> {
+    pub async fn get_sealed(&self, path: &str) -> Result<Secret> {
+        self.get_sealed_with(path, ReadOptions::default()).await
+    }
+
+    /// [`Kv::get_sealed`] of a given version, or from the contacted node's state.
+    pub async fn get_sealed_with(&self, path: &str, options: ReadOptions) -> Result<Secret> {
         let key = self
             .client
             .key_pair()

@@ -44,6 +44,21 @@ fn is_transport(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
 }
 
+/// Whether the request certainly never left this machine: the connection was refused.
+fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// A session that ended, in the server's words ("session ... has ended; log in again").
 pub fn is_session_ended(status: &Status) -> bool {
     status.code() == Code::Unauthenticated && status.message().contains("has ended")
@@ -61,7 +76,8 @@ pub fn classify(kind: CallKind, status: &Status) -> Verdict {
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
             ));
-    let not_applied = status.code() == Code::Unavailable && !is_transport(status);
+    let not_applied =
+        (status.code() == Code::Unavailable && !is_transport(status)) || never_sent(status);
     match kind {
         CallKind::Read | CallKind::IdempotentWrite if unknown_outcome || not_applied => {
             Verdict::Retry
@@ -168,6 +184,13 @@ mod tests {
         )))
     }
 
+    fn refused() -> Status {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let mut s = Status::unavailable("tcp connect error");
+        s.set_source(std::sync::Arc::new(refused));
+        s
+    }
+
     #[test]
     fn reads_and_idempotent_writes_retry_what_did_not_complete_and_nothing_else() {
         let retried = [
@@ -207,6 +230,8 @@ mod tests {
             classify(CallKind::Write, &transport_failure()),
             Verdict::Fail
         );
+        // A refused connection never carried the request: any write may go to the next node.
+        assert_eq!(classify(CallKind::Write, &refused()), Verdict::Retry);
         // The cause of a transport failure is kept in the message.
         let err = Error::from(transport_failure());
         assert!(err.to_string().contains("connection reset"), "{err}");

@@ -490,7 +490,7 @@ pub async fn kv_command(op: KvCommand, args: &ClientArgs) -> Result<()> {
                 stale,
             };
             let secret = if sealed {
-                kv.get_sealed(&path, options).await?
+                kv.get_sealed_with(&path, options).await?
             } else {
                 kv.get_with(&path, options).await?
             };
