@@ -4,8 +4,8 @@
 //! 1. Any node issues a **challenge**: a random 32-byte nonce, an expiry, and an HMAC over both
 //!    with a key derived from the keyring (the same on every unsealed node). Issuing writes
 //!    nothing, so unauthenticated callers cannot fill any store.
-//! 2. The client signs [`login_message`] (purpose, cluster, challenge, the session public key it
-//!    wants, the TTL it asks for) with its identity key.
+//! 2. The client signs [`coffer_client::login::key_login_message`] (purpose, cluster,
+//!    challenge, the session public key it wants, the TTL it asks for) with its identity key.
 //! 3. **Login** on any node checks the challenge's MAC and expiry, finds the identity by its key,
 //!    checks the signature, and commits one Raft transaction that marks the nonce used and
 //!    creates the session, only if the nonce was never used: a challenge works once,
@@ -135,21 +135,9 @@ pub fn check_challenge(
     Ok((nonce, expiry))
 }
 
-/// What the client signs with its identity key to log in.
-pub fn login_message(
-    cluster_id: &str,
-    challenge: &[u8],
-    session_key: &[u8],
-    ttl_s: u64,
-) -> Vec<u8> {
-    let mut m = b"coffer/login/v1\0".to_vec();
-    m.extend_from_slice(cluster_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(challenge);
-    m.extend_from_slice(session_key);
-    m.extend_from_slice(&ttl_s.to_be_bytes());
-    m
-}
+/// What the client signs with its identity key to log in (kept here for the callers that
+/// name it so; the bytes are defined once, in the client SDK).
+pub use coffer_client::login::key_login_message as login_message;
 
 /// The reserved key that marks `nonce` used.
 pub fn nonce_key(nonce: &[u8]) -> Vec<u8> {
@@ -274,73 +262,13 @@ pub async fn login(
         .map_err(crate::cli::status_error)
 }
 
-/// One Private Key Challenge login on `client`: a challenge, a fresh session key, the signed
-/// login. (`coffer bench --op login` drives this too.)
+/// One Private Key Challenge login on `client` (`coffer bench --op login` drives this too).
 pub async fn login_on(
     client: &mut coffer_api::v1::auth_client::AuthClient<tonic::transport::Channel>,
     identity: &crate::keys::KeyPair,
     ttl_s: u64,
 ) -> Result<crate::client::SessionCredentials, tonic::Status> {
-    use coffer_api::v1 as pb;
-    let session =
-        crate::keys::KeyPair::generate().map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
-    let challenge = client
-        .challenge(pb::ChallengeRequest {})
-        .await?
-        .into_inner();
-    let session_key = session.public().to_bytes().to_vec();
-    let signature = identity.sign(&login_message(
-        &challenge.cluster_id,
-        &challenge.challenge,
-        &session_key,
-        ttl_s,
-    ));
-    let login = client
-        .login(pb::LoginRequest {
-            challenge: challenge.challenge,
-            public_key: identity.public().to_bytes().to_vec(),
-            session_public_key: session_key,
-            ttl_seconds: ttl_s,
-            signature: signature.to_vec(),
-        })
-        .await?
-        .into_inner();
-    Ok(crate::client::SessionCredentials {
-        certificate: login.certificate.clone(),
-        key: session.signing_key_pkcs8_pem(),
-        login,
-    })
-}
-
-/// A fresh session key, an Auth client on `target` and a challenge from it.
-async fn begin_login(
-    target: &crate::client::Target,
-) -> anyhow::Result<(
-    crate::keys::KeyPair,
-    coffer_api::v1::auth_client::AuthClient<tonic::transport::Channel>,
-    coffer_api::v1::ChallengeResponse,
-)> {
-    let session = crate::keys::KeyPair::generate()?;
-    let mut client = coffer_api::v1::auth_client::AuthClient::new(target.connect().await?);
-    let challenge = client
-        .challenge(coffer_api::v1::ChallengeRequest {})
-        .await
-        .map_err(crate::cli::status_error)?
-        .into_inner();
-    Ok((session, client, challenge))
-}
-
-/// The session to present, from a login answer and the session key.
-fn credentials(
-    answer: Result<tonic::Response<coffer_api::v1::LoginResponse>, tonic::Status>,
-    session: &crate::keys::KeyPair,
-) -> anyhow::Result<crate::client::SessionCredentials> {
-    let login = answer.map_err(crate::cli::status_error)?.into_inner();
-    Ok(crate::client::SessionCredentials {
-        certificate: login.certificate.clone(),
-        key: session.signing_key_pkcs8_pem(),
-        login,
-    })
+    coffer_client::login::key_login(client, identity, ttl_s).await
 }
 
 /// The client side of a Kubernetes login: a fresh session key signs the challenge, the role and
@@ -351,28 +279,10 @@ pub async fn kubernetes_login(
     token: &str,
     ttl_s: u64,
 ) -> anyhow::Result<crate::client::SessionCredentials> {
-    use coffer_api::v1 as pb;
-    let (session, mut client, challenge) = begin_login(target).await?;
-    let session_key = session.public().to_bytes().to_vec();
-    let signature = session.sign(&crate::kubernetes::login_message(
-        &challenge.cluster_id,
-        &challenge.challenge,
-        role,
-        token,
-        &session_key,
-        ttl_s,
-    ));
-    let login = client
-        .kubernetes_login(pb::KubernetesLoginRequest {
-            role: role.to_string(),
-            token: token.to_string(),
-            challenge: challenge.challenge,
-            session_public_key: session_key,
-            ttl_seconds: ttl_s,
-            signature: signature.to_vec(),
-        })
-        .await;
-    credentials(login, &session)
+    let mut client = coffer_api::v1::auth_client::AuthClient::new(target.connect().await?);
+    coffer_client::login::kubernetes_login(&mut client, role, token, ttl_s)
+        .await
+        .map_err(crate::cli::status_error)
 }
 
 /// Per-source limits on challenges and logins (token buckets, on each node): a burst of

@@ -3,7 +3,6 @@
 //! Exit codes: 0 success, 1 error (printed once on stderr with what to do), 2 usage error,
 //! 3 a server that stopped because its storage or Raft failed.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
 
 use crate::bench::{self, BenchArgs};
+use crate::cli_secrets::{KvCommand, SecretsCommand, WrapArgs};
 use crate::client::Target;
 use crate::config::ServerArgs;
 
@@ -204,11 +204,42 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Reads and writes keys.
+    /// Versioned secrets in the kv engine; paths start with the mount (`secret/app/db`).
     Kv {
         /// Which operation.
         #[command(subcommand)]
         op: KvCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Secrets engine mounts: enable, disable, list.
+    Secrets {
+        /// Which operation.
+        #[command(subcommand)]
+        op: SecretsCommand,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Encrypts data here to a recipient's public key and stores only the ciphertext, readable
+    /// once by that recipient until it expires; prints the wrap id to give them.
+    Wrap {
+        /// What to wrap, for whom.
+        #[command(flatten)]
+        wrap: WrapArgs,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Reads wrapped data once (it is gone afterwards) and decrypts it with your identity key;
+    /// prints it raw.
+    Unwrap {
+        /// The wrap id (`w_...`).
+        id: String,
+        /// Write the data to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,
@@ -540,52 +571,6 @@ pub enum IdentityCommand {
     },
 }
 
-/// `coffer kv` operations.
-#[derive(Debug, Subcommand)]
-pub enum KvCommand {
-    /// Writes a key: `FIELD=VALUE` pairs (stored as a JSON object) or one --value.
-    Put {
-        /// The key (a path such as app/db).
-        key: String,
-        /// Fields as FIELD=VALUE.
-        fields: Vec<String>,
-        /// A raw value instead of fields.
-        #[arg(long, conflicts_with = "fields")]
-        value: Option<String>,
-    },
-    /// Reads a key.
-    Get {
-        /// The key.
-        key: String,
-        /// Serve from the contacted node's local state without a read index.
-        #[arg(long)]
-        stale: bool,
-        /// Print only this field's value.
-        #[arg(long)]
-        field: Option<String>,
-    },
-    /// Lists keys under a prefix.
-    List {
-        /// The prefix (empty for all keys).
-        #[arg(default_value = "")]
-        prefix: String,
-        /// Serve from local state.
-        #[arg(long)]
-        stale: bool,
-        /// Stop after this many keys (0: all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-    },
-    /// Deletes a key, or every key under a prefix.
-    Delete {
-        /// The key or prefix.
-        key: String,
-        /// Delete every key starting with KEY.
-        #[arg(long)]
-        prefix: bool,
-    },
-}
-
 /// `coffer cluster` operations.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -630,14 +615,7 @@ pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
-fn show_value(value: &[u8]) -> serde_json::Value {
-    match serde_json::from_slice::<serde_json::Value>(value) {
-        Ok(v @ serde_json::Value::Object(_)) => v,
-        _ => serde_json::Value::String(String::from_utf8_lossy(value).into_owned()),
-    }
-}
-
-fn print_table(rows: &[Vec<String>]) {
+pub(crate) fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
@@ -659,7 +637,7 @@ fn print_table(rows: &[Vec<String>]) {
 }
 
 /// Prints names one per line, or as a JSON array.
-fn print_names(names: &[String], json: bool) {
+pub(crate) fn print_names(names: &[String], json: bool) {
     if json {
         println!("{}", serde_json::json!(names));
     } else {
@@ -1114,163 +1092,6 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
     Ok(())
 }
 
-async fn kv_command(op: KvCommand, client: &ClientArgs) -> Result<()> {
-    let target = client.session_target().await?;
-    let mut kv = target.kv().await?;
-    let json = client.format == Format::Json;
-    match op {
-        KvCommand::Put { key, fields, value } => {
-            let bytes = match value {
-                Some(v) => v.into_bytes(),
-                None => {
-                    if fields.is_empty() {
-                        bail!("give FIELD=VALUE pairs or --value VALUE");
-                    }
-                    let mut map = BTreeMap::new();
-                    for f in &fields {
-                        let (k, v) = f
-                            .split_once('=')
-                            .with_context(|| format!("{f:?} is not FIELD=VALUE"))?;
-                        if k.is_empty() {
-                            bail!("{f:?} has an empty field name");
-                        }
-                        map.insert(k.to_string(), v.to_string());
-                    }
-                    serde_json::to_vec(&map)?
-                }
-            };
-            let r = kv
-                .put(pb::PutRequest {
-                    key: key.clone().into_bytes(),
-                    value: bytes,
-                    request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let h = r.header.unwrap_or_default();
-            let version = r.prev.map_or(1, |p| p.version + 1);
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"key": key, "version": version, "revision": h.revision, "raft_index": h.raft_index})
-                );
-            } else {
-                println!("wrote {key} (version {version}, revision {})", h.revision);
-            }
-        }
-        KvCommand::Get { key, stale, field } => {
-            let r = kv
-                .get(pb::GetRequest {
-                    key: key.clone().into_bytes(),
-                    consistency: if stale {
-                        pb::Consistency::Stale as i32
-                    } else {
-                        pb::Consistency::Linearizable as i32
-                    },
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let e = r.kv.context("the server returned no value")?;
-            let value = show_value(&e.value);
-            if let Some(f) = field {
-                let v = value
-                    .get(&f)
-                    .with_context(|| format!("{key} has no field {f:?}"))?;
-                match v {
-                    serde_json::Value::String(s) => println!("{s}"),
-                    other => println!("{other}"),
-                }
-                return Ok(());
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"key": key, "data": value, "version": e.version,
-                        "create_revision": e.create_revision, "mod_revision": e.mod_revision})
-                );
-            } else {
-                let mut rows = vec![vec!["Key".to_string(), "Value".to_string()]];
-                match &value {
-                    serde_json::Value::Object(m) => {
-                        for (k, v) in m {
-                            let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                            rows.push(vec![k.clone(), v]);
-                        }
-                    }
-                    other => rows.push(vec!["value".into(), other.as_str().unwrap_or("").into()]),
-                }
-                println!("== {key} (version {}) ==", e.version);
-                print_table(&rows);
-            }
-        }
-        KvCommand::List {
-            prefix,
-            stale,
-            limit,
-        } => {
-            let mut keys = Vec::new();
-            let mut after = Vec::new();
-            loop {
-                let r = kv
-                    .list(pb::ListRequest {
-                        prefix: prefix.clone().into_bytes(),
-                        start_after: after.clone(),
-                        limit: 500,
-                        consistency: if stale { 1 } else { 0 },
-                        keys_only: true,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                for e in &r.kvs {
-                    keys.push((String::from_utf8_lossy(&e.key).into_owned(), e.version));
-                }
-                if !r.more || (limit > 0 && keys.len() >= limit) {
-                    break;
-                }
-                if let Some(last) = r.kvs.last() {
-                    after = last.key.clone();
-                } else {
-                    break;
-                }
-            }
-            if limit > 0 {
-                keys.truncate(limit);
-            }
-            if json {
-                let list: Vec<_> = keys
-                    .iter()
-                    .map(|(k, v)| serde_json::json!({"key": k, "version": v}))
-                    .collect();
-                println!("{}", serde_json::Value::Array(list));
-            } else {
-                for (k, _) in keys {
-                    println!("{k}");
-                }
-            }
-        }
-        KvCommand::Delete { key, prefix } => {
-            let r = kv
-                .delete(pb::DeleteRequest {
-                    key: key.clone().into_bytes(),
-                    prefix,
-                    request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                println!("{}", serde_json::json!({"key": key, "deleted": r.deleted}));
-            } else {
-                println!("deleted {} key(s)", r.deleted);
-            }
-        }
-    }
-    Ok(())
-}
-
 async fn status_command(client: &ClientArgs) -> Result<()> {
     let target = client.target()?;
     let mut first = target.cluster().await?;
@@ -1555,7 +1376,18 @@ pub async fn run(cli: Cli) -> Result<u8> {
             op: OperatorCommand::Keygen(args),
         } => keygen_command(args).map(|()| 0),
         Command::Operator { op } => crate::operator::run(op).await.map(|()| 0),
-        Command::Kv { op, client } => kv_command(op, &client).await.map(|()| 0),
+        Command::Kv { op, client } => crate::cli_secrets::kv_command(op, &client)
+            .await
+            .map(|()| 0),
+        Command::Secrets { op, client } => crate::cli_secrets::secrets_command(op, &client)
+            .await
+            .map(|()| 0),
+        Command::Wrap { wrap, client } => crate::cli_secrets::wrap_command(wrap, &client)
+            .await
+            .map(|()| 0),
+        Command::Unwrap { id, out, client } => crate::cli_secrets::unwrap_command(id, out, &client)
+            .await
+            .map(|()| 0),
         Command::Policy { op, client } => policy_command(op, &client).await.map(|()| 0),
         Command::Identity { op, client } => identity_command(op, &client).await.map(|()| 0),
         Command::Session { op, client } => session_command(op, &client).await.map(|()| 0),

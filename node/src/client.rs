@@ -21,26 +21,7 @@ pub struct Target {
     pub session: Option<SessionCredentials>,
 }
 
-/// A session certificate and the session key it certifies (PEM).
-#[derive(Clone)]
-pub struct SessionCredentials {
-    /// The certificate from the login answer.
-    pub certificate: String,
-    /// The session's private key (PKCS#8).
-    pub key: zeroize::Zeroizing<String>,
-    /// The login answer.
-    pub login: coffer_api::v1::LoginResponse,
-}
-
-impl std::fmt::Debug for SessionCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "SessionCredentials({} as {}, ***)",
-            self.login.session_id, self.login.identity
-        )
-    }
-}
+pub use coffer_client::SessionCredentials;
 
 impl Target {
     /// From the `--addr` list and the CA file.

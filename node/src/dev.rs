@@ -241,7 +241,7 @@ pub async fn run(n: usize, dir: &Path) -> Result<()> {
         );
     }
     println!(
-        "  operator key {0}/keys/operator.key (share {0}/keys/operator.share, 1 of 1), administrator key {0}/keys/admin.key\n\nIn another shell:\n  source {0}/env\n  coffer kv put app/db password=s3cret user=app\n  coffer kv get app/db\n  coffer status\n\nCtrl-C stops the cluster; its data is gone with it.",
+        "  operator key {0}/keys/operator.key (share {0}/keys/operator.share, 1 of 1), administrator key {0}/keys/admin.key\n\nIn another shell:\n  source {0}/env\n  coffer kv put secret/app/db password=s3cret user=app\n  coffer kv get secret/app/db\n  coffer status\n\nCtrl-C stops the cluster; its data is gone with it.",
         cluster.dir.display()
     );
     tokio::signal::ctrl_c().await?;

@@ -19,7 +19,7 @@ pub const ROLE_PREFIX: &[u8] = b"\0coffer/k8s-role/";
 /// Roles are managed at this path and the role name (`list` on the path itself).
 pub const ROLE_PATH: &str = "auth/kubernetes/role";
 /// Where a pod's projected service-account token is, by default.
-pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const DEFAULT_TOKEN_FILE: &str = coffer_client::KUBERNETES_TOKEN_FILE;
 /// Clocks may differ by this much when checking a token's times locally.
 const LEEWAY_S: u64 = 60;
 
@@ -111,27 +111,6 @@ pub enum Refusal {
     Invalid(String),
     /// The validator could not be reached in time, or failed.
     Unavailable(String),
-}
-
-/// What the client signs with its session key to log in with a service-account token.
-pub fn login_message(
-    cluster_id: &str,
-    challenge: &[u8],
-    role: &str,
-    token: &str,
-    session_key: &[u8],
-    ttl_s: u64,
-) -> Vec<u8> {
-    let mut m = b"coffer/kubernetes-login/v1\0".to_vec();
-    m.extend_from_slice(cluster_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(challenge);
-    m.extend_from_slice(role.as_bytes());
-    m.push(0);
-    m.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-    m.extend_from_slice(session_key);
-    m.extend_from_slice(&ttl_s.to_be_bytes());
-    m
 }
 
 // ---- JWTs -------------------------------------------------------------------------------

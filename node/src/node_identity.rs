@@ -1034,11 +1034,11 @@ pub fn load_node_key(file: Option<&Path>, data_dir: Option<&Path>) -> Result<Key
         return KeyPair::load(file).context("the node key (--node-key)");
     }
     let Some(dir) = data_dir else {
-        return KeyPair::generate();
+        return Ok(KeyPair::generate()?);
     };
     let path = dir.join("node.key");
     if path.exists() {
-        return KeyPair::load(&path);
+        return Ok(KeyPair::load(&path)?);
     }
     let key = KeyPair::generate()?;
     key.save(&dir.join("node"), "node key")?;

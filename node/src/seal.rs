@@ -1209,7 +1209,7 @@ fn deal(
         .iter()
         .zip(&dealt.shares)
         .map(|(key, share)| key.seal(&info, share))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((
         SealConfig {
             cluster_id,

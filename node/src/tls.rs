@@ -285,24 +285,7 @@ impl CertAuthority {
 
 /// Writes a file that holds secret material, readable by the owner only.
 pub fn write_private(path: &Path, contents: &str) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        f.write_all(contents.as_bytes())?;
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))
-    }
+    Ok(coffer_client::keys::write_private(path, contents)?)
 }
 
 /// Writes one certificate per node into `dir` (`node-<id>.pem`, `node-<id>-key.pem`), signed by

@@ -57,7 +57,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
             };
             key.verify(
                 // Signed as requested (0 = the default).
-                &auth::login_message(
+                &coffer_client::login::key_login_message(
                     &cluster_id,
                     &r.challenge,
                     &r.session_public_key,
@@ -111,7 +111,7 @@ impl coffer_api::v1::auth_server::Auth for Api {
             // holds the key the certificate will be for.
             session_key
                 .verify(
-                    &kubernetes::login_message(
+                    &coffer_client::login::kubernetes_login_message(
                         &cluster_id,
                         &r.challenge,
                         &r.role,

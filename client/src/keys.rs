@@ -10,12 +10,50 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use zeroize::{Zeroize, Zeroizing};
+
+/// Why a key could not be made, loaded, saved or used. No variant carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A key, key file or encrypted input is malformed (the message says what to do).
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading or writing a key file failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("cannot read the key file").
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data was encrypted to another key, for another purpose or with other associated
+    /// data, or it was altered.
+    #[error("cannot decrypt: it was encrypted to another key, for another purpose, or altered")]
+    Decrypt,
+    /// The system random number generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// Results of this module.
+pub type Result<T, E = KeyError> = std::result::Result<T, E>;
+
+fn invalid(message: impl Into<String>) -> KeyError {
+    KeyError::Invalid(message.into())
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyError {
+    let path = path.to_path_buf();
+    move |source| KeyError::Io { what, path, source }
+}
 
 type Kem = hpke::kem::X25519HkdfSha256;
 type Kdf = hpke::kdf::HkdfSha256;
@@ -25,11 +63,11 @@ const PRIVATE_LABEL: &str = "COFFER PRIVATE KEY";
 const PUBLIC_PREFIX: &str = "coffer-key-v1";
 const VERSION: u8 = 1;
 /// DER of a PKCS#8 v1 Ed25519 private key up to the 32-byte seed (RFC 8410).
-pub(crate) const ED25519_PKCS8_PREFIX: [u8; 16] = [
+pub const ED25519_PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 /// Bytes of an HPKE encapsulated key (X25519).
-const ENC_LEN: usize = 32;
+pub const ENC_LEN: usize = 32;
 
 /// A public key: what an operator or client hands out.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,7 +124,7 @@ impl hpke::rand_core::CryptoRng for SystemRng {}
 fn random_32() -> Result<Zeroizing<[u8; 32]>> {
     let mut b = Zeroizing::new([0u8; 32]);
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *b)
-        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+        .map_err(|_| KeyError::Random)?;
     Ok(b)
 }
 
@@ -98,9 +136,9 @@ impl KeyPair {
 
     fn from_secrets(seed: Zeroizing<[u8; 32]>, x25519: Zeroizing<[u8; 32]>) -> Result<KeyPair> {
         let signer = Ed25519KeyPair::from_seed_unchecked(&*seed)
-            .map_err(|_| anyhow::anyhow!("invalid Ed25519 private key"))?;
+            .map_err(|_| invalid("invalid Ed25519 private key"))?;
         let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&*x25519)
-            .map_err(|_| anyhow::anyhow!("invalid X25519 private key"))?;
+            .map_err(|_| invalid("invalid X25519 private key"))?;
         let pk = Kem::sk_to_pk(&sk);
         let mut encrypt = [0u8; 32];
         encrypt.copy_from_slice(&pk.to_bytes());
@@ -129,19 +167,35 @@ impl KeyPair {
     /// Decrypts what [`PublicKey::seal`] encrypted to this key with the same `info`.
     pub fn open(&self, info: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         if sealed.len() < ENC_LEN {
-            bail!("the encrypted data is truncated");
+            return Err(invalid("the encrypted data is truncated"));
         }
         let (enc, ct) = sealed.split_at(ENC_LEN);
+        self.open_with_aad(info, &[], enc, ct)
+    }
+
+    /// Decrypts what [`PublicKey::seal_with_aad`] encrypted to this key with the same `info`
+    /// and associated data `aad`: `enc` is the encapsulated key, `ciphertext` includes the tag.
+    /// Any other key, info or aad, or an altered input, gives [`KeyError::Decrypt`].
+    pub fn open_with_aad(
+        &self,
+        info: &[u8],
+        aad: &[u8],
+        enc: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
         let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc)
-            .map_err(|_| anyhow::anyhow!("the encrypted data is corrupt"))?;
+            .map_err(|_| invalid("the encapsulated key is corrupt (not 32 bytes of X25519)"))?;
         let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&*self.x25519)
-            .map_err(|_| anyhow::anyhow!("invalid X25519 private key"))?;
-        let pt = hpke::single_shot_open::<Aead, Kdf, Kem>(&OpModeR::Base, &sk, &enc, info, ct, &[])
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "cannot decrypt: it was encrypted to another key, for another purpose, or altered"
-                )
-            })?;
+            .map_err(|_| invalid("invalid X25519 private key"))?;
+        let pt = hpke::single_shot_open::<Aead, Kdf, Kem>(
+            &OpModeR::Base,
+            &sk,
+            &enc,
+            info,
+            ciphertext,
+            aad,
+        )
+        .map_err(|_| KeyError::Decrypt)?;
         Ok(Zeroizing::new(pt))
     }
 
@@ -185,17 +239,19 @@ impl KeyPair {
             .take_while(|l| !l.starts_with("-----END"))
             .collect();
         if body.is_empty() {
-            bail!(
+            return Err(invalid(format!(
                 "not a Coffer private key (expected a {PRIVATE_LABEL} block; make one with `coffer keygen`)"
-            );
+            )));
         }
         let mut raw = Zeroizing::new(
             B64.decode(body.as_bytes())
-                .context("the private key is corrupt (bad base64)")?,
+                .map_err(|_| invalid("the private key is corrupt (bad base64)"))?,
         );
         if raw.len() != 65 || raw[0] != VERSION {
             raw.zeroize();
-            bail!("the private key is corrupt or of an unknown version");
+            return Err(invalid(
+                "the private key is corrupt or of an unknown version",
+            ));
         }
         let mut seed = Zeroizing::new([0u8; 32]);
         let mut x = Zeroizing::new([0u8; 32]);
@@ -209,22 +265,23 @@ impl KeyPair {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path)
-                .with_context(|| format!("cannot read the key file {}", path.display()))?;
+            let meta = std::fs::metadata(path).map_err(io("cannot read the key file", path))?;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                bail!(
+                return Err(invalid(format!(
                     "the key file {} can be read by others (mode {mode:o}); run `chmod 600 {}` and check nobody copied it",
                     path.display(),
                     path.display()
-                );
+                )));
             }
         }
         let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the key file {}", path.display()))?,
+            std::fs::read_to_string(path).map_err(io("cannot read the key file", path))?,
         );
-        KeyPair::from_pem(&text).with_context(|| format!("in {}", path.display()))
+        KeyPair::from_pem(&text).map_err(|e| match e {
+            KeyError::Invalid(m) => invalid(format!("{m} (in {})", path.display())),
+            other => other,
+        })
     }
 
     /// Writes `OUT.key` (0600) and `OUT.pub`; never overwrites an existing file.
@@ -232,20 +289,41 @@ impl KeyPair {
         let (key, public) = (with_ext(out, "key"), with_ext(out, "pub"));
         for p in [&key, &public] {
             if p.exists() {
-                bail!(
+                return Err(invalid(format!(
                     "{} already exists: remove it or choose another --out (a key is never overwritten)",
                     p.display()
-                );
+                )));
             }
         }
         if let Some(dir) = key.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         }
-        crate::tls::write_private(&key, &self.to_pem())?;
+        write_private(&key, &self.to_pem())?;
         std::fs::write(&public, format!("{}\n", self.public.to_line(comment)))
-            .with_context(|| format!("cannot write {}", public.display()))?;
+            .map_err(io("cannot write", &public))?;
         Ok((key, public))
+    }
+}
+
+/// Writes a file only its owner can read (mode 0600 on Unix), replacing its contents.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("cannot write", path))?;
+        f.write_all(contents.as_bytes())
+            .map_err(io("cannot write", path))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::write(path, contents).map_err(io("cannot write", path))
     }
 }
 
@@ -274,29 +352,32 @@ impl PublicKey {
     pub fn parse(line: &str) -> Result<PublicKey> {
         let mut parts = line.split_whitespace();
         if parts.next() != Some(PUBLIC_PREFIX) {
-            bail!(
+            return Err(invalid(format!(
                 "not a Coffer public key (expected a line starting with {PUBLIC_PREFIX}; `coffer keygen` writes NAME.pub)"
-            );
+            )));
         }
         let raw = B64
             .decode(parts.next().unwrap_or("").as_bytes())
-            .context("the public key is corrupt (bad base64)")?;
+            .map_err(|_| invalid("the public key is corrupt (bad base64)"))?;
         if raw.len() != 64 {
-            bail!("the public key is corrupt (wrong length)");
+            return Err(invalid("the public key is corrupt (wrong length)"));
         }
         let (mut sign, mut encrypt) = ([0u8; 32], [0u8; 32]);
         sign.copy_from_slice(&raw[..32]);
         encrypt.copy_from_slice(&raw[32..]);
         <Kem as hpke::Kem>::PublicKey::from_bytes(&encrypt)
-            .map_err(|_| anyhow::anyhow!("the public key's X25519 part is invalid"))?;
+            .map_err(|_| invalid("the public key's X25519 part is invalid"))?;
         Ok(PublicKey { sign, encrypt })
     }
 
     /// Loads a public key file.
     pub fn load(path: &Path) -> Result<PublicKey> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the public key file {}", path.display()))?;
-        PublicKey::parse(text.trim()).with_context(|| format!("in {}", path.display()))
+        let text =
+            std::fs::read_to_string(path).map_err(io("cannot read the public key file", path))?;
+        PublicKey::parse(text.trim()).map_err(|e| match e {
+            KeyError::Invalid(m) => invalid(format!("{m} (in {})", path.display())),
+            other => other,
+        })
     }
 
     /// Both public keys, 64 bytes (for storing in replicated state).
@@ -310,7 +391,10 @@ impl PublicKey {
     /// From [`PublicKey::to_bytes`].
     pub fn from_bytes(raw: &[u8]) -> Result<PublicKey> {
         if raw.len() != 64 {
-            bail!("a public key is 64 bytes, not {}", raw.len());
+            return Err(invalid(format!(
+                "a public key is 64 bytes, not {}",
+                raw.len()
+            )));
         }
         let mut line = String::from(PUBLIC_PREFIX);
         line.push(' ');
@@ -337,28 +421,43 @@ impl PublicKey {
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<()> {
         UnparsedPublicKey::new(&ED25519, &self.sign)
             .verify(message, signature)
-            .map_err(|_| anyhow::anyhow!("bad signature for key {}", self.fingerprint()))
+            .map_err(|_| invalid(format!("bad signature for key {}", self.fingerprint())))
     }
 
     /// Encrypts `plaintext` to this key with HPKE (base mode, DHKEM(X25519, HKDF-SHA256),
     /// HKDF-SHA256, ChaCha20-Poly1305). `info` names the purpose; opening needs the same.
     /// Output: the encapsulated key (32 bytes), then the ciphertext and tag.
     pub fn seal(&self, info: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let (enc, ct) = self.seal_with_aad(info, &[], plaintext)?;
+        let mut out = enc.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Encrypts `plaintext` to this key like [`PublicKey::seal`], binding it to the associated
+    /// data `aad` as well (not encrypted; opening needs the same bytes). Returns the
+    /// encapsulated key and the ciphertext with its tag.
+    pub fn seal_with_aad(
+        &self,
+        info: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<([u8; ENC_LEN], Vec<u8>)> {
         let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&self.encrypt)
-            .map_err(|_| anyhow::anyhow!("invalid X25519 public key"))?;
+            .map_err(|_| invalid("invalid X25519 public key"))?;
         let mut rng = SystemRng;
         let (enc, ct) = hpke::single_shot_seal::<Aead, Kdf, Kem, _>(
             &OpModeS::Base,
             &pk,
             info,
             plaintext,
-            &[],
+            aad,
             &mut rng,
         )
-        .map_err(|e| anyhow::anyhow!("encryption failed: {e}"))?;
-        let mut out = enc.to_bytes().to_vec();
-        out.extend_from_slice(&ct);
-        Ok(out)
+        .map_err(|e| invalid(format!("encryption failed: {e}")))?;
+        let mut out = [0u8; ENC_LEN];
+        out.copy_from_slice(&enc.to_bytes());
+        Ok((out, ct))
     }
 }
 
@@ -391,6 +490,41 @@ mod tests {
         *bad.last_mut().expect("non-empty") ^= 1;
         assert!(k.open(b"share", &bad).is_err(), "altered");
         assert!(k.open(b"share", &sealed[..10]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn sealing_with_aad_opens_only_with_the_same_key_info_and_aad() {
+        let k = KeyPair::generate().expect("keygen");
+        let (enc, ct) = k
+            .public()
+            .seal_with_aad(b"coffer wrap v1", b"wrap 1", b"payload")
+            .expect("seal");
+        let opened = k
+            .open_with_aad(b"coffer wrap v1", b"wrap 1", &enc, &ct)
+            .expect("open");
+        assert_eq!(&opened[..], b"payload");
+        assert!(matches!(
+            k.open_with_aad(b"coffer wrap v1", b"wrap 2", &enc, &ct),
+            Err(KeyError::Decrypt)
+        ));
+        let other = KeyPair::generate().expect("keygen");
+        assert!(matches!(
+            other.open_with_aad(b"coffer wrap v1", b"wrap 1", &enc, &ct),
+            Err(KeyError::Decrypt)
+        ));
+        let mut tampered = ct.clone();
+        tampered[0] ^= 1;
+        assert!(matches!(
+            k.open_with_aad(b"coffer wrap v1", b"wrap 1", &enc, &tampered),
+            Err(KeyError::Decrypt)
+        ));
+        // Without associated data it is the same construction as `seal`.
+        let sealed = k.public().seal(b"share", b"x").expect("seal");
+        let (e, c) = sealed.split_at(ENC_LEN);
+        assert_eq!(
+            &k.open_with_aad(b"share", b"", e, c).expect("open")[..],
+            b"x"
+        );
     }
 
     #[test]
