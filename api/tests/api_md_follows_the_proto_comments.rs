@@ -49,7 +49,10 @@ fn every_versioned_rpc_is_documented_with_its_proto_comment() {
         let text = std::fs::read_to_string(root.join("proto").join(proto)).expect("proto");
         for (service, rpc, first) in rpcs(&text) {
             checked += 1;
-            assert!(!first.is_empty(), "{service}.{rpc} has no comment in {proto}");
+            assert!(
+                !first.is_empty(),
+                "{service}.{rpc} has no comment in {proto}"
+            );
             let row = format!("| `{service}.{rpc}` | {first} |");
             if !doc.lines().any(|l| l.trim() == row) {
                 missing.push(row);

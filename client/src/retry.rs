@@ -4,7 +4,8 @@
 //! DEADLINE_EXCEEDED, or a transport error). A write that carries a `request_id` is retried
 //! the same way with the **same** request id, which the server applies at most once. A write
 //! without one (mounts, policies, identities) is retried only when the server said UNAVAILABLE
-//! (the server's promise: not applied). A session that ended is renewed once and the call
+//! or ABORTED (the server's promise: not applied; ABORTED is the kv engine giving up a write
+//! that kept losing races with other writes to the same secret). A session that ended is renewed once and the call
 //! retried. Everything else is returned at once.
 
 use std::future::Future;
@@ -76,8 +77,9 @@ pub fn classify(kind: CallKind, status: &Status) -> Verdict {
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
             ));
-    let not_applied =
-        (status.code() == Code::Unavailable && !is_transport(status)) || never_sent(status);
+    let not_applied = (matches!(status.code(), Code::Unavailable | Code::Aborted)
+        && !is_transport(status))
+        || never_sent(status);
     match kind {
         CallKind::Read | CallKind::IdempotentWrite if unknown_outcome || not_applied => {
             Verdict::Retry
@@ -195,6 +197,7 @@ mod tests {
     fn reads_and_idempotent_writes_retry_what_did_not_complete_and_nothing_else() {
         let retried = [
             Status::unavailable("no leader"),
+            Status::aborted("secret kept changing"),
             Status::deadline_exceeded("slow"),
             transport_failure(),
         ];
@@ -219,6 +222,10 @@ mod tests {
     fn writes_without_a_request_id_retry_only_what_the_server_did_not_apply() {
         assert_eq!(
             classify(CallKind::Write, &Status::unavailable("sealed")),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(CallKind::Write, &Status::aborted("lost every race")),
             Verdict::Retry
         );
         assert_eq!(

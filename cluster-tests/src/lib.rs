@@ -727,7 +727,9 @@ impl Cluster {
 
     /// The API addresses of nodes `ids`, in that order (an SDK client starts with the first).
     pub fn endpoints(&self, ids: &[u64]) -> Vec<String> {
-        ids.iter().map(|id| self.nodes[id].api.to_string()).collect()
+        ids.iter()
+            .map(|id| self.nodes[id].api.to_string())
+            .collect()
     }
 
     /// An SDK client over nodes `ids` (starting with the first) that logs in with `login`.

@@ -68,28 +68,36 @@ fn cli_and_dev_quick_start() {
 
     let put = coffer(
         &env,
-        &["kv", "put", "app/db", "password=s3cret", "user=app"],
+        &["kv", "put", "secret/app/db", "password=s3cret", "user=app"],
     );
     assert!(put.status.success(), "{put:?}");
     // Read it back through each node in turn.
     for addr in env["COFFER_ADDR"].split(',') {
         let get = coffer(
             &env,
-            &["kv", "get", "app/db", "--format", "json", "--addr", addr],
+            &[
+                "kv",
+                "get",
+                "secret/app/db",
+                "--format",
+                "json",
+                "--addr",
+                addr,
+            ],
         );
         assert!(get.status.success(), "{get:?}");
         let json: serde_json::Value = serde_json::from_slice(&get.stdout).expect("json");
         assert_eq!(json["data"]["password"], "s3cret");
         assert_eq!(json["data"]["user"], "app");
-        assert_eq!(json["version"], 1);
+        assert_eq!(json["version"]["version"], 1);
     }
-    let table = coffer(&env, &["kv", "get", "app/db"]);
+    let table = coffer(&env, &["kv", "get", "secret/app/db"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("password") && text.contains("s3cret"),
         "{text}"
     );
-    let field = coffer(&env, &["kv", "get", "app/db", "--field", "user"]);
+    let field = coffer(&env, &["kv", "get", "secret/app/db", "--field", "user"]);
     assert_eq!(String::from_utf8_lossy(&field.stdout).trim(), "app");
 
     let status = coffer(&env, &["status", "--format", "json"]);
@@ -127,30 +135,79 @@ fn cli_and_dev_quick_start() {
         "{json}"
     );
 
-    let missing = coffer(&env, &["kv", "get", "app/nope"]);
+    let missing = coffer(&env, &["kv", "get", "secret/app/nope"]);
     assert_eq!(missing.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
-    assert!(stderr.contains("no key"), "{stderr}");
+    assert!(stderr.contains("no secret"), "{stderr}");
 
     let usage = coffer(&env, &["kv", "frobnicate"]);
     assert_eq!(usage.status.code(), Some(2));
 
-    let list = coffer(&env, &["kv", "list", "app/"]);
-    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "app/db");
-    let delete = coffer(&env, &["kv", "delete", "app/db"]);
+    let list = coffer(&env, &["kv", "list", "secret/app/"]);
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "db");
+    let second = coffer(
+        &env,
+        &["kv", "put", "secret/app/db", "password=n3w", "user=app"],
+    );
+    assert!(second.status.success(), "{second:?}");
+    let delete = coffer(&env, &["kv", "delete", "secret/app/db"]);
     assert!(
-        String::from_utf8_lossy(&delete.stdout).contains("deleted 1"),
+        String::from_utf8_lossy(&delete.stdout).contains("version(s) 2"),
         "{delete:?}"
     );
-    let gone = coffer(&env, &["kv", "get", "app/db"]);
+    let gone = coffer(&env, &["kv", "get", "secret/app/db"]);
     assert_eq!(gone.status.code(), Some(1));
+    let older = coffer(
+        &env,
+        &[
+            "kv",
+            "get",
+            "secret/app/db",
+            "--version",
+            "1",
+            "--field",
+            "password",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&older.stdout).trim(),
+        "s3cret",
+        "{older:?}"
+    );
+
+    // Wrapped data, to the administrator's own key: read once.
+    let wrap = coffer(
+        &env,
+        &[
+            "wrap",
+            "--to",
+            &format!("{}/admin.pub", keys.display()),
+            "--ttl",
+            "10m",
+            "token=abc123",
+        ],
+    );
+    assert!(wrap.status.success(), "{wrap:?}");
+    let id = String::from_utf8_lossy(&wrap.stdout).trim().to_string();
+    let unwrap = coffer(&env, &["unwrap", &id]);
+    assert!(unwrap.status.success(), "{unwrap:?}");
+    assert!(
+        String::from_utf8_lossy(&unwrap.stdout).contains("abc123"),
+        "{unwrap:?}"
+    );
+    let again = coffer(&env, &["unwrap", &id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already consumed"),
+        "{again:?}"
+    );
 
     let no_ca = Command::new(coffer_bin())
         .args([
             "kv",
             "get",
-            "x",
+            "secret/x",
             "--addr",
             env["COFFER_ADDR"].split(',').next().expect("addr"),
         ])

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use coffer_api::v1 as pb;
-use coffer_cluster_tests::{Cluster, ClusterOptions, base64_unpadded, files_under, plaintext_forms, wait_until};
+use coffer_cluster_tests::{
+    Cluster, ClusterOptions, base64_unpadded, files_under, plaintext_forms, wait_until,
+};
 
 const MARKER: &[u8] = b"MARKER-7f3a9c-plaintext-must-never-leak";
 

@@ -26,7 +26,9 @@ async fn a_minute_of_reads_survives_session_renewals_and_a_leader_kill() {
     config.session_ttl = Duration::from_secs(20);
     let client = Client::connect(config).await.expect("connect");
     let kv = client.kv("secret");
-    kv.put("svc/config", [("n", "0")]).await.expect("first write");
+    kv.put("svc/config", [("n", "0")])
+        .await
+        .expect("first write");
 
     let started = Instant::now();
     let mut sessions = BTreeSet::new();
@@ -52,28 +54,40 @@ async fn a_minute_of_reads_survives_session_renewals_and_a_leader_kill() {
         match kv.get("svc/config").await {
             Ok(secret) => {
                 reads += 1;
-                let n: u64 = secret.data.get("n").and_then(|n| n.parse().ok()).expect("n");
+                let n: u64 = secret
+                    .data
+                    .get("n")
+                    .and_then(|n| n.parse().ok())
+                    .expect("n");
                 assert!(n <= sent, "read {n}, but no write sent more than {sent}");
             }
             Err(e) => failed_reads.push(format!("{:?}: {e}", started.elapsed())),
         }
         if reads % 10 == 0 {
             sent += 1;
-            if kv.put("svc/config", [("n", sent.to_string())]).await.is_ok() {
-                if killed.is_some() {
-                    writes_after_kill += 1;
-                }
+            let ok = kv
+                .put("svc/config", [("n", sent.to_string())])
+                .await
+                .is_ok();
+            if ok && killed.is_some() {
+                writes_after_kill += 1;
             }
         }
         sessions.insert(client.session().login.session_id);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(killed.is_some() && restarted, "the leader was killed and restarted");
+    assert!(
+        killed.is_some() && restarted,
+        "the leader was killed and restarted"
+    );
     assert!(failed_reads.is_empty(), "failed reads: {failed_reads:#?}");
     assert!(reads >= 200, "the loop kept reading: {reads} reads");
     assert!(
         sessions.len() >= 3,
         "the session was renewed at least twice in 60 s of 20 s sessions: {sessions:?}"
     );
-    assert!(writes_after_kill > 0, "writes went on after the leader was killed");
+    assert!(
+        writes_after_kill > 0,
+        "writes went on after the leader was killed"
+    );
 }

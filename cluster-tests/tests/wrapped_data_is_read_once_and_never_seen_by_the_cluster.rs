@@ -29,8 +29,14 @@ async fn parties(cluster: &Cluster) -> [(Client, PathBuf); 3] {
     let mut out = Vec::new();
     for (name, policy) in [
         ("alice", SENDER_POLICY),
-        ("bob", r#"path "secret/data/bob/*" { capabilities = ["read"] }"#),
-        ("eve", r#"path "wrap/to/alice" { capabilities = ["create"] }"#),
+        (
+            "bob",
+            r#"path "secret/data/bob/*" { capabilities = ["read"] }"#,
+        ),
+        (
+            "eve",
+            r#"path "wrap/to/alice" { capabilities = ["create"] }"#,
+        ),
     ] {
         let file = cluster.must_create_identity(name, policy).await;
         let key = KeyPair::load(&file).expect("key");
@@ -43,7 +49,10 @@ async fn parties(cluster: &Cluster) -> [(Client, PathBuf); 3] {
 async fn wrapped_data_is_read_once_by_its_recipient_until_it_expires() {
     let cluster = Cluster::start(3, ClusterOptions::default()).await;
     let [(alice, _), (bob, bob_file), (eve, eve_file)] = parties(&cluster).await;
-    let (bob_key, eve_key) = (KeyPair::load(&bob_file).unwrap(), KeyPair::load(&eve_file).unwrap());
+    let (bob_key, eve_key) = (
+        KeyPair::load(&bob_file).unwrap(),
+        KeyPair::load(&eve_file).unwrap(),
+    );
     let payload = b"db password: correct horse battery staple";
 
     let wrapped = alice
@@ -52,15 +61,40 @@ async fn wrapped_data_is_read_once_by_its_recipient_until_it_expires() {
         .await
         .expect("alice wraps for bob");
     assert_eq!(wrapped.recipient, "bob");
-    assert!(wrapped.id.starts_with("w_") && wrapped.id.len() == 34, "{}", wrapped.id);
-    let info = alice.wrap().lookup(&wrapped.id).await.expect("the sender looks it up");
-    assert_eq!((info.sender.as_str(), info.recipient.as_str(), info.consumed_ms), ("alice", "bob", 0));
+    assert!(
+        wrapped.id.starts_with("w_") && wrapped.id.len() == 34,
+        "{}",
+        wrapped.id
+    );
+    let info = alice
+        .wrap()
+        .lookup(&wrapped.id)
+        .await
+        .expect("the sender looks it up");
+    assert_eq!(
+        (
+            info.sender.as_str(),
+            info.recipient.as_str(),
+            info.consumed_ms
+        ),
+        ("alice", "bob", 0)
+    );
 
     // Somebody else cannot read it, and trying does not consume it.
-    let e = eve.wrap().unwrap(&wrapped.id).await.expect_err("eve is not the recipient");
+    let e = eve
+        .wrap()
+        .unwrap(&wrapped.id)
+        .await
+        .expect_err("eve is not the recipient");
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
-    assert!(e.to_string().contains("wrapped for identity \"bob\""), "{e}");
-    assert_eq!(eve.wrap().lookup(&wrapped.id).await.unwrap_err().code(), Some(Code::PermissionDenied));
+    assert!(
+        e.to_string().contains("wrapped for identity \"bob\""),
+        "{e}"
+    );
+    assert_eq!(
+        eve.wrap().lookup(&wrapped.id).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
 
     // The recipient reads it once; the second read is refused and says when it was consumed.
     let got = bob.wrap().unwrap(&wrapped.id).await.expect("bob unwraps");
@@ -72,14 +106,26 @@ async fn wrapped_data_is_read_once_by_its_recipient_until_it_expires() {
     assert!(bob.wrap().lookup(&wrapped.id).await.unwrap().consumed_ms > 0);
 
     // Who may wrap for whom is a policy: eve may not wrap for bob, alice may not for eve.
-    let e = eve.wrap().wrap(bob_key.public(), b"x", Duration::from_secs(60)).await.unwrap_err();
+    let e = eve
+        .wrap()
+        .wrap(bob_key.public(), b"x", Duration::from_secs(60))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     assert!(e.to_string().contains("wrap/to/bob"), "{e}");
-    let e = alice.wrap().wrap(eve_key.public(), b"x", Duration::from_secs(60)).await.unwrap_err();
+    let e = alice
+        .wrap()
+        .wrap(eve_key.public(), b"x", Duration::from_secs(60))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     // A key no identity has: nobody could log in to read it.
     let stranger = KeyPair::generate().unwrap();
-    let e = alice.wrap().wrap(stranger.public(), b"x", Duration::from_secs(60)).await.unwrap_err();
+    let e = alice
+        .wrap()
+        .wrap(stranger.public(), b"x", Duration::from_secs(60))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
     assert!(e.to_string().contains("no identity has the key"), "{e}");
 
@@ -106,11 +152,46 @@ async fn wrapped_data_is_read_once_by_its_recipient_until_it_expires() {
         request_id: Vec::new(),
     };
     for (what, broken, says) in [
-        ("an Ed25519 key alone", coffer_api::wrap::v1::CreateRequest { recipient_key: bob_key.public().signing_key().to_vec(), ..request.clone() }, "X25519"),
-        ("a short encapsulated key", coffer_api::wrap::v1::CreateRequest { encapsulated_key: vec![1; 16], ..request.clone() }, "malformed ciphertext"),
-        ("no ciphertext", coffer_api::wrap::v1::CreateRequest { ciphertext: vec![1; 3], ..request.clone() }, "malformed ciphertext"),
-        ("a ttl of a year", coffer_api::wrap::v1::CreateRequest { ttl_ms: 365 * 86_400_000, ..request.clone() }, "30 days"),
-        ("no wrap id", coffer_api::wrap::v1::CreateRequest { wrap_id: Vec::new(), ..request.clone() }, "16 random bytes"),
+        (
+            "an Ed25519 key alone",
+            coffer_api::wrap::v1::CreateRequest {
+                recipient_key: bob_key.public().signing_key().to_vec(),
+                ..request.clone()
+            },
+            "X25519",
+        ),
+        (
+            "a short encapsulated key",
+            coffer_api::wrap::v1::CreateRequest {
+                encapsulated_key: vec![1; 16],
+                ..request.clone()
+            },
+            "malformed ciphertext",
+        ),
+        (
+            "no ciphertext",
+            coffer_api::wrap::v1::CreateRequest {
+                ciphertext: vec![1; 3],
+                ..request.clone()
+            },
+            "malformed ciphertext",
+        ),
+        (
+            "a ttl of a year",
+            coffer_api::wrap::v1::CreateRequest {
+                ttl_ms: 365 * 86_400_000,
+                ..request.clone()
+            },
+            "30 days",
+        ),
+        (
+            "no wrap id",
+            coffer_api::wrap::v1::CreateRequest {
+                wrap_id: Vec::new(),
+                ..request.clone()
+            },
+            "16 random bytes",
+        ),
     ] {
         let e = raw.create(broken).await.expect_err(what);
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
@@ -119,11 +200,19 @@ async fn wrapped_data_is_read_once_by_its_recipient_until_it_expires() {
     let e = bob.wrap().unwrap("w_nothex").await.unwrap_err();
     assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
     let never = format!("w_{}", "ab".repeat(16));
-    assert_eq!(bob.wrap().unwrap(&never).await.unwrap_err().code(), Some(Code::NotFound));
+    assert_eq!(
+        bob.wrap().unwrap(&never).await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
     // Ciphertext tampered with on its way: stored, but the recipient's SDK refuses it.
     let mut tampered = request.clone();
     tampered.ciphertext[0] ^= 1;
-    let id = raw.create(tampered).await.expect("stored as given").into_inner().id;
+    let id = raw
+        .create(tampered)
+        .await
+        .expect("stored as given")
+        .into_inner()
+        .id;
     let e = bob.wrap().unwrap(&id).await.expect_err("tampered");
     assert!(e.to_string().contains("does not decrypt"), "{e}");
 }
@@ -141,11 +230,16 @@ async fn thirty_two_readers_and_a_leader_kill_one_wins_every_time() {
         let key = KeyPair::load(&bob_file).unwrap();
         readers.push(cluster.sdk(&order, Login::Key(key)).await);
     }
+    let mut rounds_with_readers_past_the_kill = 0;
     for round in 0..20 {
         let payload = format!("round {round}");
         let id = alice
             .wrap()
-            .wrap(bob_key.public(), payload.as_bytes(), Duration::from_secs(600))
+            .wrap(
+                bob_key.public(),
+                payload.as_bytes(),
+                Duration::from_secs(600),
+            )
             .await
             .expect("wrap")
             .id;
@@ -154,25 +248,48 @@ async fn thirty_two_readers_and_a_leader_kill_one_wins_every_time() {
         for i in 0..32 {
             let client = readers[i % readers.len()].clone();
             let id = id.clone();
-            tasks.push(tokio::spawn(async move { client.wrap().unwrap(&id).await }));
+            tasks.push(tokio::spawn(async move {
+                let r = client.wrap().unwrap(&id).await;
+                (r, std::time::Instant::now())
+            }));
         }
         // Kill the leader while the reads are in flight (at a different moment each round).
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..30))).await;
         cluster.kill(leader);
+        let killed_at = std::time::Instant::now();
         let mut won = Vec::new();
+        let mut after_kill = false;
         for t in tasks {
-            match t.await.expect("reader task") {
+            let (r, done) = t.await.expect("reader task");
+            after_kill |= done > killed_at;
+            match r {
                 Ok(u) => won.push(String::from_utf8(u.payload.to_vec()).unwrap()),
                 Err(e) => {
                     assert_eq!(e.code(), Some(Code::NotFound), "round {round}: {e}");
-                    assert!(e.to_string().contains("already consumed"), "round {round}: {e}");
+                    assert!(
+                        e.to_string().contains("already consumed"),
+                        "round {round}: {e}"
+                    );
                 }
             }
         }
-        assert_eq!(won, vec![payload], "round {round}: exactly one reader gets the data");
+        assert_eq!(
+            won,
+            vec![payload],
+            "round {round}: exactly one reader gets the data"
+        );
+        rounds_with_readers_past_the_kill += u32::from(after_kill);
         cluster.spawn(leader);
-        cluster.must_wait_unsealed(&[leader], Duration::from_secs(30)).await;
+        cluster
+            .must_wait_unsealed(&[leader], Duration::from_secs(30))
+            .await;
     }
+    // The kill lands among the reads, not after them: in most rounds some reader was still
+    // waiting for its answer when the leader died.
+    assert!(
+        rounds_with_readers_past_the_kill >= 10,
+        "only {rounds_with_readers_past_the_kill} of 20 rounds had reads in flight at the kill"
+    );
 }
 
 /// A TLS-terminating proxy in front of node `node`: it serves TLS to the client with a
@@ -217,14 +334,24 @@ async fn terminating_proxy(
     let record = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, connector, upstream, record) =
-                (acceptor.clone(), connector.clone(), upstream.clone(), record.clone());
+            let (acceptor, connector, upstream, record) = (
+                acceptor.clone(),
+                connector.clone(),
+                upstream.clone(),
+                record.clone(),
+            );
             tokio::spawn(async move {
-                let Ok(down) = acceptor.accept(tcp).await else { return };
+                let Ok(down) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let host = upstream.rsplit_once(':').unwrap().0.to_string();
                 let name = rustls::pki_types::ServerName::try_from(host).unwrap();
-                let Ok(tcp) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let Ok(up) = connector.connect(name, tcp).await else { return };
+                let Ok(tcp) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let Ok(up) = connector.connect(name, tcp).await else {
+                    return;
+                };
                 let (mut dr, mut dw) = tokio::io::split(down);
                 let (mut ur, mut uw) = tokio::io::split(up);
                 let (r1, r2) = (record.clone(), record);
@@ -277,11 +404,18 @@ async fn the_wrapped_plaintext_never_reaches_the_cluster() {
         async move {
             let mut config = Config::new([addr], ca, Login::Key(key));
             config.initial_session = Some(session);
-            Client::connect(config).await.expect("a client through the proxy")
+            Client::connect(config)
+                .await
+                .expect("a client through the proxy")
         }
     };
     let (alice_proxy, alice_seen) = terminating_proxy(&cluster, 1, &alice.session()).await;
-    let alice_via = through(alice_proxy, KeyPair::load(&alice_file).unwrap(), alice.session()).await;
+    let alice_via = through(
+        alice_proxy,
+        KeyPair::load(&alice_file).unwrap(),
+        alice.session(),
+    )
+    .await;
     let (bob_proxy, bob_seen) = terminating_proxy(&cluster, 2, &bob.session()).await;
     let bob_via = through(bob_proxy, KeyPair::load(&bob_file).unwrap(), bob.session()).await;
 
@@ -290,7 +424,11 @@ async fn the_wrapped_plaintext_never_reaches_the_cluster() {
         .wrap(bob_key.public(), MARKER, Duration::from_secs(600))
         .await
         .expect("wrap through the proxy");
-    let got = bob_via.wrap().unwrap(&wrapped.id).await.expect("unwrap through the proxy");
+    let got = bob_via
+        .wrap()
+        .unwrap(&wrapped.id)
+        .await
+        .expect("unwrap through the proxy");
     assert_eq!(got.payload.as_slice(), MARKER);
 
     // Controls: the proxy sees what is not wrapped or sealed.
@@ -299,22 +437,49 @@ async fn the_wrapped_plaintext_never_reaches_the_cluster() {
         .put("alice/put", [("v", "CONTROL-PUT-VALUE-visible")])
         .await
         .unwrap();
-    alice.kv("secret").put("alice/plain", [("v", "CONTROL-GET-VALUE-visible")]).await.unwrap();
-    alice.kv("secret").put("alice/sealed", [("v", "SEALED-VALUE-hidden-from-proxy")]).await.unwrap();
+    alice
+        .kv("secret")
+        .put("alice/plain", [("v", "CONTROL-GET-VALUE-visible")])
+        .await
+        .unwrap();
+    alice
+        .kv("secret")
+        .put("alice/sealed", [("v", "SEALED-VALUE-hidden-from-proxy")])
+        .await
+        .unwrap();
     assert_eq!(
-        alice_via.kv("secret").get("alice/plain").await.unwrap().data.get("v"),
+        alice_via
+            .kv("secret")
+            .get("alice/plain")
+            .await
+            .unwrap()
+            .data
+            .get("v"),
         Some("CONTROL-GET-VALUE-visible")
     );
     let sealed = alice_via
         .kv("secret")
-        .get_sealed("alice/sealed", Default::default())
+        .get_sealed("alice/sealed")
         .await
         .unwrap();
     assert_eq!(sealed.data.get("v"), Some("SEALED-VALUE-hidden-from-proxy"));
-    let proxied: Vec<u8> = [alice_seen.lock().unwrap().clone(), bob_seen.lock().unwrap().clone()].concat();
-    assert!(contains(&proxied, b"CONTROL-PUT-VALUE-visible"), "the proxy sees a put's value");
-    assert!(contains(&proxied, b"CONTROL-GET-VALUE-visible"), "the proxy sees a get's answer");
-    assert!(!contains(&proxied, b"SEALED-VALUE-hidden-from-proxy"), "a sealed answer hides it");
+    let proxied: Vec<u8> = [
+        alice_seen.lock().unwrap().clone(),
+        bob_seen.lock().unwrap().clone(),
+    ]
+    .concat();
+    assert!(
+        contains(&proxied, b"CONTROL-PUT-VALUE-visible"),
+        "the proxy sees a put's value"
+    );
+    assert!(
+        contains(&proxied, b"CONTROL-GET-VALUE-visible"),
+        "the proxy sees a get's answer"
+    );
+    assert!(
+        !contains(&proxied, b"SEALED-VALUE-hidden-from-proxy"),
+        "a sealed answer hides it"
+    );
 
     cluster.must_converge(Duration::from_secs(20)).await;
     let mut found = Vec::new();
@@ -322,13 +487,22 @@ async fn the_wrapped_plaintext_never_reaches_the_cluster() {
         if contains(&proxied, &needle) {
             found.push(format!("{form} in the API traffic"));
         }
-        for file in files_under(cluster.path()).iter().chain(&files_under(taps.path())) {
+        for file in files_under(cluster.path())
+            .iter()
+            .chain(&files_under(taps.path()))
+        {
             if contains(&std::fs::read(file).expect("read"), &needle) {
                 found.push(format!("{form} in {}", file.display()));
             }
         }
     }
-    assert!(found.is_empty(), "wrapped plaintext reached the cluster: {found:#?}");
+    assert!(
+        found.is_empty(),
+        "wrapped plaintext reached the cluster: {found:#?}"
+    );
     let wire = files_under(taps.path());
-    assert!(wire.len() >= 3, "every node's wire tap wrote a file: {wire:?}");
+    assert!(
+        wire.len() >= 3,
+        "every node's wire tap wrote a file: {wire:?}"
+    );
 }
