@@ -29,9 +29,8 @@ impl Policies {
         };
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { PoliciesClient::new(ch).write(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                PoliciesClient::new(ch).write(request).await
             })
             .await?;
         Ok(answer.into_inner().warnings)
@@ -42,9 +41,8 @@ impl Policies {
         let request = pb::PolicyReadRequest { name: name.into() };
         let answer = self
             .client
-            .call(CallKind::Read, |ch, _| {
-                let request = request.clone();
-                async move { PoliciesClient::new(ch).read(request).await }
+            .unary(CallKind::Read, &request, |ch, request| async move {
+                PoliciesClient::new(ch).read(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -52,13 +50,26 @@ impl Policies {
 
     /// Every policy's name.
     pub async fn list(&self) -> Result<Vec<String>> {
-        let answer = self
-            .client
-            .call(CallKind::Read, |ch, _| async move {
-                PoliciesClient::new(ch).list(pb::PolicyListRequest {}).await
-            })
-            .await?;
-        Ok(answer.into_inner().names)
+        crate::paging::all_pages(
+            |start_after| {
+                let request = pb::PolicyListRequest {
+                    start_after,
+                    limit: 0,
+                };
+                async move {
+                    let r = self
+                        .client
+                        .unary(CallKind::Read, &request, |ch, request| async move {
+                            PoliciesClient::new(ch).list(request).await
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.names, r.more))
+                }
+            },
+            String::clone,
+        )
+        .await
     }
 
     /// Deletes a policy. Returns false when there was none.
@@ -66,9 +77,8 @@ impl Policies {
         let request = pb::PolicyDeleteRequest { name: name.into() };
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { PoliciesClient::new(ch).delete(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                PoliciesClient::new(ch).delete(request).await
             })
             .await?;
         Ok(answer.into_inner().deleted)
@@ -90,9 +100,8 @@ impl Identities {
     pub async fn create(&self, request: IdentityCreateRequest) -> Result<IdentityResponse> {
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { IdentitiesClient::new(ch).create(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                IdentitiesClient::new(ch).create(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -103,9 +112,8 @@ impl Identities {
         let request = pb::IdentityReadRequest { name: name.into() };
         let answer = self
             .client
-            .call(CallKind::Read, |ch, _| {
-                let request = request.clone();
-                async move { IdentitiesClient::new(ch).read(request).await }
+            .unary(CallKind::Read, &request, |ch, request| async move {
+                IdentitiesClient::new(ch).read(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -113,24 +121,34 @@ impl Identities {
 
     /// Every identity's name.
     pub async fn list(&self) -> Result<Vec<String>> {
-        let answer = self
-            .client
-            .call(CallKind::Read, |ch, _| async move {
-                IdentitiesClient::new(ch)
-                    .list(pb::IdentityListRequest {})
-                    .await
-            })
-            .await?;
-        Ok(answer.into_inner().names)
+        crate::paging::all_pages(
+            |start_after| {
+                let request = pb::IdentityListRequest {
+                    start_after,
+                    limit: 0,
+                };
+                async move {
+                    let r = self
+                        .client
+                        .unary(CallKind::Read, &request, |ch, request| async move {
+                            IdentitiesClient::new(ch).list(request).await
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.names, r.more))
+                }
+            },
+            String::clone,
+        )
+        .await
     }
 
     /// Replaces an identity's policies (and its session lifetimes when given).
     pub async fn update(&self, request: IdentityUpdateRequest) -> Result<IdentityResponse> {
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { IdentitiesClient::new(ch).update(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                IdentitiesClient::new(ch).update(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -141,9 +159,8 @@ impl Identities {
         let request = pb::IdentityDeleteRequest { name: name.into() };
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { IdentitiesClient::new(ch).delete(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                IdentitiesClient::new(ch).delete(request).await
             })
             .await?;
         Ok(answer.into_inner().deleted)

@@ -267,6 +267,22 @@ impl Client {
     /// Runs one call with retries (see [`crate::retry`]): `call` gets a channel to the endpoint
     /// of each attempt and the call's request id (the same for every attempt), and sends the
     /// same request each time.
+    /// [`Client::call`] with a request message: each attempt sends a copy of `request`
+    /// carrying that attempt's request id (the same for every retry), if the message has one.
+    pub(crate) async fn unary<R, T, F, Fut>(&self, kind: CallKind, request: &R, rpc: F) -> Result<T>
+    where
+        R: Stamp + Clone,
+        F: Fn(Channel, R) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call(kind, |channel, request_id| {
+            let mut request = request.clone();
+            request.stamp(request_id);
+            rpc(channel, request)
+        })
+        .await
+    }
+
     pub(crate) async fn call<T, F, Fut>(&self, kind: CallKind, mut call: F) -> Result<T>
     where
         F: FnMut(Channel, Vec<u8>) -> Fut,
@@ -467,3 +483,56 @@ mod tests {
         assert!(matches!(err, Error::Config(_)), "{err}");
     }
 }
+
+/// A request message that can carry a request id (messages without one ignore it).
+pub(crate) trait Stamp {
+    /// Sets the message's request id, if it has one.
+    fn stamp(&mut self, _request_id: Vec<u8>) {}
+}
+
+/// Request messages with a `request_id` field.
+macro_rules! stamped {
+    ($($t:ty),* $(,)?) => {
+        $(impl Stamp for $t {
+            fn stamp(&mut self, request_id: Vec<u8>) {
+                self.request_id = request_id;
+            }
+        })*
+    };
+}
+
+/// Request messages without one.
+macro_rules! unstamped {
+    ($($t:ty),* $(,)?) => {
+        $(impl Stamp for $t {})*
+    };
+}
+
+stamped!(
+    coffer_api::kv::v1::PutRequest,
+    coffer_api::kv::v1::GetRequest,
+    coffer_api::kv::v1::PatchRequest,
+    coffer_api::kv::v1::VersionsRequest,
+    coffer_api::kv::v1::ReadMetadataRequest,
+    coffer_api::kv::v1::WriteMetadataRequest,
+    coffer_api::kv::v1::DeleteMetadataRequest,
+    coffer_api::kv::v1::ListRequest,
+    coffer_api::wrap::v1::CreateRequest,
+    coffer_api::wrap::v1::UnwrapRequest,
+);
+
+unstamped!(
+    coffer_api::kv::v1::ListMountsRequest,
+    coffer_api::v1::PolicyListRequest,
+    coffer_api::v1::IdentityListRequest,
+    coffer_api::kv::v1::EnableRequest,
+    coffer_api::kv::v1::DisableRequest,
+    coffer_api::wrap::v1::LookupRequest,
+    coffer_api::v1::PolicyWriteRequest,
+    coffer_api::v1::PolicyReadRequest,
+    coffer_api::v1::PolicyDeleteRequest,
+    coffer_api::v1::IdentityCreateRequest,
+    coffer_api::v1::IdentityReadRequest,
+    coffer_api::v1::IdentityUpdateRequest,
+    coffer_api::v1::IdentityDeleteRequest,
+);

@@ -179,11 +179,11 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).put(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { KvClient::new(ch).put(request).await },
+            )
             .await;
         request.data.values_mut().for_each(|v| v.zeroize());
         version_of(answer?.into_inner().version)
@@ -268,10 +268,8 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::Read, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).get(request).await }
+            .unary(CallKind::Read, &request, |ch, request| async move {
+                KvClient::new(ch).get(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -289,11 +287,11 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).patch(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { KvClient::new(ch).patch(request).await },
+            )
             .await;
         request.set.values_mut().for_each(|v| v.zeroize());
         version_of(answer?.into_inner().version)
@@ -308,18 +306,18 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move {
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move {
                     let mut kv = KvClient::new(ch);
                     match op {
                         VersionsOp::Delete => kv.delete(request).await,
                         VersionsOp::Undelete => kv.undelete(request).await,
                         VersionsOp::Destroy => kv.destroy(request).await,
                     }
-                }
-            })
+                },
+            )
             .await?;
         Ok(answer.into_inner().changed)
     }
@@ -349,10 +347,8 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::Read, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).read_metadata(request).await }
+            .unary(CallKind::Read, &request, |ch, request| async move {
+                KvClient::new(ch).read_metadata(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -375,11 +371,11 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).write_metadata(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { KvClient::new(ch).write_metadata(request).await },
+            )
             .await?;
         Ok(answer.into_inner())
     }
@@ -393,11 +389,11 @@ impl Kv {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { KvClient::new(ch).delete_metadata(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { KvClient::new(ch).delete_metadata(request).await },
+            )
             .await?;
         Ok(answer.into_inner().deleted)
     }
@@ -417,10 +413,8 @@ impl Kv {
             };
             let page = self
                 .client
-                .call(CallKind::Read, |ch, request_id| {
-                    let mut request = request.clone();
-                    request.request_id = request_id;
-                    async move { KvClient::new(ch).list(request).await }
+                .unary(CallKind::Read, &request, |ch, request| async move {
+                    KvClient::new(ch).list(request).await
                 })
                 .await?
                 .into_inner();
@@ -492,9 +486,8 @@ impl Mounts {
         };
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { MountsClient::new(ch).enable(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                MountsClient::new(ch).enable(request).await
             })
             .await?;
         Ok(answer.into_inner())
@@ -508,9 +501,8 @@ impl Mounts {
         };
         let answer = self
             .client
-            .call(CallKind::Write, |ch, _| {
-                let request = request.clone();
-                async move { MountsClient::new(ch).disable(request).await }
+            .unary(CallKind::Write, &request, |ch, request| async move {
+                MountsClient::new(ch).disable(request).await
             })
             .await?;
         Ok(answer.into_inner().records_removed)
@@ -518,13 +510,26 @@ impl Mounts {
 
     /// Every mount.
     pub async fn list(&self) -> Result<Vec<MountInfo>> {
-        let answer = self
-            .client
-            .call(CallKind::Read, |ch, _| async move {
-                MountsClient::new(ch).list(pb::ListMountsRequest {}).await
-            })
-            .await?;
-        Ok(answer.into_inner().mounts)
+        crate::paging::all_pages(
+            |start_after| {
+                let request = pb::ListMountsRequest {
+                    start_after,
+                    limit: 0,
+                };
+                async move {
+                    let r = self
+                        .client
+                        .unary(CallKind::Read, &request, |ch, request| async move {
+                            MountsClient::new(ch).list(request).await
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.mounts, r.more))
+                }
+            },
+            |m: &MountInfo| m.path.clone(),
+        )
+        .await
     }
 }
 

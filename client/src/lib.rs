@@ -27,6 +27,7 @@ mod error;
 pub mod keys;
 pub mod kv;
 pub mod login;
+pub mod paging;
 pub mod retry;
 pub mod session;
 pub mod wrap;

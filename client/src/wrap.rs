@@ -117,11 +117,11 @@ impl Wrap {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { WrapClient::new(ch).create(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { WrapClient::new(ch).create(request).await },
+            )
             .await?
             .into_inner();
         Ok(Wrapped {
@@ -145,11 +145,11 @@ impl Wrap {
         };
         let answer = self
             .client
-            .call(CallKind::IdempotentWrite, |ch, request_id| {
-                let mut request = request.clone();
-                request.request_id = request_id;
-                async move { WrapClient::new(ch).unwrap(request).await }
-            })
+            .unary(
+                CallKind::IdempotentWrite,
+                &request,
+                |ch, request| async move { WrapClient::new(ch).unwrap(request).await },
+            )
             .await?
             .into_inner();
         // The printable id is the wrap id in hex: an answer for another wrap (even one for this
@@ -178,9 +178,8 @@ impl Wrap {
         let request = pb::LookupRequest { id: id.to_string() };
         let answer = self
             .client
-            .call(CallKind::Read, |ch, _| {
-                let request = request.clone();
-                async move { WrapClient::new(ch).lookup(request).await }
+            .unary(CallKind::Read, &request, |ch, request| async move {
+                WrapClient::new(ch).lookup(request).await
             })
             .await?;
         Ok(answer.into_inner())

@@ -124,9 +124,11 @@ impl KubeApi {
                         return;
                     };
                     if st.lock().expect("state").silent {
-                        // Hold the connection and never answer.
-                        let mut sink = [0u8; 1024];
-                        while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+                        // Hold the connection and never answer, nor read: a read could end
+                        // early (on a TLS alert or an error) and drop the connection, which
+                        // the client would see as a broken connection rather than silence.
+                        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                        drop(tls);
                         return;
                     }
                     if let Some((method, path, auth, body)) = read_request(&mut tls).await {

@@ -519,6 +519,8 @@ impl Cluster {
             .arg(tls.join("ca.pem"))
             .args(["--heartbeat-ms", "50", "--election-timeout-ms", "300"])
             .args(["--write-timeout-ms", "3000", "--read-timeout-ms", "3000"])
+            // The older scenarios write through the raw store API (off by default).
+            .arg("--raw-storage-endpoint")
             .args(["--snapshot-logs", &self.options.snapshot_logs.to_string()])
             .args(["--logs-to-keep", &self.options.logs_to_keep.to_string()])
             .args(&self.options.extra_args)

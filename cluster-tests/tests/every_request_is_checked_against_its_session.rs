@@ -110,7 +110,7 @@ async fn every_request_is_checked_against_its_session() {
         .expect_err("no update capability");
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = PoliciesClient::new(kv_channel(&cluster, 1, &session))
-        .list(pb::PolicyListRequest {})
+        .list(pb::PolicyListRequest::default())
         .await
         .expect_err("not an administrator");
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -192,6 +192,7 @@ async fn every_request_is_checked_against_its_session() {
     let listed = SessionsClient::new(cluster.channel(2))
         .list(pb::SessionListRequest {
             identity: "app".into(),
+            ..Default::default()
         })
         .await
         .expect("list")
@@ -534,7 +535,7 @@ path "secret/data/team/keys" { capabilities = ["read"] }"#
         );
     }
     let listed = grants(bob, 2)
-        .list(pb::GrantListRequest {})
+        .list(pb::GrantListRequest::default())
         .await
         .expect("list")
         .into_inner();

@@ -511,6 +511,40 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
     let denied = rkv.destroy("app/db", &[1]).await.unwrap_err().to_string();
     assert!(denied.contains("secret/destroy/app/db"), "{denied}");
 
+    // Every list is paged: the administration lists too (the SDK follows the pages).
+    let mut policies = coffer_api::v1::policies_client::PoliciesClient::new(cluster.channel(1));
+    let first = policies
+        .list(coffer_api::v1::PolicyListRequest {
+            start_after: String::new(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.names.len(), first.more), (1, true));
+    let rest = policies
+        .list(coffer_api::v1::PolicyListRequest {
+            start_after: first.names[0].clone(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!rest.more && !rest.names.contains(&first.names[0]));
+    let mut all = first.names.clone();
+    all.extend(rest.names);
+    let admin_key = coffer_node::keys::KeyPair::load(&cluster.admin_key()).unwrap();
+    let admin = cluster.sdk(&cluster.running(), Login::Key(admin_key)).await;
+    assert_eq!(
+        all,
+        admin.policies().list().await.unwrap(),
+        "the SDK follows the pages"
+    );
+    assert!(
+        all.contains(&"app".to_string()) && all.contains(&"reader".to_string()),
+        "{all:?}"
+    );
+
     // Rule: bad input gets a precise status and changes nothing.
     let before = kv.read_metadata("app/db").await.unwrap();
     for (path, says) in [

@@ -1,14 +1,17 @@
 //! `coffer server --transient`: one process, in memory, TLS on. It initializes and unseals
-//! itself with keys it writes (private keys 0600) and serves data at once; after a restart its
-//! data and key set are gone and it starts over with new keys.
+//! itself with keys it writes (private keys 0600) and serves data at once, through the kv
+//! engine (the raw store API is off, as on every node started without
+//! `--raw-storage-endpoint`); after a restart its data and key set are gone and it starts over
+//! with new keys.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use coffer_api::kv::v1 as kvpb;
+use coffer_api::kv::v1::kv_client::KvClient;
 use coffer_api::v1 as pb;
-use coffer_api::v1::kv_client::KvClient;
 use coffer_api::v1::seal_client::SealClient;
 use coffer_cluster_tests::{coffer_bin, wait_until};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -120,6 +123,14 @@ async fn wait_for_dev_data(admin: &Channel) {
     .await;
 }
 
+fn get_request() -> kvpb::GetRequest {
+    kvpb::GetRequest {
+        mount: "secret".into(),
+        path: "app/db".into(),
+        ..Default::default()
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -154,23 +165,28 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
     // the server adds the dev-data policy to it right after unsealing.
     let admin = admin_channel(d, &api).await;
     wait_for_dev_data(&admin).await;
-    let mut kv = KvClient::new(admin);
-    kv.put(pb::PutRequest {
-        key: b"app/db".to_vec(),
-        value: b"s3cret".to_vec(),
-        request_id: Vec::new(),
-    })
-    .await
-    .expect("put");
-    let got = kv
+    let raw = coffer_api::v1::kv_client::KvClient::new(admin.clone())
         .get(pb::GetRequest {
             key: b"app/db".to_vec(),
             consistency: 0,
         })
         .await
-        .expect("get")
-        .into_inner();
-    assert_eq!(got.kv.expect("kv").value, b"s3cret");
+        .expect_err("the raw store API is off by default");
+    assert_eq!(raw.code(), tonic::Code::Unimplemented, "{raw:?}");
+    assert!(raw.message().contains("coffer.kv.v1"), "{raw:?}");
+    let mut kv = KvClient::new(admin);
+    kv.put(kvpb::PutRequest {
+        mount: "secret".into(),
+        path: "app/db".into(),
+        data: [("password".to_string(), "s3cret".to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("put");
+    let got = kv.get(get_request()).await.expect("get").into_inner();
+    assert_eq!(got.data["password"], "s3cret");
     let old_key = std::fs::read(d.join("keys/operator.key")).expect("key");
     let old_admin = d.join("old-admin.key");
     std::fs::copy(d.join("keys/admin.key"), &old_admin).expect("copy the old admin key");
@@ -190,20 +206,14 @@ async fn transient_server_initializes_itself_and_forgets_on_restart() {
         "new keys replace the old ones"
     );
     let old_session = KvClient::new(admin_channel_with(d, &api, &old_admin).await)
-        .get(pb::GetRequest {
-            key: b"app/db".to_vec(),
-            consistency: 0,
-        })
+        .get(get_request())
         .await
         .expect_err("the old administrator key is no identity of the new cluster");
     assert_eq!(old_session.code(), tonic::Code::Unauthenticated);
     let admin = admin_channel(d, &api).await;
     wait_for_dev_data(&admin).await;
     let gone = KvClient::new(admin)
-        .get(pb::GetRequest {
-            key: b"app/db".to_vec(),
-            consistency: 0,
-        })
+        .get(get_request())
         .await
         .expect_err("the data is gone");
     assert_eq!(gone.code(), tonic::Code::NotFound);

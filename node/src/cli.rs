@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
+use coffer_client::paging::all_pages;
 
 use crate::bench::{self, BenchArgs};
 use crate::cli_secrets::{KvCommand, SecretsCommand, WrapArgs};
@@ -699,12 +700,25 @@ async fn policy_command(op: PolicyCommand, client: &ClientArgs) -> Result<()> {
             }
         }
         PolicyCommand::List => {
-            let r = policies
-                .list(pb::PolicyListRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print_names(&r.names, json);
+            let names = all_pages(
+                |start_after| {
+                    let mut c = policies.clone();
+                    async move {
+                        let r = c
+                            .list(pb::PolicyListRequest {
+                                start_after,
+                                limit: 0,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.names, r.more))
+                    }
+                },
+                String::clone,
+            )
+            .await
+            .map_err(status_error)?;
+            print_names(&names, json);
         }
         PolicyCommand::Delete { name } => {
             let r = policies
@@ -779,14 +793,24 @@ async fn grant_command(op: GrantCommand, client: &ClientArgs) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner(),
         ],
-        GrantCommand::List => {
-            grants
-                .list(pb::GrantListRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .grants
-        }
+        GrantCommand::List => all_pages(
+            |start_after| {
+                let mut c = grants.clone();
+                async move {
+                    let r = c
+                        .list(pb::GrantListRequest {
+                            start_after,
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.grants, r.more))
+                }
+            },
+            |g: &pb::GrantInfo| g.id.clone(),
+        )
+        .await
+        .map_err(status_error)?,
         GrantCommand::Revoke { id } => {
             let r = grants
                 .revoke(pb::GrantRevokeRequest { id: id.clone() })
@@ -870,12 +894,25 @@ async fn auth_command(method: AuthCommand, client: &ClientArgs) -> Result<()> {
             .map_err(status_error)?
             .into_inner(),
         RoleCommand::List => {
-            let r = roles
-                .list(pb::KubernetesRoleListRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print_names(&r.names, json);
+            let names = all_pages(
+                |start_after| {
+                    let mut c = roles.clone();
+                    async move {
+                        let r = c
+                            .list(pb::KubernetesRoleListRequest {
+                                start_after,
+                                limit: 0,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.names, r.more))
+                    }
+                },
+                String::clone,
+            )
+            .await
+            .map_err(status_error)?;
+            print_names(&names, json);
             return Ok(());
         }
         RoleCommand::Delete { name } => {
@@ -962,13 +999,33 @@ async fn session_command(op: SessionCommand, client: &ClientArgs) -> Result<()> 
     let json = client.format == Format::Json;
     match op {
         SessionCommand::List { identity } => {
-            let r = sessions
-                .list(pb::SessionListRequest {
-                    identity: identity.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let identity = identity.unwrap_or_default();
+            let mut all = all_pages(
+                |start_after| {
+                    let mut c = sessions.clone();
+                    let identity = identity.clone();
+                    async move {
+                        let r = c
+                            .list(pb::SessionListRequest {
+                                identity,
+                                start_after,
+                                limit: 0,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.sessions, r.more))
+                    }
+                },
+                |s: &pb::SessionInfo| s.session_id.clone(),
+            )
+            .await
+            .map_err(status_error)?;
+            // Pages come in session id order; people read them by identity and age.
+            all.sort_by(|a, b| (&a.identity, a.created_at_ms).cmp(&(&b.identity, b.created_at_ms)));
+            let r = pb::SessionListResponse {
+                sessions: all,
+                more: false,
+            };
             if json {
                 let list: Vec<_> = r
                     .sessions
@@ -1052,12 +1109,25 @@ async fn identity_command(op: IdentityCommand, client: &ClientArgs) -> Result<()
             print_identity(&r, json);
         }
         IdentityCommand::List => {
-            let r = ids
-                .list(pb::IdentityListRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print_names(&r.names, json);
+            let names = all_pages(
+                |start_after| {
+                    let mut c = ids.clone();
+                    async move {
+                        let r = c
+                            .list(pb::IdentityListRequest {
+                                start_after,
+                                limit: 0,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.names, r.more))
+                    }
+                },
+                String::clone,
+            )
+            .await
+            .map_err(status_error)?;
+            print_names(&names, json);
         }
         IdentityCommand::Update {
             name,

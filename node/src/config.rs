@@ -89,6 +89,11 @@ pub struct ServerArgs {
     /// Largest value accepted, in bytes.
     #[arg(long, env = "COFFER_MAX_VALUE_BYTES")]
     pub max_value_bytes: Option<usize>,
+    /// Serve the raw store API (`coffer.v1.Kv`: keys to opaque values, below the secrets
+    /// engines) on this node, for debugging and the older tests; like Vault's `sys/raw`, off by
+    /// default. Services use the engines (`coffer.kv.v1`, `coffer.wrap.v1`).
+    #[arg(long, env = "COFFER_RAW_STORAGE_ENDPOINT")]
+    pub raw_storage_endpoint: bool,
     /// How long an unseal ceremony's progress is kept, in seconds (default 600): shares older
     /// than that are dropped and the ceremony starts over.
     #[arg(long, env = "COFFER_UNSEAL_PROGRESS_TTL_S")]
@@ -183,6 +188,7 @@ struct FileConfig {
     kubernetes_timeout_ms: Option<u64>,
     initial_members: Option<Vec<String>>,
     max_value_bytes: Option<usize>,
+    raw_storage_endpoint: Option<bool>,
     unseal_progress_ttl_s: Option<u64>,
     login_challenge_ttl_ms: Option<u64>,
     login_rate_per_second: Option<u32>,
@@ -236,6 +242,8 @@ pub struct NodeConfig {
     pub initial_members: BTreeMap<NodeId, Member>,
     /// Largest value accepted.
     pub max_value_bytes: usize,
+    /// Whether the raw store API is served (off by default).
+    pub raw_storage_endpoint: bool,
     /// How long unseal progress is kept.
     pub unseal_progress_ttl: Duration,
     /// Challenge lifetime and the leader's clean-up of login state.
@@ -528,6 +536,8 @@ impl ServerArgs {
             join,
             initial_members,
             max_value_bytes,
+            raw_storage_endpoint: self.raw_storage_endpoint
+                || file.raw_storage_endpoint.unwrap_or(false),
             raft,
         })
     }

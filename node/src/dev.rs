@@ -70,6 +70,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             join_token_file: None,
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,
+            raw_storage_endpoint: false,
             unseal_progress_ttl: Duration::from_secs(600),
             login: crate::auth::LoginSettings::default(),
             kubernetes: crate::kubernetes::ValidatorConfig::Off,

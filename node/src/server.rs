@@ -331,7 +331,8 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             crate::kubernetes::Validator::new(cfg.kubernetes.clone())
                 .context("Kubernetes login")?,
         ),
-    );
+    )
+    .with_raw_storage_endpoint(cfg.raw_storage_endpoint);
     tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
     tasks.push(tokio::spawn(api.clone().clean_up_wraps_loop()));
     let reflection = tonic_reflection::server::Builder::configure()

@@ -109,11 +109,12 @@ impl coffer_api::v1::grants_server::Grants for Api {
         req: Request<pb::GrantListRequest>,
     ) -> Result<Response<pb::GrantListResponse>, Status> {
         let caller = self.caller(&req).await?;
+        let r = req.into_inner();
         self.timed("GrantList", async {
             let keyring = self.keyring()?;
             let all = caller.acl.allows(delegation::PATH, Capability::List);
             let now = auth::now_ms();
-            let grants = self
+            let mut grants: Vec<pb::GrantInfo> = self
                 .all_grants(&keyring)
                 .await?
                 .into_iter()
@@ -123,7 +124,9 @@ impl coffer_api::v1::grants_server::Grants for Api {
                 })
                 .map(|(id, _, _, g)| grant_info(id, g))
                 .collect();
-            Ok(pb::GrantListResponse { grants })
+            grants.sort_by(|a, b| a.id.cmp(&b.id));
+            let (grants, more) = page(grants, |g| &g.id, &r.start_after, r.limit)?;
+            Ok(pb::GrantListResponse { grants, more })
         })
         .await
     }

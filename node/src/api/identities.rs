@@ -120,11 +120,13 @@ impl coffer_api::v1::identities_server::Identities for Api {
         req: Request<pb::IdentityListRequest>,
     ) -> Result<Response<pb::IdentityListResponse>, Status> {
         self.authorize(&req, IDENTITIES, Capability::List).await?;
+        let r = req.into_inner();
         self.timed("IdentityList", async {
             let names = self
                 .names_under(identity::STORE_PREFIX, Some(identity::ADMIN))
                 .await?;
-            Ok(pb::IdentityListResponse { names })
+            let (names, more) = page(names, |n| n, &r.start_after, r.limit)?;
+            Ok(pb::IdentityListResponse { names, more })
         })
         .await
     }

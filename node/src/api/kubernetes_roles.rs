@@ -88,9 +88,11 @@ impl coffer_api::v1::kubernetes_roles_server::KubernetesRoles for Api {
     ) -> Result<Response<pb::KubernetesRoleListResponse>, Status> {
         self.authorize(&req, kubernetes::ROLE_PATH, Capability::List)
             .await?;
+        let r = req.into_inner();
         self.timed("KubernetesRoleList", async {
             let names = self.names_under(kubernetes::ROLE_PREFIX, None).await?;
-            Ok(pb::KubernetesRoleListResponse { names })
+            let (names, more) = page(names, |n| n, &r.start_after, r.limit)?;
+            Ok(pb::KubernetesRoleListResponse { names, more })
         })
         .await
     }

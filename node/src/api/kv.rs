@@ -1,12 +1,26 @@
 //! The `Kv` service: the raw key/value store API, each key authorized as `secret/data/KEY`.
+//! Served only with `--raw-storage-endpoint` (for debugging and the older tests); services use
+//! the secrets engines.
 
 use super::*;
 use crate::kv_engine;
+
+impl Api {
+    fn raw_storage_on(&self) -> Result<(), Status> {
+        if self.raw_storage {
+            return Ok(());
+        }
+        Err(Status::unimplemented(
+            "the raw store API is off on this node: use the kv secrets engine (coffer.kv.v1: `coffer kv`, the SDK); an operator can serve it for debugging with --raw-storage-endpoint",
+        ))
+    }
+}
 
 #[tonic::async_trait]
 impl Kv for Api {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         self.timed("Put", async {
+            self.raw_storage_on()?;
             let grant = self.caller(&req).await?;
             let r = req.into_inner();
             self.check_key(&r.key)?;
@@ -58,6 +72,7 @@ impl Kv for Api {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         self.timed("Get", async {
+            self.raw_storage_on()?;
             let grant = self.caller(&req).await?;
             let r = req.into_inner();
             self.check_key(&r.key)?;
@@ -90,6 +105,7 @@ impl Kv for Api {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         self.timed("Delete", async {
+            self.raw_storage_on()?;
             let grant = self.caller(&req).await?;
             let r = req.into_inner();
             self.check_key(&r.key)?;
@@ -119,6 +135,7 @@ impl Kv for Api {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.timed("List", async {
+            self.raw_storage_on()?;
             let grant = self.caller(&req).await?;
             let r = req.into_inner();
             let path = kv_path(KV_METADATA, &r.prefix)?;
@@ -185,6 +202,7 @@ impl Kv for Api {
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         self.timed("Txn", async {
+            self.raw_storage_on()?;
             let grant = self.caller(&req).await?;
             let r = req.into_inner();
             // A compare reveals whether a key exists and its revisions: it needs `read`. A put

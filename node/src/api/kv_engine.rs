@@ -973,6 +973,7 @@ impl Mounts for Api {
         req: Request<kvpb::ListMountsRequest>,
     ) -> Result<Response<kvpb::ListMountsResponse>, Status> {
         self.authorize(&req, MOUNTS, Capability::List).await?;
+        let r = req.into_inner();
         self.timed("MountList", async {
             let keyring = self.keyring()?;
             self.node.linearize().await.map_err(raft_status)?;
@@ -987,7 +988,9 @@ impl Mounts for Api {
                 })?;
                 mounts.push(mount_info(&name, &m));
             }
-            Ok(kvpb::ListMountsResponse { mounts })
+            mounts.sort_by(|a, b| a.path.cmp(&b.path));
+            let (mounts, more) = page(mounts, |m| &m.path, &r.start_after, r.limit)?;
+            Ok(kvpb::ListMountsResponse { mounts, more })
         })
         .await
     }

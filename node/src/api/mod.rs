@@ -67,6 +67,8 @@ pub struct Api {
     /// Writes to one secret through this node take turns (striped by path), so that they do
     /// not keep invalidating each other's compare-and-swap.
     secret_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
+    /// Whether the raw store API (`coffer.v1.Kv`) answers (`--raw-storage-endpoint`).
+    raw_storage: bool,
 }
 
 impl Api {
@@ -95,7 +97,14 @@ impl Api {
             login,
             kubernetes,
             secret_locks: Arc::new((0..4096).map(|_| tokio::sync::Mutex::new(())).collect()),
+            raw_storage: false,
         }
+    }
+
+    /// Serves the raw store API too (`--raw-storage-endpoint`; off by default).
+    pub fn with_raw_storage_endpoint(mut self, on: bool) -> Api {
+        self.raw_storage = on;
+        self
     }
 
     async fn timed<T, F>(&self, method: &str, f: F) -> Result<Response<T>, Status>
@@ -290,6 +299,33 @@ fn entries_under(view: &ReadView, prefix: &[u8], most: usize) -> Result<Vec<KvEn
         }
     }
     Ok(out)
+}
+
+/// Largest page of the administration lists (policies, identities, roles, sessions, grants,
+/// mounts); also the page size when a request asks for 0.
+pub const MAX_ADMIN_PAGE: u32 = 1000;
+
+/// One page of `items`, which are sorted by `key`: those after `start_after` (empty: from the
+/// start), at most `limit` (0: [`MAX_ADMIN_PAGE`]), and whether more follow.
+fn page<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> &str,
+    start_after: &str,
+    limit: u32,
+) -> Result<(Vec<T>, bool), Status> {
+    if limit > MAX_ADMIN_PAGE {
+        return Err(Status::invalid_argument(format!(
+            "limit {limit} is above the maximum page size of {MAX_ADMIN_PAGE}"
+        )));
+    }
+    let limit = if limit == 0 { MAX_ADMIN_PAGE } else { limit } as usize;
+    let mut rest: Vec<T> = items
+        .into_iter()
+        .filter(|item| start_after.is_empty() || key(item) > start_after)
+        .collect();
+    let more = rest.len() > limit;
+    rest.truncate(limit);
+    Ok((rest, more))
 }
 
 fn parse_request_id(id: &[u8]) -> Result<Option<RequestId>, Status> {
@@ -826,6 +862,27 @@ mod tests {
             true,
         );
         assert_eq!(page.len(), 3);
+    }
+
+    #[test]
+    fn administration_lists_come_in_pages() {
+        let names: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+        let (first, more) = page(names.clone(), |n| n, "", 2).unwrap();
+        assert_eq!(
+            (first, more),
+            (vec!["n0".to_string(), "n1".to_string()], true)
+        );
+        let (last, more) = page(names.clone(), |n| n, "n2", 0).unwrap();
+        assert_eq!(
+            (last, more),
+            (vec!["n3".to_string(), "n4".to_string()], false)
+        );
+        let (exact, more) = page(names.clone(), |n| n, "n2", 2).unwrap();
+        assert_eq!((exact.len(), more), (2, false));
+        assert_eq!(
+            page(names, |n| n, "", 1001).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[test]

@@ -103,11 +103,13 @@ impl coffer_api::v1::policies_server::Policies for Api {
         req: Request<pb::PolicyListRequest>,
     ) -> Result<Response<pb::PolicyListResponse>, Status> {
         self.authorize(&req, POLICIES, Capability::List).await?;
+        let r = req.into_inner();
         self.timed("PolicyList", async {
             let names = self
                 .names_under(policy::STORE_PREFIX, Some(policy::ADMIN))
                 .await?;
-            Ok(pb::PolicyListResponse { names })
+            let (names, more) = page(names, |n| n, &r.start_after, r.limit)?;
+            Ok(pb::PolicyListResponse { names, more })
         })
         .await
     }

@@ -30,10 +30,9 @@ impl coffer_api::v1::sessions_server::Sessions for Api {
                     });
                 }
             }
-            sessions.sort_by(|a, b| {
-                (&a.identity, a.created_at_ms).cmp(&(&b.identity, b.created_at_ms))
-            });
-            Ok(pb::SessionListResponse { sessions })
+            sessions.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+            let (sessions, more) = page(sessions, |s| &s.session_id, &r.start_after, r.limit)?;
+            Ok(pb::SessionListResponse { sessions, more })
         })
         .await
     }
