@@ -1,4 +1,5 @@
-//! Thin typed clients over the `coffer.v1` Policies and Identities services.
+//! Thin typed clients over the Policies (`coffer.policies.v1`) and Identities
+//! (`coffer.identities.v1`) services.
 
 use coffer_api::v1 as pb;
 use coffer_api::v1::identities_client::IdentitiesClient;

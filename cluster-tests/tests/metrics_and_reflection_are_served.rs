@@ -67,9 +67,18 @@ async fn metrics_and_reflection_are_served() {
         panic!("unexpected reflection answer")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"coffer.v1.Kv".to_string()), "{names:?}");
-    assert!(
-        names.contains(&"coffer.v1.Cluster".to_string()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"coffer.raw.v1.Kv".to_string()), "{names:?}");
+    // One versioned package per service.
+    for service in [
+        "coffer.cluster.v1.Cluster",
+        "coffer.kv.v1.Kv",
+        "coffer.kv.v1.Mounts",
+        "coffer.wrap.v1.Wrap",
+        "coffer.auth.v1.Auth",
+        "coffer.seal.v1.Seal",
+        "coffer.policies.v1.Policies",
+        "coffer.identities.v1.Identities",
+    ] {
+        assert!(names.contains(&service.to_string()), "{service}: {names:?}");
+    }
 }

@@ -89,7 +89,7 @@ pub struct ServerArgs {
     /// Largest value accepted, in bytes.
     #[arg(long, env = "COFFER_MAX_VALUE_BYTES")]
     pub max_value_bytes: Option<usize>,
-    /// Serve the raw store API (`coffer.v1.Kv`: keys to opaque values, below the secrets
+    /// Serve the raw store API (`coffer.raw.v1.Kv`: keys to opaque values, below the secrets
     /// engines) on this node, for debugging and the older tests; like Vault's `sys/raw`, off by
     /// default. Services use the engines (`coffer.kv.v1`, `coffer.wrap.v1`).
     #[arg(long, env = "COFFER_RAW_STORAGE_ENDPOINT")]

@@ -1,6 +1,7 @@
-//! The public gRPC services (`coffer.v1`), one submodule per service; this module holds what
-//! they share: the [`Api`] state, the per-request authentication and authorization (`caller`,
-//! `permit`, `authorize`), the paths each operation is authorized at, and record helpers.
+//! The public gRPC services (one versioned package each, `coffer.*.v1`), one submodule per
+//! service; this module holds what they share: the [`Api`] state, the per-request
+//! authentication and authorization (`caller`, `permit`, `authorize`), the paths each operation
+//! is authorized at, and record helpers.
 //!
 //! Every value passes the encryption barrier here: it is encrypted with the active data key
 //! (bound to its key path) before it is proposed to Raft, and decrypted after it is read. A
@@ -67,7 +68,7 @@ pub struct Api {
     /// Writes to one secret through this node take turns (striped by path), so that they do
     /// not keep invalidating each other's compare-and-swap.
     secret_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
-    /// Whether the raw store API (`coffer.v1.Kv`) answers (`--raw-storage-endpoint`).
+    /// Whether the raw store API (`coffer.raw.v1.Kv`) answers (`--raw-storage-endpoint`).
     raw_storage: bool,
 }
 
