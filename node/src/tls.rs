@@ -53,21 +53,16 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 impl TlsMaterial {
-    /// Loads and checks the files. A key readable by group or others is refused.
+    /// Loads and checks the files. A key readable by others is refused (see
+    /// [`key_file_refusal`]).
     pub fn load(files: &TlsFiles) -> Result<TlsMaterial> {
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&files.key)
-                .with_context(|| format!("cannot read the TLS key at {}", files.key.display()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                bail!(
-                    "the TLS key {} is readable by others (mode {:o}); run chmod 600 on it",
-                    files.key.display(),
-                    mode & 0o777
-                );
+            use std::os::unix::fs::MetadataExt;
+            let meta = fs::metadata(&files.key)
+                .with_context(|| format!("cannot read the TLS key at {}", files.key.display()))?;
+            if let Some(why) = key_file_refusal(meta.mode(), meta.uid()) {
+                bail!("the TLS key {} {why}", files.key.display());
             }
         }
         Ok(TlsMaterial {
@@ -339,5 +334,47 @@ pub fn node_files(dir: &Path, id: u64) -> TlsFiles {
         cert: dir.join(format!("node-{id}.pem")),
         key: dir.join(format!("node-{id}-key.pem")),
         ca: dir.join("ca.pem"),
+    }
+}
+
+/// Why a TLS key file with this mode and owner is refused, if it is. Others may never read it.
+/// Its group may read it only when root owns it and nobody but root can write it: that is how
+/// Kubernetes mounts a Secret for a pod with an `fsGroup` (owner root, group the pod's, mode
+/// 0440), and PostgreSQL accepts its server key in the same case.
+#[cfg_attr(not(unix), allow(dead_code))]
+fn key_file_refusal(mode: u32, owner_uid: u32) -> Option<String> {
+    let perms = mode & 0o777;
+    let root_owned_group_read = owner_uid == 0 && perms & 0o077 == 0o040;
+    if perms & 0o077 == 0 || root_owned_group_read {
+        None
+    } else {
+        Some(format!(
+            "is readable by others (mode {perms:o}); run chmod 600 on it (0440 or 0640 is accepted only for a file root owns, as Kubernetes mounts a Secret)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_file_refusal;
+
+    #[test]
+    fn a_key_is_private_or_a_root_owned_group_readable_mount() {
+        assert_eq!(key_file_refusal(0o100600, 1000), None);
+        assert_eq!(key_file_refusal(0o100400, 65532), None);
+        // A Secret mounted for a pod with an fsGroup: owner root, group read only.
+        assert_eq!(key_file_refusal(0o100440, 0), None);
+        assert_eq!(key_file_refusal(0o100640, 0), None);
+        for (mode, uid) in [
+            (0o100640, 1000),
+            (0o100440, 65532),
+            (0o100660, 0),
+            (0o100444, 0),
+            (0o100604, 1000),
+            (0o100644, 0),
+        ] {
+            let why = key_file_refusal(mode, uid).expect("refused");
+            assert!(why.contains("chmod 600"), "{why}");
+        }
     }
 }
