@@ -283,6 +283,40 @@ async fn versions_check_and_set_patch_and_max_versions() {
     }
     let meta = team.read_metadata("svc/key").await.unwrap();
     assert_eq!((meta.current_version, meta.oldest_version), (4, 3));
+
+    // A read never sees metadata naming a version whose data a concurrent write removed: with
+    // one version kept, every write removes the one before while reads go on.
+    kv.write_metadata(
+        "app/hot",
+        MetadataUpdate {
+            max_versions: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    kv.put("app/hot", fields(&[("n", "0")])).await.unwrap();
+    let writer = {
+        let kv = app.kv("secret");
+        tokio::spawn(async move {
+            for n in 1..=150 {
+                kv.put("app/hot", fields(&[("n", &n.to_string())]))
+                    .await
+                    .expect("put");
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let got = kv
+            .get("app/hot")
+            .await
+            .expect("every read finds the latest version's data");
+        assert!(got.data.get("n").is_some());
+        reads += 1;
+    }
+    writer.await.expect("writer");
+    assert!(reads > 10, "reads ran alongside the writes: {reads}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,19 +162,15 @@ impl Api {
                 contention_backoff(attempt).await;
                 self.node.linearize().await.map_err(raft_status)?;
             }
-            let read = self.read_record::<SecretMetadata>(keyring, &meta_key)?;
+            // The metadata and (for a patch) the current data, from one state.
+            let view = self.node.store().read().map_err(storage_status)?;
+            let read = self.read_record_in::<SecretMetadata>(&view, keyring, &meta_key)?;
             let (mut meta, rev) = match read {
                 Some((m, rev)) => (m, Some(rev)),
                 None => (SecretMetadata::default(), None),
             };
             if let Some(done) = meta.written_by(request_id) {
-                let revision = self
-                    .node
-                    .store()
-                    .read()
-                    .map_err(storage_status)?
-                    .revision()
-                    .map_err(storage_status)?;
+                let revision = view.revision().map_err(storage_status)?;
                 return Ok((done, meta, revision));
             }
             // As in Vault: `create` writes a secret that does not exist, `update` one that
@@ -195,7 +191,7 @@ impl Api {
             let now = auth::now_ms();
             let current = if needs_current {
                 match meta.readable(mount, path, 0, now) {
-                    Ok(n) => Some(self.version_data(keyring, mount_name, path, n)?),
+                    Ok(n) => Some(self.version_data(&view, keyring, mount_name, path, n)?),
                     Err(_) if attempt == 0 => continue,
                     Err(Refusal::NotFound(m)) => {
                         return Err(Status::not_found(format!("{m}; nothing to patch")));
@@ -205,6 +201,7 @@ impl Api {
             } else {
                 None
             };
+            drop(view);
             let effective_cas = if needs_current {
                 cas.or(Some(meta.current))
             } else {
@@ -272,16 +269,16 @@ impl Api {
         )))
     }
 
-    /// The data of one version (which the metadata says is kept).
+    /// The data of one version (which the metadata read in the same `view` says is kept).
     fn version_data(
         &self,
+        view: &ReadView,
         keyring: &Keyring,
         mount: &str,
         path: &str,
         version: u64,
     ) -> Result<BTreeMap<String, String>, Status> {
         let key = engine::version_key(mount, path, version);
-        let view = self.node.store().read().map_err(storage_status)?;
         let entry = view.get(&key).map_err(storage_status)?.ok_or_else(|| {
             Status::data_loss(format!(
                 "version {version} of {path:?} is listed in its metadata but its data is missing"
@@ -557,29 +554,24 @@ impl KvEngine for Api {
             let grant = self.permit(grant, |g| allow(g, &path, Capability::Read)).await?;
             self.read_point(r.consistency).await?;
             allow(&*self.recheck(&grant)?, &path, Capability::Read)?;
-            let meta_key = engine::metadata_key(&r.mount, &r.path);
+            // The metadata and the version's data from one state (a write may prune or
+            // destroy the version right after).
             let view = self.node.store().read().map_err(storage_status)?;
             let revision = view.revision().map_err(storage_status)?;
-            let meta: SecretMetadata = match view.get(&meta_key).map_err(storage_status)? {
-                Some(e) => {
-                    let plain = self.decrypt(&keyring, &meta_key, &e.value)?;
-                    postcard::from_bytes(&plain).map_err(|e| {
-                        Status::data_loss(format!("the metadata of {:?} is corrupt: {e}", r.path))
-                    })?
-                }
-                None => {
-                    return Err(Status::not_found(format!(
-                        "no secret {:?} in mount {:?}",
-                        r.path, r.mount
-                    )));
-                }
+            let meta_key = engine::metadata_key(&r.mount, &r.path);
+            let Some((meta, _)) = self.read_record_in::<SecretMetadata>(&view, &keyring, &meta_key)?
+            else {
+                return Err(Status::not_found(format!(
+                    "no secret {:?} in mount {:?}",
+                    r.path, r.mount
+                )));
             };
-            drop(view);
             let now = auth::now_ms();
             let number = meta
                 .readable(&mount, &r.path, r.version, now)
                 .map_err(refusal)?;
-            let data = self.version_data(&keyring, &r.mount, &r.path, number)?;
+            let data = self.version_data(&view, &keyring, &r.mount, &r.path, number)?;
+            drop(view);
             let version = version_info(&meta, &mount, number, now);
             let custom_metadata = meta.custom.into_iter().collect();
             if r.seal_to_caller {
@@ -658,13 +650,7 @@ impl KvEngine for Api {
                 .await?;
             self.read_point(r.consistency).await?;
             allow(&*self.recheck(&grant)?, &path, Capability::Read)?;
-            let revision = self
-                .node
-                .store()
-                .read()
-                .map_err(storage_status)?
-                .revision()
-                .map_err(storage_status)?;
+            let revision = self.revision_now()?;
             let (meta, _) = self
                 .read_record::<SecretMetadata>(&keyring, &engine::metadata_key(&r.mount, &r.path))?
                 .ok_or_else(|| {

@@ -713,6 +713,16 @@ impl Api {
         key: &[u8],
     ) -> Result<Option<(T, u64)>, Status> {
         let view = self.node.store().read().map_err(storage_status)?;
+        self.read_record_in(&view, keyring, key)
+    }
+
+    /// [`Api::read_record`] in a given read view (so that several reads see one state).
+    fn read_record_in<T: serde::de::DeserializeOwned>(
+        &self,
+        view: &ReadView,
+        keyring: &Keyring,
+        key: &[u8],
+    ) -> Result<Option<(T, u64)>, Status> {
         match view.get(key).map_err(storage_status)? {
             Some(e) => {
                 let plain = self.decrypt(keyring, key, &e.value)?;
@@ -726,6 +736,15 @@ impl Api {
             }
             None => Ok(None),
         }
+    }
+
+    /// This node's store revision now.
+    fn revision_now(&self) -> Result<u64, Status> {
+        self.node
+            .store()
+            .read()
+            .and_then(|view| view.revision())
+            .map_err(storage_status)
     }
 
     /// The cluster's session lifetimes (from this node's state).

@@ -269,7 +269,7 @@ impl Wrap for Api {
                 if let Some((at, by)) = &w.consumed {
                     // The same request again (its first answer was lost): the same data.
                     if !r.request_id.is_empty() && *by == r.request_id && !w.ciphertext.is_empty() {
-                        let revision = self.node.store().read().map_err(storage_status)?.revision().map_err(storage_status)?;
+                        let revision = self.revision_now()?;
                         return Ok(unwrap_answer(self, &r.request_id, revision, &raw, w));
                     }
                     return Err(consumed_status(&r.id, *at));
@@ -327,13 +327,7 @@ impl Wrap for Api {
             let fingerprint = PublicKey::from_bytes(&w.recipient_key)
                 .map(|k| k.fingerprint())
                 .unwrap_or_default();
-            let revision = self
-                .node
-                .store()
-                .read()
-                .map_err(storage_status)?
-                .revision()
-                .map_err(storage_status)?;
+            let revision = self.revision_now()?;
             Ok(wpb::LookupResponse {
                 header: self.wrap_header(&[], revision),
                 sender: w.sender,
