@@ -411,6 +411,45 @@ impl SecretMetadata {
         Ok(out)
     }
 
+    /// Soft-deletes, undeletes or destroys the `asked` versions (empty: the newest, for a
+    /// delete) at `now`; returns the versions whose state changed (a destroyed version's data
+    /// must be deleted in the same transaction). Versions already in that state are left out.
+    pub fn change_versions(
+        &mut self,
+        mount: &Mount,
+        path: &str,
+        asked: &[u64],
+        what: VersionChange,
+        now_ms: u64,
+    ) -> Result<Vec<u64>, Refusal> {
+        let picked = self.pick(path, asked, what == VersionChange::Delete)?;
+        let mut changed = Vec::new();
+        for n in picked {
+            let deleted = match self.versions.get(&n) {
+                Some(v) => self.deleted_at(mount, v, now_ms),
+                None => continue,
+            };
+            let Some(v) = self.versions.get_mut(&n) else {
+                continue;
+            };
+            let changes = match what {
+                VersionChange::Delete => !v.destroyed && deleted == 0,
+                VersionChange::Undelete => !v.destroyed && v.deleted_ms > 0,
+                VersionChange::Destroy => !v.destroyed,
+            };
+            if !changes {
+                continue;
+            }
+            match what {
+                VersionChange::Delete => v.deleted_ms = now_ms,
+                VersionChange::Undelete => v.deleted_ms = 0,
+                VersionChange::Destroy => v.destroyed = true,
+            }
+            changed.push(n);
+        }
+        Ok(changed)
+    }
+
     fn kept_list(&self) -> String {
         if self.versions.is_empty() {
             return "none".into();
@@ -418,6 +457,17 @@ impl SecretMetadata {
         let v: Vec<String> = self.versions.keys().map(u64::to_string).collect();
         v.join(", ")
     }
+}
+
+/// What a delete, undelete or destroy of versions does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionChange {
+    /// Soft delete (undelete brings it back).
+    Delete,
+    /// Undoes a soft delete.
+    Undelete,
+    /// Removes the data for good.
+    Destroy,
 }
 
 /// The names directly under a folder, from the metadata paths found under it (relative to the
@@ -557,6 +607,26 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("destroyed")
+        );
+    }
+
+    #[test]
+    fn delete_undelete_and_destroy_change_only_what_is_not_in_that_state() {
+        let mut m = SecretMetadata::default();
+        for t in [1, 2, 3] {
+            m.add_version(&mount(), t, b"");
+        }
+        let change = |m: &mut SecretMetadata, asked: &[u64], what| {
+            m.change_versions(&mount(), "p", asked, what, 100).unwrap()
+        };
+        assert_eq!(change(&mut m, &[], VersionChange::Delete), vec![3]);
+        assert_eq!(change(&mut m, &[1, 3], VersionChange::Delete), vec![1]);
+        assert_eq!(change(&mut m, &[3], VersionChange::Undelete), vec![3]);
+        assert_eq!(change(&mut m, &[2], VersionChange::Destroy), vec![2]);
+        assert!(change(&mut m, &[2], VersionChange::Undelete).is_empty());
+        assert!(
+            m.change_versions(&mount(), "p", &[9], VersionChange::Destroy, 100)
+                .is_err()
         );
     }
 

@@ -12,7 +12,7 @@ use coffer_api::kv::v1::mounts_server::Mounts;
 use prost::Message as _;
 
 use super::*;
-use crate::kv_engine::{self as engine, Mount, Refusal, SecretMetadata};
+use crate::kv_engine::{self as engine, Mount, Refusal, SecretMetadata, VersionChange};
 
 /// How often a write decides again after its metadata changed under it (writes to one secret
 /// through other nodes), backing off a random while longer each time.
@@ -384,33 +384,19 @@ impl Api {
                     &r.request_id,
                     false,
                     |meta, now| {
-                        let picked = meta
-                            .pick(&r.path, &r.versions, what == VersionChange::Delete)
+                        let changed = meta
+                            .change_versions(&mount, &r.path, &r.versions, what, now)
                             .map_err(refusal)?;
-                        let mut changed = Vec::new();
-                        let mut ops = Vec::new();
-                        for n in picked {
-                            let deleted = meta.deleted_at(&mount, &meta.versions[&n], now);
-                            let v = meta.versions.get_mut(&n).expect("picked versions are kept");
-                            match what {
-                                VersionChange::Delete if !v.destroyed && deleted == 0 => {
-                                    v.deleted_ms = now;
-                                    changed.push(n);
-                                }
-                                VersionChange::Undelete if !v.destroyed && v.deleted_ms > 0 => {
-                                    v.deleted_ms = 0;
-                                    changed.push(n);
-                                }
-                                VersionChange::Destroy if !v.destroyed => {
-                                    v.destroyed = true;
-                                    changed.push(n);
-                                    ops.push(Op::Delete {
-                                        key: engine::version_key(&r.mount, &r.path, n),
-                                    });
-                                }
-                                _ => {}
-                            }
-                        }
+                        // Destroyed versions' data goes in the same transaction.
+                        let ops = match what {
+                            VersionChange::Destroy => changed
+                                .iter()
+                                .map(|n| Op::Delete {
+                                    key: engine::version_key(&r.mount, &r.path, *n),
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        };
                         Ok(Change {
                             ops,
                             answer: changed,
@@ -454,13 +440,6 @@ impl Api {
                 .collect(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VersionChange {
-    Delete,
-    Undelete,
-    Destroy,
 }
 
 #[tonic::async_trait]
