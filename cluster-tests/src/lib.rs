@@ -464,6 +464,20 @@ impl Cluster {
         key
     }
 
+    /// Prepares node `id` (not started) as a StatefulSet pod beyond the initial members is
+    /// started: the same `--initial-member` list as every pod (which does not name it) and its
+    /// service-account token file, nothing else; it joins through the initial members.
+    pub fn prepare_pod(&mut self, id: u64, token_file: &Path) {
+        self.add_node(id);
+        let mut args: Vec<String> = self
+            .initial_members
+            .iter()
+            .flat_map(|m| ["--initial-member".to_string(), m.clone()])
+            .collect();
+        args.extend(["--join-token-file".into(), token_file.display().to_string()]);
+        self.node_mut(id).extra_args.extend(args);
+    }
+
     /// Waits until a node that joined is a member (in `leader`'s view), unsealed (by peer
     /// unseal), and serves a linearizable read of a write made through `leader`.
     pub async fn must_wait_joined(&self, id: u64, leader: u64) {

@@ -410,6 +410,24 @@ fn check_rules(objects: &[Object], nodes: usize, help: &str, errors: &mut Vec<St
                 ));
             }
         }
+        // The server's endpoints: readiness is `/ready` (unsealed and caught up); liveness
+        // and startup are `/health`, which answers while sealed, so a sealed pod waiting for
+        // its operators is never restarted.
+        for (probe, what, path) in [
+            (&c.liveness_probe, "liveness", "/health"),
+            (&c.startup_probe, "startup", "/health"),
+            (&c.readiness_probe, "readiness", "/ready"),
+        ] {
+            let used = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.as_deref());
+            if used != Some(path) {
+                error(format!(
+                    "the {what} probe of the coffer container asks {used:?}; it must ask {path}"
+                ));
+            }
+        }
         check_flags(c, objects, help, &mut error);
         check_initial_members(c, objects, nodes, &mut error);
     }
@@ -733,6 +751,15 @@ fn the_checker_rejects_broken_manifests() {
     ] {
         must_mention(&errors, needle);
     }
+    // A liveness probe on readiness would restart every sealed pod (Vault's deadlock).
+    let errors = problems_after("StatefulSet", |d| {
+        d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] =
+            "/ready".into();
+    });
+    must_mention(
+        &errors,
+        "the liveness probe of the coffer container asks Some(\"/ready\"); it must ask /health",
+    );
     // Initial members that do not match the replica count.
     let errors = problems_after("ConfigMap", |d| {
         if let Some(list) = d["data"].get_mut("initial-members") {

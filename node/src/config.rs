@@ -70,16 +70,20 @@ pub struct ServerArgs {
     /// Default: `node.key` in the data directory, made on first start.
     #[arg(long, env = "COFFER_NODE_KEY")]
     pub node_key: Option<PathBuf>,
-    /// Join an existing cluster through this member's API address (`HOST:PORT`): the node
-    /// proves its registered node key, receives its node certificate and is added as a learner.
-    #[arg(long, env = "COFFER_JOIN")]
-    pub join: Option<String>,
-    /// With --join: prove membership with this service-account token file (read at each try)
-    /// instead of a registered node key; the Kubernetes role `coffer-members` must admit it.
+    /// Join an existing cluster through these members' API addresses (`HOST:PORT`, repeated or
+    /// comma-separated, tried in turn): the node proves its registered node key, receives its
+    /// node certificate and is added as a learner. With --initial-member it is used only when
+    /// the list does not name this node.
+    #[arg(long, env = "COFFER_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Prove membership with this service-account token file (read at each try) instead of a
+    /// registered node key; the Kubernetes role `coffer-members` must admit it. A node that
+    /// --initial-member does not name then joins through the initial members (or --join).
     #[arg(long, env = "COFFER_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
     /// Voters of a new cluster, `ID=PEER_ADDR/API_ADDR`, repeated or comma-separated. Only the
-    /// member with the lowest id initializes; an existing cluster ignores it.
+    /// member with the lowest id initializes; an existing cluster ignores it. One list can
+    /// serve every pod of a StatefulSet: a node it does not name joins (see --join-token-file).
     #[arg(
         long = "initial-member",
         env = "COFFER_INITIAL_MEMBERS",
@@ -234,8 +238,9 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     /// The node key file (`None`: in the data directory, or a new one in memory).
     pub node_key: Option<PathBuf>,
-    /// A member's API address to join through.
-    pub join: Option<String>,
+    /// Members' API addresses to join through (empty: this node does not join; it is an
+    /// initial member or already in a cluster).
+    pub join: Vec<String>,
     /// The service-account token file a joining pod proves membership with.
     pub join_token_file: Option<PathBuf>,
     /// Voters of a new cluster.
@@ -349,21 +354,38 @@ impl ServerArgs {
             // A lone transient node is a one-node cluster of its own.
             initial_members.insert(node_id, member.clone());
         }
-        if !initial_members.is_empty() {
-            match initial_members.get(&node_id) {
-                None => bail!(
-                    "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster starts with --join instead"
-                ),
-                Some(m) if !m.same_addresses(&member) => bail!(
-                    "--initial-member gives node {node_id} the addresses {m}, but this node advertises {member}"
-                ),
-                Some(_) => {}
+        let join_token_file = self.join_token_file.or(file.join_token_file);
+        let mut join = if self.join.is_empty() {
+            file.join
+                .map(|j| j.split(',').map(|a| a.trim().to_string()).collect())
+                .unwrap_or_default()
+        } else {
+            self.join
+        };
+        join.retain(|a: &String| !a.is_empty());
+        match initial_members.get(&node_id) {
+            // An initial member forms the cluster (or is in it already): it never joins.
+            Some(m) if !m.same_addresses(&member) => bail!(
+                "--initial-member gives node {node_id} the addresses {m}, but this node advertises {member}"
+            ),
+            Some(_) => join.clear(),
+            None if initial_members.is_empty() => {}
+            // A node the list does not name (a StatefulSet scaled past its initial members)
+            // joins, through --join or else the initial members.
+            None if !join.is_empty() => {}
+            None if join_token_file.is_some() => {
+                join = initial_members
+                    .values()
+                    .map(|m| m.api_addr.clone())
+                    .collect();
             }
+            None => bail!(
+                "--initial-member lists no member with this node's id {node_id}; a node that joins an existing cluster also needs --join MEMBER_API_ADDR (with a registered node key) or --join-token-file (a Kubernetes pod, joining through the initial members)"
+            ),
         }
-        let join = self.join.or(file.join);
-        if join.is_some() && !initial_members.is_empty() {
+        if join.is_empty() && join_token_file.is_some() && initial_members.is_empty() {
             bail!(
-                "--join and --initial-member exclude each other: initial members form a new cluster, a joining node enters an existing one"
+                "--join-token-file needs the members to join through: --join MEMBER_API_ADDR or --initial-member"
             );
         }
         let defaults = Settings::default();
@@ -532,7 +554,7 @@ impl ServerArgs {
             member,
             tls,
             node_key: self.node_key.or(file.node_key),
-            join_token_file: self.join_token_file.or(file.join_token_file),
+            join_token_file,
             join,
             initial_members,
             max_value_bytes,
@@ -583,6 +605,66 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+    }
+
+    /// Every pod of a StatefulSet gets the same flags: the initial member list and a token.
+    fn pod(id: u64, join: &[&str], token: bool) -> Result<NodeConfig> {
+        let members: Vec<String> = (1..=3)
+            .map(|i| format!("{i}=coffer-{i}.peers:7001/coffer-{i}.peers:7000"))
+            .collect();
+        ServerArgs {
+            node_id: Some(id),
+            data_dir: Some("/var/lib/coffer".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_ca: Some("a".into()),
+            advertise_api_addr: Some(format!("coffer-{id}.peers:7000")),
+            advertise_peer_addr: Some(format!("coffer-{id}.peers:7001")),
+            initial_members: members,
+            join: join.iter().map(|s| s.to_string()).collect(),
+            join_token_file: token.then(|| "/var/run/secrets/coffer/token".into()),
+            ..Default::default()
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn a_pod_beyond_the_initial_members_joins_through_them() {
+        let initial = pod(2, &[], true).unwrap();
+        assert!(initial.join.is_empty(), "an initial member never joins");
+        let also_given_join = pod(2, &["elsewhere:7000"], true).unwrap();
+        assert!(
+            also_given_join.join.is_empty(),
+            "an initial member never joins"
+        );
+        let fourth = pod(4, &[], true).unwrap();
+        assert_eq!(
+            fourth.join,
+            [
+                "coffer-1.peers:7000",
+                "coffer-2.peers:7000",
+                "coffer-3.peers:7000"
+            ]
+        );
+        let told_where = pod(4, &["a:7000", "b:7000"], false).unwrap();
+        assert_eq!(told_where.join, ["a:7000", "b:7000"]);
+        let err = pod(4, &[], false).unwrap_err();
+        assert!(format!("{err:#}").contains("--join-token-file"), "{err:#}");
+        let err = ServerArgs {
+            node_id: Some(4),
+            data_dir: Some("/var/lib/coffer".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_ca: Some("a".into()),
+            join_token_file: Some("t".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("members to join through"),
+            "{err:#}"
+        );
     }
 
     #[test]

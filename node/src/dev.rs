@@ -66,7 +66,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             member: members[&id].clone(),
             tls: files.clone(),
             node_key: None,
-            join: None,
+            join: Vec::new(),
             join_token_file: None,
             initial_members: members.clone(),
             max_value_bytes: 1 << 20,

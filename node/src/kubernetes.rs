@@ -414,10 +414,18 @@ fn client_for(
     if let Some(file) = token_file {
         config.auth_info.token_file = Some(file.to_string());
     }
-    config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
-    config.write_timeout = Some(timeout);
+    set_timeouts(&mut config, timeout);
     kube::Client::try_from(config).context("the Kubernetes client")
+}
+
+/// The client's own timeouts sit past the deadline `validate` keeps, so a silent API server
+/// is always reported by that deadline ("did not answer ... within"), never as whichever of
+/// the client's timers happened to fire first (a flaky "client error (SendRequest)").
+fn set_timeouts(config: &mut kube::Config, timeout: Duration) {
+    let outer = timeout + Duration::from_secs(5);
+    config.connect_timeout = Some(outer);
+    config.read_timeout = Some(outer);
+    config.write_timeout = Some(outer);
 }
 
 impl Validator {
@@ -448,8 +456,7 @@ impl Validator {
             ValidatorConfig::InCluster { timeout } => {
                 let mut c = kube::Config::incluster()
                     .context("not running in a Kubernetes pod (no in-cluster configuration)")?;
-                c.connect_timeout = Some(*timeout);
-                c.read_timeout = Some(*timeout);
+                set_timeouts(&mut c, *timeout);
                 Some(kube::Client::try_from(c).context("the Kubernetes client")?)
             }
             ValidatorConfig::Jwks {

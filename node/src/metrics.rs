@@ -1,4 +1,5 @@
-//! Prometheus metrics of one node, served on their own port (`/metrics`), plus `/health`.
+//! Prometheus metrics of one node, served on their own port (`/metrics`), plus `/health`
+//! (liveness) and `/ready` (readiness: serving, that is unsealed and caught up).
 //! Test builds (`failpoints` feature) also take `PUT`/`DELETE /failpoints/{name}` there, so the
 //! chaos harness can inject disk and network faults into a running node.
 //!
@@ -12,6 +13,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use coffer_raft::RaftNode;
 use coffer_storage::FlushEvent;
+
+use crate::seal::Seal;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -203,11 +206,72 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/health` until the task is dropped.
+/// How far (in log entries) a node's applied state may trail what it knows is committed and
+/// still count as caught up.
+pub const READY_LAG: u64 = 1000;
+
+/// The answer of `/ready`: 200 when this node serves (a member that knows a leader, unsealed,
+/// applied within [`READY_LAG`] entries of the commit it knows); otherwise 501 when the cluster
+/// was never initialized (`coffer operator init`), 503 with the reason (stopped, not in a
+/// cluster yet, no leader, sealed, catching up). A Kubernetes readiness probe on it keeps a
+/// pod out of the client service until it can answer, and never restarts it (that is
+/// `/health`'s job), so a sealed pod waits for its operators without holding others back.
+pub fn readiness(node: &RaftNode, seal: &Seal) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    let status = node.status();
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why);
+    if let Some(why) = status.fatal {
+        return unavailable(format!("stopped: {why}"));
+    }
+    let role = if status.voters.contains_key(&status.id) {
+        "voter"
+    } else if status.learners.contains_key(&status.id) {
+        "learner"
+    } else {
+        return unavailable(
+            "not in a cluster yet: waiting for the initial members to form it, or to be added (see the log)"
+                .into(),
+        );
+    };
+    let Some(leader) = status.leader else {
+        return unavailable(
+            "no leader known: an election is under way or a majority is unreachable".into(),
+        );
+    };
+    match seal.config() {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return (
+                StatusCode::NOT_IMPLEMENTED,
+                "not initialized: run `coffer operator init` against any node".into(),
+            );
+        }
+        Err(e) => return unavailable(format!("cannot read the seal configuration: {e:#}")),
+    }
+    if seal.is_sealed() {
+        return unavailable(
+            "sealed: operators unseal it (`coffer operator unseal`), or its peers do with peer unseal on"
+                .into(),
+        );
+    }
+    if status.committed > status.applied + READY_LAG {
+        return unavailable(format!(
+            "catching up: applied {} of {} committed entries",
+            status.applied, status.committed
+        ));
+    }
+    (
+        StatusCode::OK,
+        format!("ready: {role}, leader {leader}, applied {}", status.applied),
+    )
+}
+
+/// Serves `/metrics`, `/health` and `/ready` until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     node: Arc<RaftNode>,
+    seal: Arc<Seal>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     use axum::routing::get;
     let listener = TcpListener::bind(addr)
@@ -215,6 +279,7 @@ pub async fn serve(
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     let local = listener.local_addr()?;
     let health_node = node.clone();
+    let ready_node = node.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -233,6 +298,13 @@ pub async fn serve(
                         None => (axum::http::StatusCode::OK, "ok".to_string()),
                     }
                 }
+            }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let (n, s) = (ready_node.clone(), seal.clone());
+                async move { readiness(&n, &s) }
             }),
         );
     #[cfg(feature = "failpoints")]

@@ -946,11 +946,24 @@ pub async fn join(
     token_file: Option<PathBuf>,
 ) {
     let mut last_error = String::new();
-    loop {
+    for attempt in 0usize.. {
         if node.is_initialized().await.unwrap_or(false) {
             return;
         }
-        match join_once(&tls, &node_key, &via, node.id(), &me, token_file.as_deref()).await {
+        // Each try goes through the next member: one that is down, sealed or not yet formed
+        // does not hold the others back.
+        let through = &via.addrs[attempt % via.addrs.len()];
+        match join_once(
+            &tls,
+            &node_key,
+            &via,
+            through,
+            node.id(),
+            &me,
+            token_file.as_deref(),
+        )
+        .await
+        {
             Ok(index) => {
                 tracing::info!(raft_index = index, "joined the cluster as a learner");
                 return;
@@ -971,6 +984,7 @@ async fn join_once(
     tls: &PeerTls,
     node_key: &KeyPair,
     via: &crate::client::Target,
+    through: &str,
     id: u64,
     me: &coffer_raft::Member,
     token_file: Option<&Path>,
@@ -984,7 +998,7 @@ async fn join_once(
             .to_string(),
         None => String::new(),
     };
-    let channel = via.channel_to(&via.addrs[0])?;
+    let channel = via.channel_to(through)?;
     let challenge = pb::auth_client::AuthClient::new(channel.clone())
         .challenge(pb::ChallengeRequest::default())
         .await

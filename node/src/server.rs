@@ -305,13 +305,13 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             how: "initial member, at its first unseal".into(),
         },
     )));
-    if let Some(via) = cfg.join.clone() {
+    if !cfg.join.is_empty() {
         tasks.push(tokio::spawn(node_identity::join(
             peer_tls.clone(),
             node.clone(),
             node_key,
             crate::client::Target {
-                addrs: vec![via],
+                addrs: cfg.join.clone(),
                 ca_pem: tls.ca_pem().to_vec(),
                 timeout: Duration::from_secs(30),
                 session: None,
@@ -320,6 +320,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             cfg.join_token_file.clone(),
         )));
     }
+    let ready_seal = seal.clone();
     let api = Api::new(
         node.clone(),
         metrics.clone(),
@@ -420,7 +421,8 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
 
     let metrics_addr = match cfg.metrics_addr {
         Some(addr) => {
-            let (bound, task) = metrics::serve(addr, metrics.clone(), node.clone()).await?;
+            let (bound, task) =
+                metrics::serve(addr, metrics.clone(), node.clone(), ready_seal).await?;
             tasks.push(task);
             Some(bound)
         }
@@ -443,7 +445,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         }
     }));
 
-    if !cfg.initial_members.is_empty() && !node.is_initialized().await? {
+    if cfg.initial_members.contains_key(&cfg.node_id) && !node.is_initialized().await? {
         // A member whose data directory was replaced cannot be told so over the peer port
         // (it presents its bootstrap certificate, which its peers no longer accept once it has
         // a node certificate): it asks the other members' API who the cluster knows instead.
