@@ -478,6 +478,21 @@ impl Cluster {
         self.node_mut(id).extra_args.extend(args);
     }
 
+    /// Writes the Kubernetes role that admits joining pods (`coffer-members`): the service
+    /// account `coffer` of `namespace`, tokens for the audience `coffer-cluster`.
+    pub async fn must_write_member_role(&self, namespace: &str) {
+        coffer_api::v1::kubernetes_roles_client::KubernetesRolesClient::new(self.channel(1))
+            .write(pb::KubernetesRole {
+                name: coffer_node::node_identity::KUBERNETES_MEMBER_ROLE.into(),
+                bound_service_accounts: vec!["coffer".into()],
+                bound_namespaces: vec![namespace.into()],
+                audience: "coffer-cluster".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("write the member role");
+    }
+
     /// Waits until a node that joined is a member (in `leader`'s view), unsealed (by peer
     /// unseal), and serves a linearizable read of a write made through `leader`.
     pub async fn must_wait_joined(&self, id: u64, leader: u64) {

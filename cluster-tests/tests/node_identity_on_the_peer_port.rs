@@ -231,16 +231,7 @@ async fn a_pod_joins_with_the_kubernetes_role_reserved_for_members() {
     let mut cluster = Cluster::start(3, options).await;
     let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
     let role = coffer_node::node_identity::KUBERNETES_MEMBER_ROLE;
-    coffer_api::v1::kubernetes_roles_client::KubernetesRolesClient::new(cluster.channel(1))
-        .write(pb::KubernetesRole {
-            name: role.into(),
-            bound_service_accounts: vec!["coffer".into()],
-            bound_namespaces: vec!["vault-ns".into()],
-            audience: "coffer-cluster".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("write the member role");
+    cluster.must_write_member_role("vault-ns").await;
 
     // A pod of another service account is refused, whatever node key it brings.
     let stranger = dir.path().join("stranger.token");

@@ -82,16 +82,7 @@ async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() 
     )
     .await;
     let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
-    coffer_api::v1::kubernetes_roles_client::KubernetesRolesClient::new(cluster.channel(1))
-        .write(pb::KubernetesRole {
-            name: coffer_node::node_identity::KUBERNETES_MEMBER_ROLE.into(),
-            bound_service_accounts: vec!["coffer".into()],
-            bound_namespaces: vec!["coffer".into()],
-            audience: "coffer-cluster".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("write the member role");
+    cluster.must_write_member_role("coffer").await;
     let token = dir.path().join("token");
     std::fs::write(
         &token,
