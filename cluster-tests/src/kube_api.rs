@@ -79,9 +79,15 @@ const KID: &str = "test-sa-key-1";
 impl KubeApi {
     /// Starts the server on 127.0.0.1, writing its CA and a reviewer token into `dir`.
     pub async fn start(dir: &Path) -> KubeApi {
+        KubeApi::start_on(dir, "127.0.0.1").await
+    }
+
+    /// Like [`KubeApi::start`], listening on `ip` (e.g. a Docker network's gateway, where
+    /// containers reach it as their in-cluster API server), its certificate naming `ip`.
+    pub async fn start_on(dir: &Path, ip: &str) -> KubeApi {
         let ca = coffer_node::tls::CertAuthority::generate().expect("CA");
         let (cert, key) = ca
-            .issue("test kube-apiserver", &["127.0.0.1".to_string()])
+            .issue("test kube-apiserver", &[ip.to_string()])
             .expect("server certificate");
         let ca_file = dir.join("kube-ca.pem");
         std::fs::write(&ca_file, ca.cert_pem()).expect("write CA");
@@ -102,9 +108,9 @@ impl KubeApi {
         .with_single_cert(certs, key)
         .expect("TLS config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
-            .expect("bind");
+            .unwrap_or_else(|e| panic!("cannot listen on {ip}: {e}"));
         let url = format!("https://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State {
             reviewer_token: "reviewer-1".into(),

@@ -229,6 +229,30 @@ fn must_issue_certs(dir: &Path, ids: std::ops::RangeInclusive<u64>) {
     assert!(out.status.success(), "coffer certs failed: {out:?}");
 }
 
+/// `coffer operator init` through `target` with one new operator key (threshold 1 of 1) and a
+/// new administrator key, saved in `keys` as `operator.key`/`.pub`, `admin.key`/`.pub`; the
+/// operator's share is `keys/operator.share`. Nothing is unsealed yet.
+pub async fn must_init_with_one_operator(target: &coffer_node::client::Target, keys: &Path) {
+    for (name, what) in [
+        ("operator", "test operator"),
+        ("admin", "test administrator"),
+    ] {
+        coffer_node::keys::KeyPair::generate()
+            .expect("key")
+            .save(&keys.join(name), what)
+            .expect("save key");
+    }
+    coffer_node::operator::init(
+        target,
+        &[keys.join("operator.pub")],
+        1,
+        &keys.join("admin.pub"),
+        keys,
+    )
+    .await
+    .expect("coffer operator init");
+}
+
 impl Cluster {
     /// Starts `n` voters that bootstrap a new cluster, and waits for a leader.
     pub async fn start(n: u64, options: ClusterOptions) -> Cluster {
@@ -334,24 +358,8 @@ impl Cluster {
     /// node unseals itself from a live one, as in a rolling restart).
     pub async fn must_initialize(&self) {
         let keys = self.dir.path().join("keys");
-        let operator = coffer_node::keys::KeyPair::generate().expect("key");
-        operator
-            .save(&keys.join("operator"), "test operator")
-            .expect("save key");
-        coffer_node::keys::KeyPair::generate()
-            .expect("key")
-            .save(&keys.join("admin"), "test administrator")
-            .expect("save key");
         let target = self.target();
-        coffer_node::operator::init(
-            &target,
-            &[keys.join("operator.pub")],
-            1,
-            &keys.join("admin.pub"),
-            &keys,
-        )
-        .await
-        .expect("coffer operator init");
+        must_init_with_one_operator(&target, &keys).await;
         let first = self.running()[0];
         self.must_unseal(first).await;
         let (key, _) = self.operator_files();

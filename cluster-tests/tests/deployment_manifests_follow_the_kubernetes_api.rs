@@ -16,8 +16,9 @@
 //! The checker is run against deliberately broken manifests at the end of this file, so it
 //! provably can fail.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -29,6 +30,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use common::must_render;
 
 const NAMESPACE: &str = "coffer";
 const APP_LABEL_KEY: &str = "app.kubernetes.io/name";
@@ -57,42 +60,6 @@ enum Object {
     StatefulSet(StatefulSet),
     PodDisruptionBudget(PodDisruptionBudget),
     NetworkPolicy(NetworkPolicy),
-}
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cluster-tests/ is inside the workspace")
-        .join("deploy/kubernetes")
-}
-
-/// `kubectl kustomize DIR`; panics with what to install when kubectl is missing.
-fn must_render(dir: &str) -> Vec<Value> {
-    let path = deploy_dir().join(dir);
-    let out = match Command::new("kubectl").arg("kustomize").arg(&path).output() {
-        Ok(out) => out,
-        Err(e) => panic!(
-            "cannot run `kubectl kustomize {}` ({e}): this test needs kubectl (1.27 or later, which embeds kustomize 5) on the PATH",
-            path.display()
-        ),
-    };
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("kubectl prints UTF-8");
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value: serde_yaml::Value =
-            serde::Deserialize::deserialize(doc).expect("kubectl prints valid YAML");
-        if !value.is_null() {
-            docs.push(serde_json::to_value(value).expect("a manifest is representable as JSON"));
-        }
-    }
-    assert!(!docs.is_empty(), "{dir} renders no object");
-    docs
 }
 
 /// `coffer server --help` of the program under test.

@@ -40,6 +40,8 @@ pub struct RunningNode {
     /// Bound metrics address.
     pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// The API server: it finishes the requests in flight once `stop` turns true.
+    api_server: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Set to the reason when the node stopped by itself (fatal error).
     pub fatal: watch::Receiver<Option<String>>,
@@ -62,9 +64,20 @@ impl RunningNode {
         }
     }
 
-    /// Stops the listeners and Raft.
+    /// Stops the listeners, lets the API requests in flight finish (at most 10 s), then stops
+    /// Raft. Without the wait, a write in flight when SIGTERM came (a rolling restart) was
+    /// answered "raft stopped" (INTERNAL) although it was committed; now it gets its answer,
+    /// and new calls go to the other nodes.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        let mut api_server = self.api_server;
+        if tokio::time::timeout(Duration::from_secs(10), &mut api_server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("API requests still in flight after 10 s; stopping anyway");
+            api_server.abort();
+        }
         self.node.shutdown().await;
         for t in self.tasks {
             t.abort();
@@ -386,13 +399,14 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 .max_encoding_message_size(max_message),
         )
         .add_service(coffer_api::v1::auth_server::AuthServer::new(api));
-    tasks.extend(serve(
+    let [api_accept, api_server] = serve(
         "API",
         api_server,
         api_listener,
         tls.api_acceptor().context("API TLS")?,
         stop_rx.clone(),
-    ));
+    );
+    tasks.push(api_accept);
 
     // Every peer request is checked again (the handshake checked the certificate once): a
     // connection made before a member's bootstrap certificate stopped counting, or by a node
@@ -487,6 +501,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         peer_addr,
         metrics_addr,
         stop: stop_tx,
+        api_server,
         tasks,
         fatal: fatal_rx,
     })
