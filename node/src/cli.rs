@@ -1173,7 +1173,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
     let mut rows = vec![
         vec![
             "NODE", "API", "ROLE", "STATE", "TERM", "LEADER", "LAST LOG", "COMMIT", "APPLIED",
-            "SNAPSHOT", "REVISION", "SEAL",
+            "SNAPSHOT", "REVISION", "SEAL", "HEALTH",
         ]
         .into_iter()
         .map(String::from)
@@ -1182,14 +1182,25 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
     let mut json_nodes = Vec::new();
     let mut members = view.members.clone();
     members.sort_by_key(|m| m.id);
+    let mut answers = Vec::new();
     for m in &members {
-        let role = if m.voter { "voter" } else { "learner" };
         let answer = async {
             let mut c = ClusterClient::new(target.channel_to(&m.api_addr)?);
             let digest = client.format == Format::Json;
             anyhow::Ok(c.status(pb::StatusRequest { digest }).await?.into_inner())
         }
         .await;
+        answers.push((m, answer));
+    }
+    // Member health is the leader's view: when each member last answered it, how far behind.
+    let leader_view = answers.iter().find_map(|(_, a)| {
+        a.as_ref()
+            .ok()
+            .filter(|s| s.leader_id == s.node_id && s.fatal.is_empty())
+    });
+    for (m, answer) in answers.iter() {
+        let role = if m.voter { "voter" } else { "learner" };
+        let health = member_health(m.id, leader_view);
         match answer {
             Ok(s) => {
                 rows.push(vec![
@@ -1209,6 +1220,7 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
                     s.snapshot_index.to_string(),
                     s.revision.to_string(),
                     s.seal.clone(),
+                    health.clone(),
                 ]);
                 json_nodes.push(serde_json::json!({
                     "id": m.id, "api_addr": m.api_addr, "role": role, "state": s.state,
@@ -1217,16 +1229,20 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
                     "snapshot_index": s.snapshot_index, "revision": s.revision,
                     "digest": format!("{:016x}", s.digest), "fatal": s.fatal,
                     "replication_lag": s.replication_lag, "seal": s.seal,
+                    "last_contact_ms": s.last_contact_ms, "health": health,
                 }));
             }
             Err(e) => {
-                rows.push(vec![
+                let mut row = vec![
                     m.id.to_string(),
                     m.api_addr.clone(),
                     role.into(),
                     format!("unreachable: {e}"),
-                ]);
-                json_nodes.push(serde_json::json!({"id": m.id, "api_addr": m.api_addr, "role": role, "error": e.to_string()}));
+                ];
+                row.resize(12, String::new());
+                row.push(health.clone());
+                rows.push(row);
+                json_nodes.push(serde_json::json!({"id": m.id, "api_addr": m.api_addr, "role": role, "error": e.to_string(), "health": health}));
             }
         }
     }
@@ -1241,6 +1257,28 @@ async fn status_command(client: &ClientArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Member `id`'s health as the leader sees it (`leader`: the leader's status answer).
+fn member_health(id: u64, leader: Option<&pb::StatusResponse>) -> String {
+    let Some(l) = leader else {
+        return "unknown: no leader answered".into();
+    };
+    if id == l.node_id {
+        return "leader".into();
+    }
+    let lag = l.replication_lag.get(&id).copied().unwrap_or(0);
+    match l.last_contact_ms.get(&id) {
+        None => "no contact since this leader was elected".into(),
+        Some(ms) if *ms >= MEMBER_SILENT_MS => {
+            format!("no contact for {:.0} s", *ms as f64 / 1000.0)
+        }
+        Some(_) if lag > crate::metrics::READY_LAG => format!("lagging {lag} entries"),
+        Some(ms) => format!("healthy ({ms} ms ago)"),
+    }
+}
+
+/// A member the leader has not heard from for this long is shown as silent.
+const MEMBER_SILENT_MS: u64 = 5_000;
 
 async fn cluster_command(op: ClusterCommand, client: &ClientArgs) -> Result<()> {
     // Membership changes and snapshots may take up to 30 s on the server: wait longer than it.

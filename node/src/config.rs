@@ -133,6 +133,14 @@ pub struct ServerArgs {
     /// (default 60000).
     #[arg(long, env = "COFFER_LOGIN_CLEANUP_INTERVAL_MS")]
     pub login_cleanup_interval_ms: Option<u64>,
+    /// Autopilot: the leader removes a member (voter or learner) it has not heard from for this
+    /// many seconds, retiring its id like `coffer cluster remove`. Off by default (0).
+    #[arg(long, env = "COFFER_AUTOPILOT_DEAD_AFTER_S")]
+    pub autopilot_dead_after_s: Option<u64>,
+    /// Autopilot never removes a voter when fewer than this many voters would remain
+    /// (default 3).
+    #[arg(long, env = "COFFER_AUTOPILOT_MIN_VOTERS")]
+    pub autopilot_min_voters: Option<usize>,
     /// How long after a challenge expired or a session ended it is kept, in milliseconds
     /// (default 300000): nodes whose clocks are behind by less than this still refuse them.
     #[arg(long, env = "COFFER_LOGIN_CLEANUP_GRACE_MS")]
@@ -197,6 +205,8 @@ struct FileConfig {
     login_challenge_ttl_ms: Option<u64>,
     login_rate_per_second: Option<u32>,
     login_cleanup_interval_ms: Option<u64>,
+    autopilot_dead_after_s: Option<u64>,
+    autopilot_min_voters: Option<usize>,
     login_cleanup_grace_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
@@ -217,9 +227,29 @@ pub enum DataLocation {
     Memory,
 }
 
+/// Autopilot: the leader's clean-up of members it stopped hearing from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autopilot {
+    /// Remove a member silent for this long (`None`: never; the default).
+    pub dead_after: Option<Duration>,
+    /// Never leave fewer voters than this.
+    pub min_voters: usize,
+}
+
+impl Default for Autopilot {
+    fn default() -> Self {
+        Autopilot {
+            dead_after: None,
+            min_voters: 3,
+        }
+    }
+}
+
 /// A validated node configuration.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
+    /// Autopilot's dead-member clean-up.
+    pub autopilot: Autopilot,
     /// This node.
     pub node_id: NodeId,
     /// Cluster name recorded in the data directory.
@@ -537,7 +567,24 @@ impl ServerArgs {
                 ),
             }
         };
+        let autopilot = Autopilot {
+            dead_after: self
+                .autopilot_dead_after_s
+                .or(file.autopilot_dead_after_s)
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
+            min_voters: self
+                .autopilot_min_voters
+                .or(file.autopilot_min_voters)
+                .unwrap_or(Autopilot::default().min_voters),
+        };
+        if autopilot.min_voters == 0 {
+            bail!(
+                "--autopilot-min-voters must be at least 1 (3 keeps a cluster that survives one lost voter)"
+            );
+        }
         Ok(NodeConfig {
+            autopilot,
             transient_keys,
             unseal_progress_ttl,
             login,

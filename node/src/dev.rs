@@ -57,6 +57,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
     for (id, api, peer, metrics) in plan {
         let files = node_files(&tls_dir, id);
         let cfg = NodeConfig {
+            autopilot: crate::config::Autopilot::default(),
             node_id: id,
             cluster_name: "coffer-dev".into(),
             data: DataLocation::Memory,

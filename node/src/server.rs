@@ -346,9 +346,11 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                 .context("Kubernetes login")?,
         ),
     )
-    .with_raw_storage_endpoint(cfg.raw_storage_endpoint);
+    .with_raw_storage_endpoint(cfg.raw_storage_endpoint)
+    .with_autopilot(cfg.autopilot);
     tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
     tasks.push(tokio::spawn(api.clone().clean_up_wraps_loop()));
+    tasks.push(tokio::spawn(api.clone().autopilot_loop()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
         .build_v1()

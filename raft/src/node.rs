@@ -95,6 +95,9 @@ pub struct NodeStatus {
     pub learners: BTreeMap<NodeId, Member>,
     /// On the leader: highest index replicated to each member.
     pub replication: BTreeMap<NodeId, u64>,
+    /// On the leader: how long ago each other member last acknowledged a heartbeat or an
+    /// append (`None`: never, since this node became leader).
+    pub last_contact: BTreeMap<NodeId, Option<Duration>>,
     /// Why Raft stopped, if it did.
     pub fatal: Option<String>,
 }
@@ -925,6 +928,16 @@ impl RaftNode {
                 .replication
                 .as_ref()
                 .map(|r| r.iter().map(|(id, l)| (*id, index(l))).collect())
+                .unwrap_or_default(),
+            last_contact: m
+                .heartbeat
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .filter(|(id, _)| **id != self.id)
+                        .map(|(id, at)| (*id, at.as_ref().map(|at| at.elapsed())))
+                        .collect()
+                })
                 .unwrap_or_default(),
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
         }

@@ -51,6 +51,11 @@ impl Cluster for Api {
                 fsyncs: self.metrics.flush_totals().0,
                 flushed_entries: self.metrics.flush_totals().1,
                 seal: self.seal.summary(),
+                last_contact_ms: s
+                    .last_contact
+                    .iter()
+                    .filter_map(|(id, d)| d.map(|d| (*id, d.as_millis() as u64)))
+                    .collect(),
             })
         })
         .await
@@ -134,55 +139,8 @@ impl Cluster for Api {
             self.authorize(&req, RAFT_MEMBERS, Capability::Update)
                 .await?;
             let id = req.into_inner().id;
-            let s = self.node.status();
-            let member = s.voters.contains_key(&id) || s.learners.contains_key(&id);
-            let retire = Txn::ops(vec![
-                Op::Delete {
-                    key: node_identity::node_cert_record(id),
-                },
-                Op::Delete {
-                    key: node_identity::node_key_record(id),
-                },
-                Op::Put {
-                    key: node_identity::node_retired_record(id),
-                    value: auth::now_ms().to_be_bytes().to_vec(),
-                },
-            ]);
-            if !member {
-                // A join that recorded the node but never added it, or a removal whose second
-                // step did not commit: finish retiring it.
-                self.node.linearize().await.map_err(raft_status)?;
-                let view = self.node.store().read().map_err(storage_status)?;
-                let recorded = view
-                    .get(&node_identity::node_cert_record(id))
-                    .map_err(storage_status)?
-                    .is_some()
-                    || view
-                        .get(&node_identity::node_key_record(id))
-                        .map_err(storage_status)?
-                        .is_some();
-                drop(view);
-                if !recorded {
-                    return Err(Status::not_found(format!("node {id} is not a member")));
-                }
-                let index = self.commit(retire, "").await?;
-                return Ok(pb::MembershipResponse { raft_index: index });
-            }
-            if s.voters.contains_key(&id) && s.voters.len() == 1 {
-                return Err(Status::failed_precondition(
-                    "cannot remove the last voter; the cluster would have no quorum",
-                ));
-            }
-            let index = self
-                .node
-                .change_membership(MembershipChange::Remove { id })
-                .await
-                .map_err(raft_status)?;
-            // Its node certificate opens nothing from now on (peers accept members and nodes
-            // being added only), and its id is never admitted again. If this step does not
-            // commit, removing the id again finishes it.
-            self.commit(retire, "").await?;
-            Ok(pb::MembershipResponse { raft_index: index })
+            let raft_index = self.remove_member(id).await?;
+            Ok(pb::MembershipResponse { raft_index })
         })
         .await
     }
@@ -478,5 +436,62 @@ impl Api {
             "a node proved its right to join"
         );
         Ok((certificate, ca.cert().to_vec()))
+    }
+}
+
+impl Api {
+    /// Removes member `id` (voter or learner) and retires its id: its node record and
+    /// registered key are deleted and it is never admitted again. Used by `Cluster.Remove` and
+    /// by autopilot's dead-member clean-up.
+    pub(crate) async fn remove_member(&self, id: u64) -> Result<u64, Status> {
+        let s = self.node.status();
+        let member = s.voters.contains_key(&id) || s.learners.contains_key(&id);
+        let retire = Txn::ops(vec![
+            Op::Delete {
+                key: node_identity::node_cert_record(id),
+            },
+            Op::Delete {
+                key: node_identity::node_key_record(id),
+            },
+            Op::Put {
+                key: node_identity::node_retired_record(id),
+                value: auth::now_ms().to_be_bytes().to_vec(),
+            },
+        ]);
+        if !member {
+            // A join that recorded the node but never added it, or a removal whose second
+            // step did not commit: finish retiring it.
+            self.node.linearize().await.map_err(raft_status)?;
+            let view = self.node.store().read().map_err(storage_status)?;
+            let recorded = view
+                .get(&node_identity::node_cert_record(id))
+                .map_err(storage_status)?
+                .is_some()
+                || view
+                    .get(&node_identity::node_key_record(id))
+                    .map_err(storage_status)?
+                    .is_some();
+            drop(view);
+            if !recorded {
+                return Err(Status::not_found(format!("node {id} is not a member")));
+            }
+            let index = self.commit(retire, "").await?;
+            return Ok(index);
+        }
+        if s.voters.contains_key(&id) && s.voters.len() == 1 {
+            return Err(Status::failed_precondition(
+                "cannot remove the last voter; the cluster would have no quorum",
+            ));
+        }
+        let index = self
+            .node
+            .change_membership(MembershipChange::Remove { id })
+            .await
+            .map_err(raft_status)?;
+        // Its node certificate opens nothing from now on (peers accept members and nodes
+        // being added only), and its id is never admitted again. If this step does not
+        // commit, removing the id again finishes it.
+        self.commit(retire, "").await?;
+        Ok(index)
     }
 }

@@ -33,6 +33,7 @@ use crate::seal::{
 };
 use crate::session::{self, Grant, Sessions};
 
+mod autopilot;
 mod cluster;
 mod grants;
 mod identities;
@@ -70,6 +71,8 @@ pub struct Api {
     secret_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
     /// Whether the raw store API (`coffer.raw.v1.Kv`) answers (`--raw-storage-endpoint`).
     raw_storage: bool,
+    /// Autopilot's dead-member clean-up (off by default).
+    autopilot: crate::config::Autopilot,
 }
 
 impl Api {
@@ -99,7 +102,14 @@ impl Api {
             kubernetes,
             secret_locks: Arc::new((0..4096).map(|_| tokio::sync::Mutex::new(())).collect()),
             raw_storage: false,
+            autopilot: crate::config::Autopilot::default(),
         }
+    }
+
+    /// Runs autopilot's dead-member clean-up with these settings (see [`Api::autopilot_loop`]).
+    pub fn with_autopilot(mut self, autopilot: crate::config::Autopilot) -> Api {
+        self.autopilot = autopilot;
+        self
     }
 
     /// Serves the raw store API too (`--raw-storage-endpoint`; off by default).
