@@ -635,6 +635,15 @@ impl Cluster {
         }
     }
 
+    /// Stops a node as an orchestrator does (SIGTERM) and waits until its process exited;
+    /// returns its exit code.
+    pub fn terminate(&mut self, id: u64) -> Option<i32> {
+        self.signal(id, "-TERM");
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let mut child = node.child.take().expect("the node runs");
+        child.wait().expect("wait for the node").code()
+    }
+
     /// Stops a node's process with SIGSTOP (a long GC pause, a frozen VM).
     pub fn pause(&self, id: u64) {
         self.signal(id, "-STOP");

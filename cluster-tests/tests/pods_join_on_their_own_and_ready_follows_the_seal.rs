@@ -11,6 +11,9 @@
 //! learner, serves, and is promoted by the one documented command; restarted with its volume it
 //! comes back under its own id without joining again; with a wiped volume it is refused (never
 //! two members with one id) and never ready, until `coffer cluster remove` takes the member out.
+//!
+//! Stopping: a leader sent SIGTERM hands leadership to another voter before it stops, and
+//! exits with code 0; the cluster has a new leader without waiting for an election timeout.
 
 use std::time::Duration;
 
@@ -160,4 +163,26 @@ async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() 
         "{status:?}"
     );
     cluster.must_put(leader, "pods/after-scale-down", "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_leadership_over_first() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    cluster.must_put(leader, "handover/before", "1").await;
+    let code = cluster.terminate(leader);
+    assert_eq!(code, Some(0), "a SIGTERM is a clean stop");
+    let log = cluster.log(leader);
+    assert!(
+        log.contains("handed leadership over before stopping"),
+        "the leader handed over: {log}"
+    );
+    let next = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    assert_ne!(next, leader);
+    cluster.must_put(next, "handover/after", "1").await;
+    cluster.spawn(leader);
+    cluster
+        .must_wait_unsealed(&[leader], Duration::from_secs(20))
+        .await;
+    cluster.must_get_equal(leader, "handover/after", "1").await;
 }

@@ -952,6 +952,39 @@ impl RaftNode {
             .map_err(|e| Error::Fatal(e.to_string()))
     }
 
+    /// On a leader with other voters: hands leadership to the most up-to-date voter that
+    /// answered lately and waits (at most `timeout`) until this node is no longer leader.
+    /// Returns the voter it chose, or `None` when there was nothing to hand over. A node about
+    /// to stop calls this first, so its followers do not wait an election timeout for a leader.
+    pub async fn hand_over_leadership(&self, timeout: Duration) -> Option<NodeId> {
+        let s = self.status();
+        if s.leader != Some(self.id) {
+            return None;
+        }
+        let to = s
+            .voters
+            .keys()
+            .filter(|id| **id != self.id)
+            .filter(|id| {
+                s.last_contact
+                    .get(id)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|d| d < Duration::from_secs(2))
+            })
+            .max_by_key(|id| s.replication.get(id).copied().unwrap_or(0))
+            .copied()?;
+        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
+            tracing::warn!(error = %e, "cannot hand over leadership");
+            return None;
+        }
+        let deadline = Instant::now() + timeout;
+        while self.leader_id() == Some(self.id) && Instant::now() < deadline {
+            self.wait_for_change(deadline).await;
+        }
+        Some(to)
+    }
+
     /// Stops Raft.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
