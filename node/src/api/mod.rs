@@ -44,6 +44,7 @@ mod policies;
 mod seal;
 mod sessions;
 mod settings;
+mod snapshots;
 mod wrap;
 
 /// Longest key accepted, in bytes.
