@@ -61,6 +61,16 @@ fn coffer(cluster: &Cluster, args: &[&str], env: &[(String, String)]) -> Output 
         .expect("run coffer")
 }
 
+/// `coffer operator snapshot restore FILE --key KEY` against `cluster`.
+fn restore_cli(cluster: &Cluster, file: &Path, key: &Path) -> Output {
+    let (file, key) = (file.display().to_string(), key.display().to_string());
+    coffer(
+        cluster,
+        &["operator", "snapshot", "restore", &file, "--key", &key],
+        &[],
+    )
+}
+
 #[track_caller]
 fn ok(out: &Output) -> String {
     assert!(out.status.success(), "{out:?}");
@@ -188,7 +198,6 @@ async fn snapshot_restores_into_a_fresh_cluster() {
     )
     .await;
     let (operator_key, operator_share) = source.operator_files();
-    let operator_arg = operator_key.display().to_string();
 
     // --- step: bad input is refused and changes nothing.
     let mut flipped = bytes.clone();
@@ -199,18 +208,7 @@ async fn snapshot_restores_into_a_fresh_cluster() {
         let path = target.path().join(name);
         std::fs::write(&path, bad).expect("write a bad file");
         refused(
-            &coffer(
-                &target,
-                &[
-                    "operator",
-                    "snapshot",
-                    "restore",
-                    &path.display().to_string(),
-                    "--key",
-                    &operator_arg,
-                ],
-                &[],
-            ),
+            &restore_cli(&target, &path, &operator_key),
             "the backup file is corrupt or truncated: its SHA-256 checksum does not match",
         );
         // Sent to the node directly, it is refused there too.
@@ -228,18 +226,7 @@ async fn snapshot_restores_into_a_fresh_cluster() {
         .save(&target.path().join("stranger"), "not an operator")
         .expect("save key");
     refused(
-        &coffer(
-            &target,
-            &[
-                "operator",
-                "snapshot",
-                "restore",
-                &file_arg,
-                "--key",
-                &stranger_file.display().to_string(),
-            ],
-            &[],
-        ),
+        &restore_cli(&target, &file, &stranger_file),
         "is not one of the backup's operators",
     );
     let checksum: [u8; 32] = bytes[bytes.len() - 32..].try_into().expect("32 bytes");
@@ -250,18 +237,7 @@ async fn snapshot_restores_into_a_fresh_cluster() {
 
     // --- step: restore, signed by the operator, through the CLI.
     let started = Instant::now();
-    let restored = ok(&coffer(
-        &target,
-        &[
-            "operator",
-            "snapshot",
-            "restore",
-            &file_arg,
-            "--key",
-            &operator_arg,
-        ],
-        &[],
-    ));
+    let restored = ok(&restore_cli(&target, &file, &operator_key));
     let restore_time = started.elapsed();
     assert!(restored.contains("the cluster is sealed"), "{restored}");
     for id in target.running() {

@@ -435,12 +435,7 @@ pub async fn snapshot_restore(
                 "{} (key {}) is not one of the backup's operators ({}): sign the restore with one of their keys",
                 key.display(),
                 pair.public().fingerprint(),
-                config
-                    .operators
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.operator_names()
             )
         })?;
     let signature = pair.sign(&crate::backup::restore_message(&backup.checksum));
@@ -505,12 +500,7 @@ async fn snapshot_command(op: crate::cli::SnapshotCommand) -> Result<()> {
                 config.cluster_id,
                 config.threshold,
                 config.operators.len(),
-                config
-                    .operators
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.operator_names()
             );
             Ok(())
         }

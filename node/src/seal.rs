@@ -75,6 +75,15 @@ pub struct SealConfig {
 }
 
 impl SealConfig {
+    /// The operators' names, comma-separated, for messages.
+    pub fn operator_names(&self) -> String {
+        self.operators
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn operator(&self, index: u32) -> Result<(&Operator, PublicKey)> {
         let op = self.operators.get(index as usize).with_context(|| {
             format!(

@@ -176,12 +176,7 @@ impl Api {
         let refuse = |why: String| {
             Status::permission_denied(format!(
                 "{why}: a restore must be signed with the key of one of the snapshot's operators ({}); nothing was restored",
-                config
-                    .operators
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.operator_names()
             ))
         };
         let op = config
