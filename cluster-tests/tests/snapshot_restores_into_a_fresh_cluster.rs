@@ -8,8 +8,9 @@
 //! valid there. Bad input changes nothing: a file with one byte flipped and a truncated file are
 //! refused (by the CLI, and by the node when sent directly) with a clear message, as is a
 //! restore signed by a key that is not one of the snapshot's operators, and the target stays
-//! uninitialized; once restored, a second restore is refused because the cluster is
-//! initialized.
+//! uninitialized; a restore stopped before its last transaction (a failpoint, as a crash)
+//! leaves the cluster uninitialized and refuses init, and running it again completes it; once
+//! restored, a second restore is refused because the cluster is initialized.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -101,6 +102,31 @@ async fn must_be_uninitialized(cluster: &Cluster) {
             .into_inner();
         assert!(!seal.initialized, "node {id} has a seal configuration");
     }
+}
+
+/// Sets (`Some(action)`) or removes failpoint `name` on node `id` through its metrics port.
+async fn must_set_failpoint(cluster: &Cluster, id: u64, name: &str, action: Option<&str>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = cluster.nodes[&id].metrics;
+    let (method, body) = match action {
+        Some(a) => ("PUT", a),
+        None => ("DELETE", ""),
+    };
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    conn.write_all(
+        format!(
+            "{method} /failpoints/{name} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 /// Sends `file` to node 1 of `cluster` with the Restore RPC directly (no check in the CLI).
@@ -234,6 +260,38 @@ async fn snapshot_restores_into_a_fresh_cluster() {
     let status = restore_rpc(&target, bytes.clone(), forged.to_vec()).await;
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     must_be_uninitialized(&target).await;
+
+    // --- step: a restore that stops before its last transaction (as after a crash) leaves the
+    // cluster uninitialized, serving nothing; init is refused; running the restore again
+    // completes it.
+    for id in target.running() {
+        must_set_failpoint(&target, id, "backup::restore_last", Some("return")).await;
+    }
+    refused(
+        &restore_cli(&target, &file, &operator_key),
+        "the restore stopped with at most",
+    );
+    must_be_uninitialized(&target).await;
+    let (stranger_pub, shares) = (
+        target.path().join("stranger.pub"),
+        target.path().join("init-shares"),
+    );
+    let init = coffer_node::operator::init(
+        &target.target_without_session(1),
+        std::slice::from_ref(&stranger_pub),
+        1,
+        &stranger_pub,
+        &shares,
+    )
+    .await
+    .expect_err("init is refused while a restore has started");
+    assert!(
+        format!("{init:#}").contains("a snapshot restore has started"),
+        "{init:#}"
+    );
+    for id in target.running() {
+        must_set_failpoint(&target, id, "backup::restore_last", None).await;
+    }
 
     // --- step: restore, signed by the operator, through the CLI.
     let started = Instant::now();

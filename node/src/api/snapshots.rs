@@ -129,6 +129,14 @@ impl Api {
             self.restore_batch(guard(), batch, written, total).await?;
         }
 
+        // Test builds: a restore that stops (a crash, a lost leader) just before it completes.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("backup::restore_last", |_| Err(stopped(
+            Status::unavailable("failpoint backup::restore_last"),
+            written,
+            total
+        )));
+
         // 3. Last, in one transaction: the keyring, the node CA and the seal configuration
         //    (from here on the cluster is initialized, and sealed), and the marker says done.
         marker.state = RestoreState::Complete;
