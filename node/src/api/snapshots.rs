@@ -100,7 +100,8 @@ impl Api {
             "restoring a backup"
         );
 
-        // 2. The records, in bounded transactions, each only while this restore's marker stands.
+        // 2. The records, in bounded transactions, each only while this restore's marker stands
+        //    (a marker in the file, which `save` never writes, is not taken over).
         let total = file.records.len();
         let mut written = 0usize;
         let mut batch: Vec<Op> = Vec::new();
@@ -108,7 +109,7 @@ impl Api {
         let body = file
             .records
             .iter()
-            .filter(|(k, _)| !backup::WRITTEN_LAST.contains(&k.as_slice()));
+            .filter(|(k, _)| !backup::WRITTEN_LAST.contains(&k.as_slice()) && k != RESTORE_KEY);
         for (key, value) in body {
             let size = key.len() + value.len();
             if !batch.is_empty() && (batch.len() >= MAX_TXN_OPS || batch_bytes + size > BATCH_BYTES)
