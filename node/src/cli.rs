@@ -366,6 +366,13 @@ pub enum OperatorCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Backups: save the cluster's data (encrypted, as stored) to a file, check a file, or
+    /// restore one into a new cluster (docs/operations/backup-and-restore.md).
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        op: SnapshotCommand,
+    },
     /// Takes part in the unseal ceremony: decrypts your share with your key, computes a
     /// decryption share here, signs it and sends only that (to any node; it reaches them all).
     Unseal {
@@ -375,6 +382,41 @@ pub enum OperatorCommand {
         /// Your share file (from `coffer operator init`).
         #[arg(long)]
         share: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `coffer operator snapshot` operations.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Saves a consistent backup of every record (read after a read index, values encrypted as
+    /// stored) with the seal configuration, to FILE (written to FILE.tmp, fsynced, renamed; an
+    /// existing FILE is never overwritten). Needs a session with `read` on
+    /// sys/storage/raft/snapshot (COFFER_KEY).
+    Save {
+        /// The backup file to write.
+        file: PathBuf,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Checks a backup file here, without a cluster: format, checksum and records; prints what
+    /// it holds and which operators can unseal it.
+    Inspect {
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Restores a backup file into a running cluster that was never initialized (refused
+    /// otherwise), signed with the key of one of the backup's operators. The cluster ends
+    /// sealed: the backup's operators unseal it with their share files.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// Your operator private key file (an operator of the backup).
+        #[arg(long, env = "COFFER_OPERATOR_KEY")]
+        key: PathBuf,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,

@@ -98,6 +98,17 @@ pub struct ServerArgs {
     /// default. Services use the engines (`coffer.kv.v1`, `coffer.wrap.v1`).
     #[arg(long, env = "COFFER_RAW_STORAGE_ENDPOINT")]
     pub raw_storage_endpoint: bool,
+    /// Write a backup (the `coffer operator snapshot` file) into this directory every
+    /// `--snapshot-interval`, on the leader only; off when not given.
+    #[arg(long, env = "COFFER_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// How often the leader writes a scheduled backup: `90s`, `15m`, `1h` (default), `1d`.
+    #[arg(long, env = "COFFER_SNAPSHOT_INTERVAL")]
+    pub snapshot_interval: Option<String>,
+    /// How many scheduled backups to keep in `--snapshot-dir` (default 7); the oldest beyond
+    /// that are deleted.
+    #[arg(long, env = "COFFER_SNAPSHOT_RETAIN")]
+    pub snapshot_retain: Option<usize>,
     /// How long an unseal ceremony's progress is kept, in seconds (default 600): shares older
     /// than that are dropped and the ceremony starts over.
     #[arg(long, env = "COFFER_UNSEAL_PROGRESS_TTL_S")]
@@ -202,6 +213,9 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     raw_storage_endpoint: Option<bool>,
     unseal_progress_ttl_s: Option<u64>,
+    snapshot_dir: Option<PathBuf>,
+    snapshot_interval: Option<String>,
+    snapshot_retain: Option<usize>,
     login_challenge_ttl_ms: Option<u64>,
     login_rate_per_second: Option<u32>,
     login_cleanup_interval_ms: Option<u64>,
@@ -281,6 +295,8 @@ pub struct NodeConfig {
     pub raw_storage_endpoint: bool,
     /// How long unseal progress is kept.
     pub unseal_progress_ttl: Duration,
+    /// Scheduled backups (off unless `--snapshot-dir` is given).
+    pub backups: Option<crate::backup::Schedule>,
     /// Challenge lifetime and the leader's clean-up of login state.
     pub login: crate::auth::LoginSettings,
     /// How Kubernetes service-account tokens are checked (off unless configured).
@@ -484,6 +500,32 @@ impl ServerArgs {
         if unseal_progress_ttl.is_zero() || unseal_progress_ttl > Duration::from_secs(86_400) {
             bail!("--unseal-progress-ttl-s must be between 1 and 86400 (a day)");
         }
+        let interval = self.snapshot_interval.or(file.snapshot_interval);
+        let retain = self.snapshot_retain.or(file.snapshot_retain);
+        let backups = match self.snapshot_dir.or(file.snapshot_dir) {
+            Some(dir) => {
+                let interval = match interval {
+                    Some(s) => crate::backup::parse_interval(&s).context("--snapshot-interval")?,
+                    None => Duration::from_secs(3600),
+                };
+                if interval.is_zero() || interval > Duration::from_secs(30 * 86_400) {
+                    bail!("--snapshot-interval must be between 1s and 30d");
+                }
+                let retain = retain.unwrap_or(7);
+                if retain == 0 {
+                    bail!("--snapshot-retain must be at least 1");
+                }
+                Some(crate::backup::Schedule {
+                    dir,
+                    interval,
+                    retain,
+                })
+            }
+            None if interval.is_some() || retain.is_some() => {
+                bail!("--snapshot-interval and --snapshot-retain need --snapshot-dir")
+            }
+            None => None,
+        };
         let defaults = crate::auth::LoginSettings::default();
         let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
             flag.or(file).map_or(default, Duration::from_millis)
@@ -586,6 +628,7 @@ impl ServerArgs {
         Ok(NodeConfig {
             autopilot,
             transient_keys,
+            backups,
             unseal_progress_ttl,
             login,
             kubernetes,
@@ -733,5 +776,72 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn scheduled_backups_come_from_the_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coffer.toml");
+        std::fs::write(
+            &file,
+            "node_id = 2\ndata_dir = \"d\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_ca = \"a\"\nsnapshot_dir = \"/backups\"\nsnapshot_interval = \"15m\"\n",
+        )
+        .unwrap();
+        let with = |args: ServerArgs| {
+            ServerArgs {
+                config: Some(file.clone()),
+                ..args
+            }
+            .resolve()
+        };
+        let schedule = with(ServerArgs {
+            snapshot_retain: Some(3),
+            ..Default::default()
+        })
+        .unwrap()
+        .backups
+        .unwrap();
+        assert_eq!(
+            schedule,
+            crate::backup::Schedule {
+                dir: "/backups".into(),
+                interval: Duration::from_secs(900),
+                retain: 3,
+            }
+        );
+        for (args, says) in [
+            (
+                ServerArgs {
+                    snapshot_interval: Some("0s".into()),
+                    ..Default::default()
+                },
+                "between 1s and 30d",
+            ),
+            (
+                ServerArgs {
+                    snapshot_retain: Some(0),
+                    ..Default::default()
+                },
+                "at least 1",
+            ),
+        ] {
+            let err = with(args).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{err:#}");
+        }
+        let err = ServerArgs {
+            node_id: Some(1),
+            in_memory: true,
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_ca: Some("a".into()),
+            snapshot_retain: Some(2),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("need --snapshot-dir"),
+            "{err:#}"
+        );
     }
 }

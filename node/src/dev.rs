@@ -73,6 +73,7 @@ pub async fn start(n: usize, dir: &Path) -> Result<DevCluster> {
             max_value_bytes: 1 << 20,
             raw_storage_endpoint: false,
             unseal_progress_ttl: Duration::from_secs(600),
+            backups: None,
             login: crate::auth::LoginSettings::default(),
             kubernetes: crate::kubernetes::ValidatorConfig::Off,
             raft: Settings {

@@ -372,10 +372,165 @@ pub async fn act(target: &Target, key: &Path, action: Action) -> Result<u32> {
     Ok(done.into_inner().data_key)
 }
 
+/// What `coffer operator snapshot save` wrote.
+#[derive(Debug)]
+pub struct SavedBackup {
+    /// The header of the file.
+    pub header: crate::backup::Header,
+    /// Its size.
+    pub bytes: usize,
+    /// Its SHA-256 trailer, in hex.
+    pub checksum: String,
+}
+
+/// Saves a backup of the cluster at `target` (which carries an administrator's session) to
+/// `file`, verified before it is written, durably; never over an existing file.
+pub async fn snapshot_save(target: &Target, file: &Path) -> Result<SavedBackup> {
+    if file.exists() {
+        bail!(
+            "{} already exists: choose another file name (a backup is never overwritten)",
+            file.display()
+        );
+    }
+    let mut cluster = target.cluster().await?;
+    let mut stream = cluster
+        .snapshot_save(pb::SnapshotSaveRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let backup = crate::backup::decode(&bytes)
+        .context("the backup the node sent does not verify; nothing was written")?;
+    crate::backup::write_file(file, &bytes)?;
+    Ok(SavedBackup {
+        header: backup.header,
+        bytes: bytes.len(),
+        checksum: crate::backup::hex(&backup.checksum),
+    })
+}
+
+/// Restores backup `file` into the uninitialized cluster at `target`, signed with the operator
+/// key `key` (one of the backup's operators). The file is checked here first, then again by
+/// the node, before anything is written.
+pub async fn snapshot_restore(
+    target: &Target,
+    file: &Path,
+    key: &Path,
+) -> Result<pb::SnapshotRestoreResponse> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let backup = crate::backup::decode(&bytes)
+        .with_context(|| format!("{} cannot be restored; nothing was sent", file.display()))?;
+    let config = backup.seal_config()?;
+    let pair = KeyPair::load(key)?;
+    let mine = pair.public().to_bytes();
+    let index = config
+        .operators
+        .iter()
+        .position(|o| o.public_key.as_slice() == mine.as_slice())
+        .with_context(|| {
+            format!(
+                "{} (key {}) is not one of the backup's operators ({}): sign the restore with one of their keys",
+                key.display(),
+                pair.public().fingerprint(),
+                config.operator_names()
+            )
+        })?;
+    let signature = pair.sign(&crate::backup::restore_message(&backup.checksum));
+    drop(backup);
+    let messages: Vec<pb::SnapshotRestoreRequest> = bytes
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, data)| pb::SnapshotRestoreRequest {
+            data: data.to_vec(),
+            operator_index: if i == 0 { index as u32 } else { 0 },
+            signature: if i == 0 {
+                signature.to_vec()
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    let mut cluster = coffer_api::v1::cluster_client::ClusterClient::new(target.connect().await?)
+        .max_decoding_message_size(16 << 20);
+    Ok(cluster
+        .snapshot_restore(tokio_stream::iter(messages))
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+async fn snapshot_command(op: crate::cli::SnapshotCommand) -> Result<()> {
+    use crate::cli::SnapshotCommand;
+    match op {
+        SnapshotCommand::Save { file, mut client } => {
+            // Building and streaming a large store takes longer than one request.
+            client.timeout = client.timeout.max(300.0);
+            let target = client.session_target().await?;
+            let saved = snapshot_save(&target, &file).await?;
+            println!(
+                "saved {}: revision {}, {} records, {} bytes, sha256 {}",
+                file.display(),
+                saved.header.source_revision,
+                saved.header.records,
+                saved.bytes,
+                saved.checksum
+            );
+            Ok(())
+        }
+        SnapshotCommand::Inspect { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let backup = crate::backup::decode(&bytes)?;
+            let config = backup.seal_config()?;
+            println!(
+                "{}: a valid backup (format {}), revision {}, {} records, {} bytes, sha256 {}",
+                file.display(),
+                crate::backup::FORMAT_VERSION,
+                backup.header.source_revision,
+                backup.header.records,
+                bytes.len(),
+                crate::backup::hex(&backup.checksum)
+            );
+            println!(
+                "saved at {} ms since the epoch; key set {}: {} of {} operators ({}) unseal it",
+                backup.header.created_ms,
+                config.cluster_id,
+                config.threshold,
+                config.operators.len(),
+                config.operator_names()
+            );
+            Ok(())
+        }
+        SnapshotCommand::Restore {
+            file,
+            key,
+            mut client,
+        } => {
+            client.timeout = client.timeout.max(300.0);
+            let r = snapshot_restore(&client.target()?, &file, &key).await?;
+            println!(
+                "restored {} records (source revision {}) into this cluster, now at revision {}",
+                r.records, r.source_revision, r.revision
+            );
+            println!(
+                "the cluster is sealed under key set {}: {} of the operators ({}) each run `coffer operator unseal --key <their key> --share <their share file>`",
+                r.cluster_id,
+                r.threshold,
+                r.operator_names.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Runs an operator command (not `keygen`, which needs no cluster).
 pub async fn run(op: OperatorCommand) -> Result<()> {
     match op {
         OperatorCommand::Keygen(_) => unreachable!("handled by the caller"),
+        OperatorCommand::Snapshot { op } => snapshot_command(op).await,
         OperatorCommand::Init {
             operator_keys,
             threshold,

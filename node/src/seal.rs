@@ -75,6 +75,15 @@ pub struct SealConfig {
 }
 
 impl SealConfig {
+    /// The operators' names, comma-separated, for messages.
+    pub fn operator_names(&self) -> String {
+        self.operators
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn operator(&self, index: u32) -> Result<(&Operator, PublicKey)> {
         let op = self.operators.get(index as usize).with_context(|| {
             format!(
@@ -481,12 +490,20 @@ impl Seal {
         if self.config()?.is_some() {
             bail!("this cluster is already initialized; init runs once per cluster");
         }
+        if self.reserved(crate::backup::RESTORE_KEY)?.is_some() {
+            bail!(
+                "a snapshot restore has started on this cluster, so it is not initialized with init: run `coffer operator snapshot restore` again to finish it, or start a fresh cluster"
+            );
+        }
         let master = MasterKey::generate()?;
         let keyring = Keyring::new()?;
         let (config, encrypted_shares) = deal(&master, operators, &keys, threshold, admin_key)?;
         let cluster_id = config.cluster_id.clone();
         let txn = Txn {
-            compare: vec![Compare::Absent(CONFIG_KEY.to_vec())],
+            compare: vec![
+                Compare::Absent(CONFIG_KEY.to_vec()),
+                Compare::Absent(crate::backup::RESTORE_KEY.to_vec()),
+            ],
             success: vec![
                 Op::Put {
                     key: CONFIG_KEY.to_vec(),
@@ -519,7 +536,9 @@ impl Seal {
                 )
             })?;
         if !written.result.succeeded {
-            bail!("this cluster is already initialized (another init won); init runs once");
+            bail!(
+                "this cluster is already initialized (another init or a snapshot restore won); init runs once"
+            );
         }
         Ok(Initialized {
             cluster_id,

@@ -356,6 +356,12 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     tasks.push(tokio::spawn(api.clone().clean_up_logins_loop()));
     tasks.push(tokio::spawn(api.clone().clean_up_wraps_loop()));
     tasks.push(tokio::spawn(api.clone().autopilot_loop()));
+    if let Some(schedule) = cfg.backups.clone() {
+        tasks.push(tokio::spawn(crate::backup::run_schedule(
+            node.clone(),
+            schedule,
+        )));
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_api::FILE_DESCRIPTOR_SET)
         .build_v1()

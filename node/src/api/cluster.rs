@@ -227,6 +227,41 @@ impl Cluster for Api {
         )))
     }
 
+    type SnapshotSaveStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::SnapshotChunk, Status>>;
+
+    async fn snapshot_save(
+        &self,
+        req: Request<pb::SnapshotSaveRequest>,
+    ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
+        let file = self
+            .timed("SnapshotSave", self.backup_file(&req))
+            .await?
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for chunk in file.chunks(snapshots::CHUNK_BYTES) {
+                let chunk = pb::SnapshotChunk {
+                    data: chunk.to_vec(),
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn snapshot_restore(
+        &self,
+        req: Request<tonic::Streaming<pb::SnapshotRestoreRequest>>,
+    ) -> Result<Response<pb::SnapshotRestoreResponse>, Status> {
+        self.timed("SnapshotRestore", self.restore_backup(req.into_inner()))
+            .await
+    }
+
     async fn snapshot(
         &self,
         req: Request<pb::SnapshotRequest>,

@@ -45,6 +45,7 @@ mod policies;
 mod seal;
 mod sessions;
 mod settings;
+mod snapshots;
 mod wrap;
 
 /// Longest key accepted, in bytes.

@@ -34,7 +34,7 @@ impl coffer_api::v1::seal_server::Seal for Api {
                 .await
                 .map_err(|e| {
                     let msg = format!("{e:#}");
-                    if msg.contains("already initialized") {
+                    if msg.contains("already initialized") || msg.contains("snapshot restore") {
                         Status::failed_precondition(msg)
                     } else if msg.contains("not committed") {
                         Status::unavailable(msg)
