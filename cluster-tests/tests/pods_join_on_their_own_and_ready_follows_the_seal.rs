@@ -3,8 +3,8 @@
 //!
 //! Readiness: `/ready` answers 501 before the cluster is initialized, 200 on every unsealed
 //! member, 503 "sealed" on a restarted node while its operators have not unsealed it (peer
-//! unseal off), and 200 again once they did; `/health` (liveness) stays 200 through all of it,
-//! so a sealed pod is never restarted.
+//! unseal off), and 200 again once they did, 503 "no quorum" on a leader cut off from its peers;
+//! `/health` (liveness) stays 200 through all of it, so a sealed pod is never restarted.
 //!
 //! Auto-join: a pod the initial member list does not name, started with exactly the flags
 //! every pod has (that list and its token file), joins through the initial members as a
@@ -70,6 +70,14 @@ async fn ready_means_unsealed_and_serving_and_health_never_asks_for_a_restart() 
     must_answer(&cluster, 3, "/health", 200, "ok").await;
     cluster.must_unseal(3).await;
     must_answer(&cluster, 3, "/ready", 200, "ready: voter").await;
+
+    // A leader cut off from its peers still thinks it leads, but cannot commit: not ready.
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    let cut = cluster.isolate(leader);
+    must_answer(&cluster, leader, "/ready", 503, "no quorum").await;
+    must_answer(&cluster, leader, "/health", 200, "ok").await;
+    drop(cut);
+    must_answer(&cluster, leader, "/ready", 200, "ready: voter").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

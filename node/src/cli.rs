@@ -129,8 +129,8 @@ pub enum Command {
         #[command(subcommand)]
         op: OperatorCommand,
     },
-    /// Path policies in Vault's HCL syntax (stored inside the barrier; not enforced until
-    /// client authentication lands).
+    /// Path policies in Vault's HCL syntax (stored inside the barrier; every request is
+    /// checked against its session's policies).
     Policy {
         /// Which operation.
         #[command(subcommand)]

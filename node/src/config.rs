@@ -53,7 +53,8 @@ pub struct ServerArgs {
     /// Peer address other nodes reach this node at (default: --peer-addr).
     #[arg(long, env = "COFFER_ADVERTISE_PEER_ADDR")]
     pub advertise_peer_addr: Option<String>,
-    /// Prometheus metrics listen address (plain HTTP, `/metrics`).
+    /// Metrics listen address (plain HTTP): `/metrics` (Prometheus), `/health` (liveness) and
+    /// `/ready` (readiness).
     #[arg(long, env = "COFFER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Node certificate (PEM), used for the API and, as client and server, for peers.

@@ -213,7 +213,7 @@ pub const READY_LAG: u64 = 1000;
 /// The answer of `/ready`: 200 when this node serves (a member that knows a leader, unsealed,
 /// applied within [`READY_LAG`] entries of the commit it knows); otherwise 501 when the cluster
 /// was never initialized (`coffer operator init`), 503 with the reason (stopped, not in a
-/// cluster yet, no leader, sealed, catching up). A Kubernetes readiness probe on it keeps a
+/// cluster yet, a leader without a quorum, no leader, sealed, catching up). A Kubernetes readiness probe on it keeps a
 /// pod out of the client service until it can answer, and never restarts it (that is
 /// `/health`'s job), so a sealed pod waits for its operators without holding others back.
 pub fn readiness(node: &RaftNode, seal: &Seal) -> (axum::http::StatusCode, String) {
@@ -233,6 +233,11 @@ pub fn readiness(node: &RaftNode, seal: &Seal) -> (axum::http::StatusCode, Strin
                 .into(),
         );
     };
+    // A leader that has not heard from a majority lately cannot commit (openraft does not
+    // step down by itself): it does not serve.
+    if let Some(why) = node.quorum_lost() {
+        return unavailable(format!("no quorum: {why}"));
+    }
     let Some(leader) = status.leader else {
         return unavailable(
             "no leader known: an election is under way or a majority is unreachable".into(),

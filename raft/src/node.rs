@@ -576,7 +576,7 @@ impl RaftNode {
 
     /// On a leader of a multi-voter cluster: why it cannot commit now (no quorum heard from
     /// within two election timeouts), if so.
-    fn quorum_lost(&self) -> Option<String> {
+    pub fn quorum_lost(&self) -> Option<String> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         if m.state != ServerState::Leader || m.membership_config.voter_ids().count() < 2 {
