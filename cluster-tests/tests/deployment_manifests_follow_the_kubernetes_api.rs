@@ -308,26 +308,29 @@ fn check_rules(objects: &[Object], nodes: usize, help: &str, errors: &mut Vec<St
         ));
     }
 
-    // The data volume.
+    // The data volume (and any other, e.g. backups): one ReadWriteOnce volume per pod each.
     let claims = spec.volume_claim_templates.as_deref().unwrap_or_default();
-    let data = match claims {
-        [claim] => {
-            let modes = claim.spec.as_ref().and_then(|s| s.access_modes.clone());
-            if modes != Some(vec!["ReadWriteOnce".to_string()]) {
-                error(format!(
-                    "the data volume must be ReadWriteOnce, not {modes:?}"
-                ));
-            }
-            claim.metadata.name.clone().unwrap_or_default()
-        }
-        _ => {
+    for claim in claims {
+        let modes = claim.spec.as_ref().and_then(|s| s.access_modes.clone());
+        if modes != Some(vec!["ReadWriteOnce".to_string()]) {
             error(format!(
-                "expected one volumeClaimTemplate, found {}",
-                claims.len()
+                "the volume {:?} must be ReadWriteOnce, not {modes:?}",
+                claim.metadata.name
             ));
+        }
+    }
+    let data = match claims
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("data"))
+    {
+        Some(claim) => claim.metadata.name.clone().unwrap_or_default(),
+        None => {
+            error("no volumeClaimTemplate named data".into());
             String::new()
         }
     };
+    // Scheduled backups go to a volume of their own, not the root filesystem or the data.
+    let snapshot_dir = config_value(objects, "snapshot_dir");
 
     let coffer = pod.containers.iter().find(|c| c.name == "coffer");
     if coffer.is_none() {
@@ -350,6 +353,20 @@ fn check_rules(objects: &[Object], nodes: usize, help: &str, errors: &mut Vec<St
             error(format!(
                 "the data volume {data:?} is not mounted at {DATA_VOLUME}"
             ));
+        }
+        if let Some(dir) = &snapshot_dir {
+            let on_a_claim = c.volume_mounts.iter().flatten().any(|m| {
+                m.mount_path == *dir
+                    && m.name != data
+                    && claims
+                        .iter()
+                        .any(|cl| cl.metadata.name.as_deref() == Some(m.name.as_str()))
+            });
+            if !on_a_claim {
+                error(format!(
+                    "snapshot_dir {dir} is not the mount path of a volume claim of its own"
+                ));
+            }
         }
         for p in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
             .into_iter()
@@ -444,6 +461,24 @@ fn check_rules(objects: &[Object], nodes: usize, help: &str, errors: &mut Vec<St
     if !policed {
         error("no NetworkPolicy selects the coffer pods".into());
     }
+}
+
+/// The string value of `key` in a ConfigMap's `.toml` file, if set.
+fn config_value(objects: &[Object], key: &str) -> Option<String> {
+    objects.iter().find_map(|o| {
+        let Object::ConfigMap(map) = o else {
+            return None;
+        };
+        map.data.iter().flatten().find_map(|(file, text)| {
+            if !file.ends_with(".toml") {
+                return None;
+            }
+            text.lines().find_map(|line| {
+                let (k, v) = line.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+    })
 }
 
 fn check_container(c: &Container, pod_non_root: bool, error: &mut impl FnMut(String)) {
@@ -718,6 +753,16 @@ fn the_checker_rejects_broken_manifests() {
     ] {
         must_mention(&errors, needle);
     }
+    // Scheduled backups on the pod's root filesystem would be lost with the pod.
+    let errors = problems_after("ConfigMap", |d| {
+        if let Some(Value::String(toml)) = d["data"].get_mut("config.toml") {
+            *toml = toml.replace("/var/lib/coffer-backups", "/tmp/backups");
+        }
+    });
+    must_mention(
+        &errors,
+        "snapshot_dir /tmp/backups is not the mount path of a volume claim of its own",
+    );
     // A liveness probe on readiness would restart every sealed pod (Vault's deadlock).
     let errors = problems_after("StatefulSet", |d| {
         d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] =
