@@ -630,7 +630,8 @@ pub enum ClusterCommand {
     /// Adds a node that holds a node certificate (it joined before) as a learner again; a new
     /// node adds itself when it joins.
     AddLearner {
-        /// New, never used node id.
+        /// The id of a node that joined before (it holds a node certificate); members are
+        /// refused.
         #[arg(long)]
         id: u64,
         /// Its API address.

@@ -108,8 +108,10 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<(Store, u64)> {
     let store = Store::open(store_cfg).map_err(|e| {
         anyhow::anyhow!(
             "{e}\nThe data directory is corrupt, locked by another process, or not a Coffer database. \
-             Coffer never reinitializes it: stop the other process, restore it from a backup, or \
-             move it away to join this node as a new member."
+             Coffer never reinitializes it: stop the other process, or move the directory away, \
+             remove this member (`coffer cluster remove ID`) and join a new node. A copy of one \
+             node's directory from earlier is not a backup (its vote and log would be stale); \
+             backups restore a whole cluster (docs/operations/backup-and-restore.md)."
         )
     })?;
     let stored_id = store.meta_get(META_NODE_ID)?;
@@ -147,14 +149,16 @@ fn open_store(cfg: &NodeConfig, metrics: &Metrics) -> Result<(Store, u64)> {
             }
         }
         _ => {
-            bail!("the data directory's identity records are incomplete; restore it from a backup")
+            bail!(
+                "the data directory's identity records are incomplete: move it away, remove this member (`coffer cluster remove ID`) and join a new node"
+            )
         }
     }
     let incarnation = store
         .meta_get(META_INCARNATION)?
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(u64::from_le_bytes)
-        .context("the data directory's incarnation record is missing; restore it from a backup")?;
+        .context("the data directory's incarnation record is missing: move it away, remove this member (`coffer cluster remove ID`) and join a new node")?;
     Ok((store, incarnation))
 }
 
