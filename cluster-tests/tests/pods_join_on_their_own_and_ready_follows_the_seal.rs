@@ -10,7 +10,10 @@
 //! every pod has (that list and its token file), joins through the initial members as a
 //! learner, serves, and is promoted by the one documented command; restarted with its volume it
 //! comes back under its own id without joining again; with a wiped volume it is refused (never
-//! two members with one id) and never ready, until `coffer cluster remove` takes the member out.
+//! two members with one id) and never ready, until `coffer cluster remove` takes the member out:
+//! then it joins again under its id, and the old node's certificate opens nothing (peers pin
+//! the recorded key). An initial member's pod with a lost volume stops (exit code 3) while it is
+//! a member, and joins again once removed.
 //!
 //! Stopping: a leader sent SIGTERM hands leadership to another voter before it stops, and
 //! exits with code 0; the cluster has a new leader without waiting for an election timeout.
@@ -33,6 +36,37 @@ async fn must_answer(cluster: &Cluster, id: u64, path: &str, code: u16, says: &s
         },
     )
     .await;
+}
+
+/// Three voters whose Kubernetes logins go to the test API server, the `coffer-members` role
+/// written, and a token file of the namespace's `coffer` service account (what every pod of
+/// the StatefulSet mounts). Keep the directory and the API server alive.
+async fn pods_cluster() -> (tempfile::TempDir, KubeApi, Cluster, u64, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = KubeApi::start(dir.path()).await;
+    let cluster = Cluster::start(
+        3,
+        ClusterOptions {
+            extra_args: api.token_review_args(),
+            ..ClusterOptions::default()
+        },
+    )
+    .await;
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    cluster.must_write_member_role("coffer").await;
+    let token = dir.path().join("token");
+    std::fs::write(
+        &token,
+        api.token(
+            "coffer",
+            "coffer",
+            ("coffer-4", "uid-4"),
+            &["coffer-cluster"],
+            3600,
+        ),
+    )
+    .expect("token");
+    (dir, api, cluster, leader, token)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,30 +116,7 @@ async fn ready_means_unsealed_and_serving_and_health_never_asks_for_a_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let api = KubeApi::start(dir.path()).await;
-    let mut cluster = Cluster::start(
-        3,
-        ClusterOptions {
-            extra_args: api.token_review_args(),
-            ..ClusterOptions::default()
-        },
-    )
-    .await;
-    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
-    cluster.must_write_member_role("coffer").await;
-    let token = dir.path().join("token");
-    std::fs::write(
-        &token,
-        api.token(
-            "coffer",
-            "coffer",
-            ("coffer-4", "uid-4"),
-            &["coffer-cluster"],
-            3600,
-        ),
-    )
-    .expect("token");
+    let (_dir, _api, mut cluster, leader, token) = pods_cluster().await;
 
     // Scaling to 4 replicas starts pod 4 with the flags every pod has.
     cluster.prepare_pod(4, &token);
@@ -142,6 +153,7 @@ async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() 
     cluster.must_get_equal(4, key, "1").await;
 
     // With a wiped volume it is refused: node 4 is still a member.
+    let old_certificate = cluster.node_certificate(4);
     cluster.kill(4);
     std::fs::remove_dir_all(&cluster.node(4).data_dir).expect("wipe");
     cluster.spawn(4);
@@ -157,6 +169,25 @@ async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() 
     assert_eq!(fours.len(), 1, "one member 4: {status:?}");
     assert!(fours[0].voter, "the old member 4 is untouched: {status:?}");
 
+    // The operator removes the old member; the same pod, still retrying, joins again under
+    // its id with its new key. The old node 4's certificate opens nothing.
+    cluster
+        .admin(leader)
+        .remove(pb::NodeRequest { id: 4 })
+        .await
+        .expect("remove node 4");
+    cluster.must_wait_joined(4, leader).await;
+    must_answer(&cluster, 4, "/ready", 200, "ready: learner").await;
+    let (cert, key) = old_certificate;
+    cluster
+        .peer_probe(leader, &cert, &key)
+        .await
+        .expect_err("the removed node's certificate");
+    assert!(
+        cluster.log(leader).contains("not for the key recorded"),
+        "the leader names the check"
+    );
+
     // Scaling back: the operator removes the member; the cluster is 3 voters again.
     cluster.kill(4);
     cluster
@@ -171,6 +202,54 @@ async fn a_pod_beyond_the_initial_members_joins_through_them_and_keeps_its_id() 
         "{status:?}"
     );
     cluster.must_put(leader, "pods/after-scale-down", "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_member_pod_with_a_lost_volume_comes_back_once_removed() {
+    let (_dir, _api, mut cluster, leader, token) = pods_cluster().await;
+    let lost = cluster.other_than(leader);
+    cluster.kill(lost);
+    std::fs::remove_dir_all(&cluster.node(lost).data_dir).expect("wipe");
+    cluster
+        .node_mut(lost)
+        .extra_args
+        .extend(["--join-token-file".into(), token.display().to_string()]);
+
+    // Still a member: the pod stops (exit code 3), as Kubernetes would see it crash.
+    cluster.spawn(lost);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(code) = cluster.exited(lost) {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wiped member did not stop: {}",
+            cluster.log(lost)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(3), "{}", cluster.log(lost));
+
+    // Removed, the restarted pod joins again under its id, through its peers.
+    cluster
+        .admin(leader)
+        .remove(pb::NodeRequest { id: lost })
+        .await
+        .expect("remove the lost member");
+    cluster.spawn(lost);
+    cluster.must_wait_joined(lost, leader).await;
+    assert!(
+        cluster.log(lost).contains("joining it again"),
+        "{}",
+        cluster.log(lost)
+    );
+    cluster
+        .admin(leader)
+        .promote(pb::NodeRequest { id: lost })
+        .await
+        .expect("promote");
+    must_answer(&cluster, lost, "/ready", 200, "ready: voter").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

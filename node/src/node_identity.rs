@@ -109,6 +109,10 @@ pub struct NodeRecord {
     pub recorded_ms: u64,
     /// How: "initial member" or "joined with a registered node key".
     pub how: String,
+    /// The public signing key (Ed25519) its node certificates certify. Peers accept a node
+    /// certificate for this node only with this key: a certificate issued before the node was
+    /// removed and joined again (with a new key) opens nothing.
+    pub signing_key: [u8; 32],
 }
 
 /// What a joining node signs with its node key (`kubernetes_token` empty when it proves a
@@ -292,6 +296,8 @@ struct Trust {
     initial: BTreeSet<u64>,
     /// Nodes recorded as holding a node certificate, with when (from the applied state).
     recorded: BTreeMap<u64, u64>,
+    /// The key each recorded node's certificates must certify (from the same records).
+    pins: BTreeMap<u64, [u8; 32]>,
     /// Removed nodes' ids (from the applied state).
     retired: BTreeSet<u64>,
     /// Voters and learners (from the applied membership).
@@ -506,13 +512,25 @@ impl PeerTls {
         let id_of = |key: &[u8], prefix: &[u8]| -> Option<u64> {
             std::str::from_utf8(&key[prefix.len()..]).ok()?.parse().ok()
         };
-        let recorded: BTreeMap<u64, u64> = entries
-            .into_iter()
-            .filter_map(|e| {
-                let at = postcard::from_bytes::<NodeRecord>(&e.value).map_or(0, |r| r.recorded_ms);
-                Some((id_of(&e.key, NODE_CERT_PREFIX)?, at))
-            })
-            .collect();
+        let mut recorded: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut pins: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+        for e in entries {
+            let Some(id) = id_of(&e.key, NODE_CERT_PREFIX) else {
+                continue;
+            };
+            match postcard::from_bytes::<NodeRecord>(&e.value) {
+                Ok(r) => {
+                    recorded.insert(id, r.recorded_ms);
+                    pins.insert(id, r.signing_key);
+                }
+                // Unreadable: recorded (its bootstrap certificate stays closed), and no
+                // certificate can match a pin of zeros.
+                Err(_) => {
+                    recorded.insert(id, 0);
+                    pins.insert(id, [0; 32]);
+                }
+            }
+        }
         let (entries, _) = view
             .list(NODE_RETIRED_PREFIX, None, 10_000)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -532,6 +550,7 @@ impl PeerTls {
             let t = self.trust();
             t.joining
                 || t.recorded != recorded
+                || t.pins != pins
                 || t.members != members
                 || t.retired != retired
                 || t.node_ca.is_none()
@@ -541,6 +560,7 @@ impl PeerTls {
             t.node_ca = Some(anchor(&ca.value)?);
             t.joining = false;
             t.recorded = recorded;
+            t.pins = pins;
             t.members = members;
             t.retired = retired;
         }
@@ -583,11 +603,20 @@ impl PeerTls {
                 Ok(()) if t.joining => return Ok(0),
                 Ok(()) => {
                     let now_ms = now.as_secs().saturating_mul(1000);
-                    return names(t.certified(now_ms)).ok_or_else(|| {
+                    let id = names(t.certified(now_ms)).ok_or_else(|| {
                         "a node certificate of this cluster, but for a node that is neither a \
                          member nor joining (removed, or a join that never completed)"
                             .to_string()
-                    });
+                    })?;
+                    if let Some(pin) = t.pins.get(&id)
+                        && subject_public_key(first.as_ref()) != Some(pin.as_slice())
+                    {
+                        return Err(format!(
+                            "a node certificate for node {id}, but not for the key recorded for \
+                             it (a certificate from before node {id} was removed and joined again)"
+                        ));
+                    }
+                    return Ok(id);
                 }
                 Err(e) => why.push(format!("not from the node CA ({e:?})")),
             }
@@ -677,24 +706,51 @@ fn not_after_s(cert: &CertificateDer<'_>) -> Result<i64> {
     Ok(not_after)
 }
 
+/// One DER element: (tag, contents, what follows it).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)?;
+    let (len, head) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let body = b.get(head..head + len)?;
+    Some((tag, body, &b[head + len..]))
+}
+
+/// The fields of a DER certificate's tbsCertificate after the optional version: serial,
+/// signature algorithm, issuer, validity, subject, subjectPublicKeyInfo, ...
+fn tbs_fields(der: &[u8]) -> Option<&[u8]> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let (tag, _, after) = tlv(tbs)?;
+    Some(if tag == 0xa0 { after } else { tbs })
+}
+
+/// The public key bytes a DER certificate certifies (the subjectPublicKeyInfo's bit string,
+/// without its unused-bits byte): for an Ed25519 node certificate, the 32-byte key.
+fn subject_public_key(der: &[u8]) -> Option<&[u8]> {
+    let mut rest = tbs_fields(der)?;
+    for _ in 0..5 {
+        rest = tlv(rest)?.2;
+    }
+    let (_, spki, _) = tlv(rest)?;
+    let (_, _, after_algorithm) = tlv(spki)?;
+    let (tag, bits, _) = tlv(after_algorithm)?;
+    if tag != 0x03 {
+        return None;
+    }
+    bits.get(1..)
+}
+
 /// (notBefore, notAfter) in seconds since the epoch, read from a DER certificate.
 fn validity(der: &[u8]) -> Option<(i64, i64)> {
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let tag = *b.first()?;
-        let first = *b.get(1)?;
-        let (len, head) = if first < 0x80 {
-            (first as usize, 2)
-        } else {
-            let n = (first & 0x7f) as usize;
-            let mut len = 0usize;
-            for i in 0..n {
-                len = (len << 8) | *b.get(2 + i)? as usize;
-            }
-            (len, 2 + n)
-        };
-        let body = b.get(head..head + len)?;
-        Some((tag, body, &b[head + len..]))
-    }
     fn time(tag: u8, body: &[u8]) -> Option<i64> {
         let s = std::str::from_utf8(body).ok()?;
         let s = s.strip_suffix('Z')?;
@@ -714,14 +770,8 @@ fn validity(der: &[u8]) -> Option<(i64, i64)> {
                 .unix_timestamp(),
         )
     }
-    let (_, cert, _) = tlv(der)?;
-    let (_, tbs, _) = tlv(cert)?;
-    let mut rest = tbs;
-    // [0] version (optional), serial, signature algorithm, issuer, then validity.
-    let (tag, _, after) = tlv(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
+    // Serial, signature algorithm, issuer, then validity.
+    let mut rest = tbs_fields(der)?;
     for _ in 0..3 {
         rest = tlv(rest)?.2;
     }
@@ -1167,6 +1217,19 @@ mod tests {
             check(&ca.issue(5, &node_key, "10.0.0.5", now).expect("issue")),
             Ok(5)
         );
+        // A recorded node's certificates count only for its recorded key: one issued for its
+        // old key (before it was removed and joined again) opens nothing.
+        let new_key = KeyPair::generate().expect("key").public().signing_key();
+        tls.trust_mut().pins.insert(5, new_key);
+        assert!(
+            check(&ca.issue(5, &node_key, "10.0.0.5", now).expect("issue"))
+                .unwrap_err()
+                .contains("not for the key recorded")
+        );
+        assert_eq!(
+            check(&ca.issue(5, &new_key, "10.0.0.5", now).expect("issue")),
+            Ok(5)
+        );
         // Another cluster's node CA is not this one.
         let other = NodeCa::from_keyring(&Keyring::new().expect("keyring")).expect("CA");
         assert!(
@@ -1174,6 +1237,19 @@ mod tests {
                 .unwrap_err()
                 .contains("not trusted")
         );
+    }
+
+    #[test]
+    fn a_node_certificate_names_the_key_it_certifies() {
+        let ca = NodeCa::from_keyring(&Keyring::new().expect("keyring")).expect("CA");
+        let key = KeyPair::generate().expect("key").public().signing_key();
+        let pem = ca.issue(7, &key, "10.0.0.7", 0).expect("issue");
+        let der = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("PEM");
+        assert_eq!(subject_public_key(der.as_ref()), Some(key.as_slice()));
+        assert_eq!(subject_public_key(&der.as_ref()[..40]), None);
     }
 
     #[test]

@@ -230,12 +230,26 @@ fn serve(
     [accept, server]
 }
 
+/// What an initial member needs to join the cluster its peers formed without it.
+struct Rejoin {
+    tls: Arc<PeerTls>,
+    node_key: Arc<crate::keys::KeyPair>,
+    me: coffer_raft::Member,
+    token_file: Option<std::path::PathBuf>,
+    /// The bootstrapping task, if this node is the bootstrapper: it stops before the join (a
+    /// joined node's peers would answer its "are you initialized?" and it would stop itself).
+    bootstrapping: Option<tokio::task::AbortHandle>,
+}
+
 /// Until this node's log has a membership, asks the other initial members (every second,
 /// through their API) whether the cluster knows this node with another data directory
 /// incarnation; if one does, this node's data directory was replaced and it stops serving (as
-/// when a peer addresses it with the old incarnation).
-async fn stop_if_replaced(node: Arc<RaftNode>, others: crate::client::Target) {
+/// when a peer addresses it with the old incarnation). If the cluster they formed does not
+/// list this node at all (an operator removed it after its data was lost), a pod (with a join
+/// token) joins it again under its id; any other node is told to join under a new id.
+async fn stop_if_replaced(node: Arc<RaftNode>, others: crate::client::Target, rejoin: Rejoin) {
     use coffer_api::v1::cluster_client::ClusterClient;
+    let mut told = false;
     loop {
         if node.is_initialized().await.unwrap_or(true) {
             return;
@@ -244,22 +258,57 @@ async fn stop_if_replaced(node: Arc<RaftNode>, others: crate::client::Target) {
             let Ok(channel) = others.channel_to(addr) else {
                 continue;
             };
-            let status = ClusterClient::new(channel)
+            let Ok(status) = ClusterClient::new(channel)
                 .status(coffer_api::v1::StatusRequest { digest: false })
-                .await;
-            let known = status.ok().and_then(|s| {
-                s.into_inner()
-                    .members
-                    .into_iter()
-                    .find(|m| m.id == node.id())
-                    .map(|m| m.incarnation)
-            });
-            if let Some(known) = known
-                && known != 0
-                && known != node.incarnation()
-            {
-                node.refuse_stale_incarnation(known).await;
-                return;
+                .await
+            else {
+                continue;
+            };
+            let members = status.into_inner().members;
+            let known = members
+                .iter()
+                .find(|m| m.id == node.id())
+                .map(|m| m.incarnation);
+            match known {
+                Some(known) if known != 0 && known != node.incarnation() => {
+                    node.refuse_stale_incarnation(known).await;
+                    return;
+                }
+                Some(_) => {}
+                None if members.is_empty() => {}
+                None if rejoin.token_file.is_some() => {
+                    tracing::info!(
+                        via = addr,
+                        "the cluster the initial members formed no longer lists this node (it was removed): joining it again"
+                    );
+                    if let Some(task) = &rejoin.bootstrapping {
+                        task.abort();
+                    }
+                    // A join waits until the node is added: longer than a status call.
+                    let through = crate::client::Target {
+                        timeout: Duration::from_secs(30),
+                        ..others.clone()
+                    };
+                    node_identity::join(
+                        rejoin.tls.clone(),
+                        node.clone(),
+                        rejoin.node_key.clone(),
+                        through,
+                        rejoin.me.clone(),
+                        rejoin.token_file.clone(),
+                    )
+                    .await;
+                    return;
+                }
+                None => {
+                    if !told {
+                        tracing::warn!(
+                            via = addr,
+                            "the cluster the initial members formed does not list this node (it was removed): a removed id is never given to a registered node key again; join this machine under a new id (--join, --node-key)"
+                        );
+                        told = true;
+                    }
+                }
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -325,8 +374,10 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             peer_addr: cfg.member.peer_addr.clone(),
             recorded_ms: 0,
             how: "initial member, at its first unseal".into(),
+            signing_key: node_key.public().signing_key(),
         },
     )));
+    let rejoin_key = node_key.clone();
     if !cfg.join.is_empty() {
         tasks.push(tokio::spawn(node_identity::join(
             peer_tls.clone(),
@@ -486,6 +537,22 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
             .filter(|(id, _)| **id != cfg.node_id)
             .map(|(_, m)| m.api_addr.clone())
             .collect();
+        let first = cfg.initial_members.keys().next().copied();
+        let mut bootstrapping = None;
+        if first == Some(cfg.node_id) {
+            // The other members may start later: wait for them in the background.
+            let (bootstrapper, members) = (node.clone(), cfg.initial_members.clone());
+            let task = tokio::spawn(async move {
+                match bootstrapper.bootstrap(members).await {
+                    Ok(created) => tracing::info!(created, "bootstrapped a new cluster"),
+                    Err(e) => tracing::error!(error = %e, "cannot bootstrap the cluster"),
+                }
+            });
+            bootstrapping = Some(task.abort_handle());
+            tasks.push(task);
+        } else {
+            tracing::info!(bootstrapper = ?first, "waiting for the bootstrapping member to contact this node");
+        }
         if !others.is_empty() {
             tasks.push(tokio::spawn(stop_if_replaced(
                 node.clone(),
@@ -495,20 +562,14 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                     timeout: Duration::from_secs(3),
                     session: None,
                 },
+                Rejoin {
+                    tls: peer_tls.clone(),
+                    node_key: rejoin_key,
+                    me: cfg.member.clone(),
+                    token_file: cfg.join_token_file.clone(),
+                    bootstrapping,
+                },
             )));
-        }
-        let first = cfg.initial_members.keys().next().copied();
-        if first == Some(cfg.node_id) {
-            // The other members may start later: wait for them in the background.
-            let (bootstrapper, members) = (node.clone(), cfg.initial_members.clone());
-            tasks.push(tokio::spawn(async move {
-                match bootstrapper.bootstrap(members).await {
-                    Ok(created) => tracing::info!(created, "bootstrapped a new cluster"),
-                    Err(e) => tracing::error!(error = %e, "cannot bootstrap the cluster"),
-                }
-            }));
-        } else {
-            tracing::info!(bootstrapper = ?first, "waiting for the bootstrapping member to contact this node");
         }
     }
     tracing::info!(node_id = cfg.node_id, %api_addr, %peer_addr, "node started");

@@ -434,25 +434,33 @@ impl Api {
             peer_addr: r.peer_addr.clone(),
             recorded_ms: auth::now_ms(),
             how: format!("{how}, node key {}", key.fingerprint()),
+            signing_key: key.signing_key(),
         };
         let used = auth::nonce_key(&nonce);
+        // A registered node key never takes an id that was used. A pod does: a StatefulSet
+        // pod is its id, and a pod whose member was removed (its volume lost) joins again under
+        // it. Its new record pins its new key, so the removed node's certificates stay shut.
+        let mut compare = vec![Compare::Absent(used.clone())];
+        let mut success = vec![Op::Put {
+            key: used,
+            value: challenge_expiry.to_be_bytes().to_vec(),
+        }];
+        if r.kubernetes_token.is_empty() {
+            compare.push(Compare::Absent(retired));
+        } else {
+            success.push(Op::Delete { key: retired });
+        }
+        success.push(Op::Put {
+            key: node_identity::node_cert_record(r.node_id),
+            value: postcard::to_allocvec(&record).map_err(|e| Status::internal(e.to_string()))?,
+        });
         self.commit(
             Txn {
-                compare: [vec![Compare::Absent(used.clone()), Compare::Absent(retired)], proof].concat(),
-                success: vec![
-                    Op::Put {
-                        key: used,
-                        value: challenge_expiry.to_be_bytes().to_vec(),
-                    },
-                    Op::Put {
-                        key: node_identity::node_cert_record(r.node_id),
-                        value: postcard::to_allocvec(&record)
-                            .map_err(|e| Status::internal(e.to_string()))?,
-                    },
-                ],
+                compare: [compare, proof].concat(),
+                success,
                 failure: Vec::new(),
             },
-            "the challenge was already used, the node id was retired, or its registration changed: ask for a new challenge (a removed node's id is never reused)",
+            "the challenge was already used, the node id was retired, or its registration changed: ask for a new challenge (a removed node's id is never given to a registered node key again)",
         )
         .await?;
         let ca = node_identity::NodeCa::from_keyring(&keyring)
