@@ -152,8 +152,9 @@ pub struct BenchReport {
     pub rate: Option<f64>,
     /// Open loop: requests due in the measured window (rate x duration).
     pub offered: Option<u64>,
-    /// Requests sent in the measured window (`ok` + `errors`). In the open loop, fewer than
-    /// `offered` means the workers fell behind the schedule (raise --concurrency).
+    /// Requests sent in the measured window (`ok` + `errors`). In the open loop every request
+    /// due is sent, late if the workers fell behind (the lateness is in its latency), so this
+    /// equals `offered`.
     pub issued: u64,
     /// Successful operations.
     pub ok: u64,
@@ -461,8 +462,8 @@ struct Schedule {
     measure_from: Instant,
     /// No request starts (closed loop) or is due (open loop) from here on.
     deadline: Instant,
-    /// Open loop: seconds between due times.
-    interval: Option<f64>,
+    /// Open loop: requests due per second (request n is due n / rate seconds after `start`).
+    rate: Option<f64>,
 }
 
 /// What one worker saw.
@@ -490,7 +491,7 @@ async fn run_one(
         start,
         measure_from,
         deadline: measure_from + Duration::from_secs_f64(args.duration),
-        interval: args.rate.map(|r| 1.0 / r),
+        rate: args.rate,
     };
     let read_ratio = match args.op {
         BenchOp::Mix => Some(args.read_ratio.unwrap_or(DEFAULT_READ_RATIO)),
@@ -510,11 +511,11 @@ async fn run_one(
             loop {
                 // The time the request is due: now (closed loop) or its slot in the schedule
                 // (open loop), which it waits for if early and counts its latency from if late.
-                let due = match schedule.interval {
+                let due = match schedule.rate {
                     None => Instant::now(),
-                    Some(interval) => {
+                    Some(rate) => {
                         let slot = next_slot.fetch_add(1, Ordering::Relaxed);
-                        let due = schedule.start + Duration::from_secs_f64(slot as f64 * interval);
+                        let due = schedule.start + Duration::from_secs_f64(slot as f64 / rate);
                         if due < schedule.deadline {
                             tokio::time::sleep_until(due).await;
                         }
