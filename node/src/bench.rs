@@ -164,7 +164,7 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Successful operations per second.
     pub ops_per_sec: f64,
-    /// Latency percentiles in milliseconds (open loop: from the time each request was due).
+    /// Latency percentiles in milliseconds (open loop: a request sent late counts from its due time).
     pub p50_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
@@ -509,17 +509,26 @@ async fn run_one(
             let mut hist = histogram()?;
             let (mut ok, mut failed) = (0u64, 0u64);
             loop {
-                // The time the request is due: now (closed loop) or its slot in the schedule
-                // (open loop), which it waits for if early and counts its latency from if late.
-                let due = match schedule.rate {
-                    None => Instant::now(),
+                // `due`: when the request is due, now (closed loop) or its slot in the schedule
+                // (open loop). `from`: where its latency counts from. A worker that is late for
+                // its slot (it was waiting for an earlier answer: the system's slowness) counts
+                // from the due time, so a stall shows in every request it delayed; a worker that
+                // is early sleeps and counts from when it wakes, so the timer's lateness (up to
+                // a millisecond in tokio) is not charged to the system.
+                let (due, from) = match schedule.rate {
+                    None => {
+                        let now = Instant::now();
+                        (now, now)
+                    }
                     Some(rate) => {
                         let slot = next_slot.fetch_add(1, Ordering::Relaxed);
                         let due = schedule.start + Duration::from_secs_f64(slot as f64 / rate);
-                        if due < schedule.deadline {
+                        if due < schedule.deadline && Instant::now() < due {
                             tokio::time::sleep_until(due).await;
+                            (due, Instant::now())
+                        } else {
+                            (due, due)
                         }
-                        due
                     }
                 };
                 if due >= schedule.deadline {
@@ -550,7 +559,7 @@ async fn run_one(
                 match result {
                     Ok(()) => {
                         ok += 1;
-                        hist.saturating_record(due.elapsed().as_micros() as u64);
+                        hist.saturating_record(from.elapsed().as_micros() as u64);
                     }
                     Err(e) => {
                         failed += 1;
