@@ -39,6 +39,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The load on the machine before our servers start: anything else running skews both systems.
+cut -d' ' -f1-3 /proc/loadavg > "$work/load-before"
 echo "== fsync latency in $work"
 "$bin" bench fsync --dir "$work" --duration 5 --json > "$work/fsync.json"
 cat "$work/fsync.json"
@@ -114,7 +116,9 @@ for w in "${workloads[@]}"; do
   done
 done
 
+cut -d' ' -f1-3 /proc/loadavg > "$work/load-after"
 python3 bench/compare_report.py --fsync "$work/fsync.json" --results "$results" --dir "$work" \
+  --load-before "$(cat "$work/load-before")" --load-after "$(cat "$work/load-after")" \
   --duration "$DURATION" --warmup "$WARMUP" --repeats "$REPEATS" --coffer "$bin" > "$OUT"
 echo "== wrote $OUT"
 sed -n '/^## Ratios/,$p' "$OUT"

@@ -1,10 +1,14 @@
 //! `coffer bench fsync`: the latency of one small durable write on this machine, the physical
 //! floor under every commit of a Raft log (Coffer's and etcd's alike).
 //!
-//! Like etcd's guidance for its WAL disk (fio with `--ioengine=sync --fdatasync=1`), it appends
-//! blocks to a file and calls `fdatasync` after each one, timing the pair.
+//! Like etcd's guidance for its WAL disk (fio with `--ioengine=sync --fdatasync=1`), it writes
+//! blocks one after another into a file and calls `fdatasync` after each one, timing the pair.
+//! The file is laid out first (as fio does, and as etcd preallocates its WAL segments), so an
+//! fdatasync flushes data, not a file size change through the filesystem journal; it wraps
+//! around at its end.
 
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -30,6 +34,9 @@ pub struct FsyncArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// The size of the file written to, laid out before measuring.
+const FILE_BYTES: usize = 16 << 20;
 
 /// The result of `coffer bench fsync`.
 #[derive(Debug, Serialize)]
@@ -65,8 +72,8 @@ impl Drop for Scratch {
 
 /// Measures write + fdatasync latency in `args.dir` (blocking: call it off the async workers).
 pub fn measure(args: &FsyncArgs) -> Result<FsyncReport> {
-    if args.block_size == 0 || args.duration <= 0.0 {
-        bail!("--block-size and --duration must be positive");
+    if args.block_size == 0 || args.block_size > FILE_BYTES || args.duration <= 0.0 {
+        bail!("--block-size (at most 16 MiB) and --duration must be positive");
     }
     if !args.dir.is_dir() {
         bail!(
@@ -84,6 +91,14 @@ pub fn measure(args: &FsyncArgs) -> Result<FsyncReport> {
         .open(&scratch.0)
         .with_context(|| format!("cannot create {}", scratch.0.display()))?;
     let block = vec![0x5a_u8; args.block_size];
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..FILE_BYTES / zeros.len() {
+        file.write_all(&zeros)
+            .with_context(|| format!("lay out {}", scratch.0.display()))?;
+    }
+    file.sync_all()
+        .with_context(|| format!("fsync of {}", scratch.0.display()))?;
+    let blocks = (FILE_BYTES / args.block_size) as u64;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
     let started = Instant::now();
@@ -91,7 +106,8 @@ pub fn measure(args: &FsyncArgs) -> Result<FsyncReport> {
     let mut syncs = 0u64;
     while Instant::now() < deadline {
         let t = Instant::now();
-        file.write_all(&block)
+        let offset = (syncs % blocks) * args.block_size as u64;
+        file.write_all_at(&block, offset)
             .with_context(|| format!("write to {}", scratch.0.display()))?;
         file.sync_data()
             .with_context(|| format!("fdatasync of {}", scratch.0.display()))?;
