@@ -164,14 +164,9 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Successful operations per second.
     pub ops_per_sec: f64,
-    /// Latency percentiles in milliseconds (open loop: a request sent late counts from its due time).
-    pub p50_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// 99.9th percentile.
-    pub p999_ms: f64,
-    /// Maximum.
-    pub max_ms: f64,
+    /// Latency percentiles (open loop: a request sent late counts from its due time).
+    #[serde(flatten)]
+    pub latency: Latency,
     /// For puts and mixes: log entries per durable commit (fsync) on the leader during the
     /// measured window (Coffer: its flusher's counters; etcd: committed proposals per WAL
     /// fsync from its metrics). `None` if the leader changed or could not be asked.
@@ -473,9 +468,36 @@ struct WorkerResult {
     failed: u64,
 }
 
+/// A histogram of latencies in microseconds, up to a minute.
 fn histogram() -> Result<Histogram<u64>> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| anyhow::anyhow!("histogram: {e}"))
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// The percentiles of a [`histogram`] of microseconds.
+    fn of(hist: &Histogram<u64>) -> Latency {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: hist.max() as f64 / 1000.0,
+        }
+    }
 }
 
 async fn run_one(
@@ -600,7 +622,6 @@ async fn run_one(
         }
         _ => None,
     };
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let sample_errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
     Ok(BenchReport {
         target: match target {
@@ -624,10 +645,7 @@ async fn run_one(
         errors: failed,
         seconds,
         ops_per_sec: ok as f64 / seconds,
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
+        latency: Latency::of(&hist),
         entries_per_fsync,
         sample_errors,
     })
@@ -666,10 +684,10 @@ pub fn print(report: &BenchReport, json: bool) -> Result<()> {
         report.ok,
         report.errors,
         report.ops_per_sec,
-        report.p50_ms,
-        report.p99_ms,
-        report.p999_ms,
-        report.max_ms
+        report.latency.p50_ms,
+        report.latency.p99_ms,
+        report.latency.p999_ms,
+        report.latency.max_ms
     );
     if let Some(b) = report.entries_per_fsync {
         println!("leader log entries per fsync: {b:.1}");

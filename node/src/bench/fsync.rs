@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Options of `coffer bench fsync`.
@@ -51,14 +50,9 @@ pub struct FsyncReport {
     pub seconds: f64,
     /// Pairs per second (one writer).
     pub syncs_per_sec: f64,
-    /// Median latency of one write + fdatasync, in milliseconds.
-    pub p50_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// 99.9th percentile.
-    pub p999_ms: f64,
-    /// Maximum.
-    pub max_ms: f64,
+    /// Latency of one write + fdatasync.
+    #[serde(flatten)]
+    pub latency: super::Latency,
 }
 
 /// Removes the scratch file however the measurement ends.
@@ -99,8 +93,7 @@ pub fn measure(args: &FsyncArgs) -> Result<FsyncReport> {
     file.sync_all()
         .with_context(|| format!("fsync of {}", scratch.0.display()))?;
     let blocks = (FILE_BYTES / args.block_size) as u64;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+    let mut hist = super::histogram()?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let mut syncs = 0u64;
@@ -115,17 +108,13 @@ pub fn measure(args: &FsyncArgs) -> Result<FsyncReport> {
         syncs += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(FsyncReport {
         dir: args.dir.clone(),
         block_size: args.block_size,
         syncs,
         seconds,
         syncs_per_sec: syncs as f64 / seconds,
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
+        latency: super::Latency::of(&hist),
     })
 }
 
@@ -141,10 +130,10 @@ pub fn print(report: &FsyncReport, json: bool) -> Result<()> {
             report.syncs,
             report.seconds,
             report.syncs_per_sec,
-            report.p50_ms,
-            report.p99_ms,
-            report.p999_ms,
-            report.max_ms
+            report.latency.p50_ms,
+            report.latency.p99_ms,
+            report.latency.p999_ms,
+            report.latency.max_ms
         );
     }
     Ok(())
@@ -165,7 +154,8 @@ mod tests {
         })
         .expect("measure");
         assert!(report.syncs > 0);
-        assert!(report.p50_ms <= report.p99_ms && report.p99_ms <= report.max_ms);
+        let l = report.latency;
+        assert!(l.p50_ms <= l.p99_ms && l.p99_ms <= l.max_ms);
         assert_eq!(std::fs::read_dir(dir.path()).expect("read dir").count(), 0);
     }
 
