@@ -12,7 +12,7 @@ use coffer_api::v1 as pb;
 use coffer_api::v1::cluster_client::ClusterClient;
 use coffer_client::paging::all_pages;
 
-use crate::bench::{self, BenchArgs};
+use crate::bench::{self, BenchArgs, BenchCommand};
 use crate::cli_secrets::{KvCommand, SecretsCommand, WrapArgs};
 use crate::client::Target;
 use crate::config::ServerArgs;
@@ -260,8 +260,12 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Drives load against the cluster and prints throughput and latency.
+    /// Drives load against a Coffer cluster (or, with --target etcd, an etcd cluster) and
+    /// prints throughput and latency; `coffer bench fsync` measures the disk instead.
     Bench {
+        /// A measurement that is not load against a cluster.
+        #[command(subcommand)]
+        command: Option<BenchCommand>,
         /// Bench options.
         #[command(flatten)]
         bench: BenchArgs,
@@ -1596,10 +1600,36 @@ pub async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { client } => status_command(&client).await.map(|()| 0),
         Command::Cluster { op, client } => cluster_command(op, &client).await.map(|()| 0),
-        Command::Bench { bench, client } => {
-            let target = client.session_target().await?;
-            let report = bench::run(&target, &bench).await?;
-            bench::print(&report, bench.json || client.format == Format::Json)?;
+        Command::Bench {
+            command: Some(BenchCommand::Fsync(args)),
+            client,
+            ..
+        } => {
+            let json = args.json || client.format == Format::Json;
+            let report = tokio::task::spawn_blocking(move || bench::fsync::measure(&args))
+                .await
+                .context("fsync bench")??;
+            bench::fsync::print(&report, json)?;
+            Ok(0)
+        }
+        Command::Bench {
+            command: None,
+            bench,
+            client,
+        } => {
+            let target = match bench.target {
+                bench::BenchSystem::Coffer => {
+                    bench::BenchTarget::Coffer(client.session_target().await?)
+                }
+                bench::BenchSystem::Etcd => bench::BenchTarget::Etcd {
+                    endpoints: bench.endpoints.clone(),
+                    timeout: Duration::from_secs_f64(client.timeout.max(0.1)),
+                },
+            };
+            let json = bench.json || client.format == Format::Json;
+            for report in bench::run(&target, &bench).await? {
+                bench::print(&report, json)?;
+            }
             Ok(0)
         }
     }
