@@ -116,10 +116,25 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .next()
 }
 
-/// A free port on a loopback address.
+/// A free port on a loopback address, below the kernel's ephemeral range (32768 and up on
+/// Linux) and never handed out twice by this process: a port picked from the ephemeral range
+/// could become the source port of some outgoing connection before the node binds it (seen
+/// as a node that cannot listen, and a cluster that never forms, under parallel tests).
 fn free_addr(ip: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip, 0)).expect("bind a free loopback port");
-    l.local_addr().expect("local addr")
+    static GIVEN: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(20_000..32_000u16);
+        let Ok(l) = std::net::TcpListener::bind((ip, port)) else {
+            continue;
+        };
+        let addr = l.local_addr().expect("local addr");
+        if !given.contains(&addr) {
+            given.push(addr);
+            return addr;
+        }
+    }
+    panic!("no free port between 20000 and 32000 on {ip}");
 }
 
 fn node_ip(id: u64) -> String {

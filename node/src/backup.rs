@@ -280,15 +280,24 @@ pub fn restore_message(checksum: &[u8; 32]) -> Vec<u8> {
 
 /// The hex form of a checksum, as the CLI prints it.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::operator::hex(bytes)
 }
 
 /// Writes `bytes` to `path` durably: into `path.tmp`, fsynced, renamed over `path`, and the
 /// directory fsynced, so a crash leaves either the old file or the whole new one.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // Owner only: the file holds ciphertext and the encrypted keyring, still nobody else's.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?
+    };
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -320,23 +329,6 @@ pub struct Schedule {
     pub interval: std::time::Duration,
     /// How many files are kept; the oldest beyond that are deleted.
     pub retain: usize,
-}
-
-/// Parses a duration like `90s`, `15m`, `1h`, `1d` (or plain seconds).
-pub fn parse_interval(s: &str) -> Result<std::time::Duration> {
-    let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration like 90s, 15m, 1h or 1d"))?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("{s:?}: the unit must be s, m, h or d"),
-    };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(scale)))
 }
 
 /// The name of a scheduled backup file: the time first (zero-padded, so names sort by time),
@@ -502,13 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn intervals_and_retention() {
-        let secs = |s: &str| parse_interval(s).unwrap().as_secs();
-        assert_eq!(
-            (secs("90"), secs("90s"), secs("15m"), secs("1h"), secs("2d")),
-            (90, 90, 900, 3600, 172_800)
-        );
-        assert!(parse_interval("1w").is_err() && parse_interval("h").is_err());
+    fn retention_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
         for ms in [3, 1, 2, 4] {
             std::fs::write(dir.path().join(scheduled_name(ms, 1)), b"x").unwrap();

@@ -506,7 +506,8 @@ impl ServerArgs {
         let backups = match self.snapshot_dir.or(file.snapshot_dir) {
             Some(dir) => {
                 let interval = match interval {
-                    Some(s) => crate::backup::parse_interval(&s).context("--snapshot-interval")?,
+                    Some(s) => crate::cli_secrets::parse_duration(&s)
+                        .map_err(|e| anyhow::anyhow!("--snapshot-interval: {e}"))?,
                     None => Duration::from_secs(3600),
                 };
                 if interval.is_zero() || interval > Duration::from_secs(30 * 86_400) {
@@ -621,6 +622,14 @@ impl ServerArgs {
                 .or(file.autopilot_min_voters)
                 .unwrap_or(Autopilot::default().min_voters),
         };
+        if let Some(d) = autopilot.dead_after
+            && d.as_millis() < u128::from(election_timeout_ms) * 4
+        {
+            bail!(
+                "--autopilot-dead-after-s must be at least four election timeouts ({} ms): a member silent for less is not dead, and a removed member does not come back by itself",
+                election_timeout_ms * 4
+            );
+        }
         if autopilot.min_voters == 0 {
             bail!(
                 "--autopilot-min-voters must be at least 1 (3 keeps a cluster that survives one lost voter)"

@@ -115,6 +115,19 @@ pub struct NodeRecord {
     pub signing_key: [u8; 32],
 }
 
+/// A node record as builds before key pinning wrote it (postcard is positional: the new field
+/// makes those bytes too short for [`NodeRecord`]).
+#[derive(Debug, Deserialize)]
+struct NodeRecordV0 {
+    #[allow(dead_code)]
+    api_addr: String,
+    #[allow(dead_code)]
+    peer_addr: String,
+    recorded_ms: u64,
+    #[allow(dead_code)]
+    how: String,
+}
+
 /// What a joining node signs with its node key (`kubernetes_token` empty when it proves a
 /// registered key instead).
 pub fn join_message(
@@ -523,12 +536,18 @@ impl PeerTls {
                     recorded.insert(id, r.recorded_ms);
                     pins.insert(id, r.signing_key);
                 }
-                // Unreadable: recorded (its bootstrap certificate stays closed), and no
-                // certificate can match a pin of zeros.
-                Err(_) => {
-                    recorded.insert(id, 0);
-                    pins.insert(id, [0; 32]);
-                }
+                // Written by a build before key pinning: recorded, with no pin (as then).
+                Err(_) => match postcard::from_bytes::<NodeRecordV0>(&e.value) {
+                    Ok(r) => {
+                        recorded.insert(id, r.recorded_ms);
+                    }
+                    // Unreadable: recorded (its bootstrap certificate stays closed), and no
+                    // certificate can match a pin of zeros.
+                    Err(_) => {
+                        recorded.insert(id, 0);
+                        pins.insert(id, [0; 32]);
+                    }
+                },
             }
         }
         let (entries, _) = view
@@ -720,8 +739,9 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         }
         (len, 2 + n)
     };
-    let body = b.get(head..head + len)?;
-    Some((tag, body, &b[head + len..]))
+    let end = head.checked_add(len)?;
+    let body = b.get(head..end)?;
+    Some((tag, body, b.get(end..)?))
 }
 
 /// The fields of a DER certificate's tbsCertificate after the optional version: serial,
@@ -995,6 +1015,10 @@ pub async fn join(
     me: coffer_raft::Member,
     token_file: Option<PathBuf>,
 ) {
+    if via.addrs.is_empty() {
+        tracing::error!("no member address to join through: give --join or --initial-member");
+        return;
+    }
     let mut last_error = String::new();
     for attempt in 0usize.. {
         if node.is_initialized().await.unwrap_or(false) {

@@ -17,7 +17,8 @@ use crate::seal::{
 };
 use crate::threshold;
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex (share files, checksums).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

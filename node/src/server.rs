@@ -40,6 +40,8 @@ pub struct RunningNode {
     /// Bound metrics address.
     pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// Stops the peer server (after the API drained).
+    peer_stop: watch::Sender<bool>,
     /// The API server: it finishes the requests in flight once `stop` turns true.
     api_server: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -83,6 +85,7 @@ impl RunningNode {
             tracing::warn!("API requests still in flight after 10 s; stopping anyway");
             api_server.abort();
         }
+        let _ = self.peer_stop.send(true);
         self.node.shutdown().await;
         for t in self.tasks {
             t.abort();
@@ -353,6 +356,9 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
     let peer_addr = peer_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The peer port stops after the API's calls in flight finished: they may still need
+    // entries from the new leader.
+    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
     let (fatal_tx, fatal_rx) = watch::channel(None);
     let mut tasks = Vec::new();
 
@@ -498,7 +504,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         Server::builder().add_service(peer_service),
         peer_listener,
         tokio_rustls::TlsAcceptor::from(peer_tls.server_config()?),
-        stop_rx.clone(),
+        peer_stop_rx,
     ));
 
     let metrics_addr = match cfg.metrics_addr {
@@ -579,6 +585,7 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         peer_addr,
         metrics_addr,
         stop: stop_tx,
+        peer_stop: peer_stop_tx,
         api_server,
         tasks,
         fatal: fatal_rx,

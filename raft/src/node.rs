@@ -966,17 +966,22 @@ impl RaftNode {
             .keys()
             .filter(|id| **id != self.id)
             .filter(|id| {
-                s.last_contact
-                    .get(id)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|d| d < Duration::from_secs(2))
+                s.last_contact.get(id).copied().flatten().is_some_and(|d| {
+                    d < Duration::from_millis(self.settings.election_timeout_ms * 2)
+                })
             })
             .max_by_key(|id| s.replication.get(id).copied().unwrap_or(0))
             .copied()?;
-        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
-            tracing::warn!(error = %e, "cannot hand over leadership");
-            return None;
+        match tokio::time::timeout(timeout, self.raft.trigger().transfer_leader(to)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot hand over leadership");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("leadership hand-over not taken within {timeout:?}");
+                return None;
+            }
         }
         let deadline = Instant::now() + timeout;
         while self.leader_id() == Some(self.id) && Instant::now() < deadline {

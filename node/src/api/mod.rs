@@ -74,6 +74,8 @@ pub struct Api {
     raw_storage: bool,
     /// Autopilot's dead-member clean-up (off by default).
     autopilot: crate::config::Autopilot,
+    /// Held while a snapshot restore runs on this node (one at a time).
+    restoring: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Api {
@@ -104,6 +106,7 @@ impl Api {
             secret_locks: Arc::new((0..4096).map(|_| tokio::sync::Mutex::new(())).collect()),
             raw_storage: false,
             autopilot: crate::config::Autopilot::default(),
+            restoring: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 

@@ -32,6 +32,22 @@ impl Api {
         &self,
         mut stream: tonic::Streaming<pb::SnapshotRestoreRequest>,
     ) -> Result<pb::SnapshotRestoreResponse, Status> {
+        // Refused before the file is read, so that nobody can make an initialized node hold a
+        // large upload (this call needs no session); one restore at a time per node.
+        let already = |view: &coffer_storage::ReadView| -> Result<(), Status> {
+            if view.get(CONFIG_KEY).map_err(storage_status)?.is_some() {
+                return Err(Status::failed_precondition(
+                    "this cluster is already initialized (it has a seal configuration): a snapshot is restored only into a new cluster that was never initialized, so that no data is overwritten; start a fresh cluster (new data directories) and restore into it",
+                ));
+            }
+            Ok(())
+        };
+        already(&self.node.store().read().map_err(storage_status)?)?;
+        let _one_at_a_time = self.restoring.try_lock().map_err(|_| {
+            Status::failed_precondition(
+                "another snapshot restore is running on this node; wait for it to end",
+            )
+        })?;
         let mut bytes = Vec::new();
         let mut signer = None;
         while let Some(msg) = stream.message().await? {
@@ -53,15 +69,20 @@ impl Api {
             .seal_config()
             .map_err(|e| Status::invalid_argument(format!("{e:#}; nothing was restored")))?;
         let operator = self.check_restore_signature(&config, &file, operator_index, &signature)?;
+        if let Some(missing) = backup::WRITTEN_LAST
+            .iter()
+            .find(|k| file.value(k).is_none())
+        {
+            return Err(Status::invalid_argument(format!(
+                "the backup holds no {:?} record, without which the restored cluster could not be unsealed; nothing was restored",
+                String::from_utf8_lossy(missing)
+            )));
+        }
 
         // Only into a cluster that was never initialized: nothing live is ever overwritten.
         self.node.linearize().await.map_err(raft_status)?;
         let view = self.node.store().read().map_err(storage_status)?;
-        if view.get(CONFIG_KEY).map_err(storage_status)?.is_some() {
-            return Err(Status::failed_precondition(
-                "this cluster is already initialized (it has a seal configuration): a snapshot is restored only into a new cluster that was never initialized, so that no data is overwritten; start a fresh cluster (new data directories) and restore into it",
-            ));
-        }
+        already(&view)?;
         let earlier = view.get(RESTORE_KEY).map_err(storage_status)?;
         drop(view);
 
@@ -157,7 +178,17 @@ impl Api {
         let done = self
             .restore_txn(vec![guard(), Compare::Absent(CONFIG_KEY.to_vec())], last)
             .await
-            .map_err(|e| stopped(e, total, total))?;
+            .map_err(|e| {
+                if e.code() == tonic::Code::DeadlineExceeded {
+                    // The last transaction's outcome is unknown: it may have committed.
+                    Status::deadline_exceeded(format!(
+                        "{} (the restore's last step may or may not have committed: `coffer status` shows in its SEAL column whether the cluster is initialized (sealed) or not (uninitialized); if it is not, run the restore again)",
+                        e.message()
+                    ))
+                } else {
+                    stopped(e, total, total)
+                }
+            })?;
         tracing::info!(
             records = total,
             revision = done.revision,
