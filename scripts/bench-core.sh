@@ -58,7 +58,7 @@ for k in alice bob carol admin; do "$bin" keygen --out "$work/keys/$k" > /dev/nu
 unseal() { "$bin" operator unseal --key "$work/keys/$1.key" --share "$work/keys/$1.share" > /dev/null; }
 all_serve() {
   for a in ${COFFER_ADDR//,/ }; do
-    until "$bin" kv get bench/ready --addr "$a" > /dev/null 2>&1; do :; done
+    until "$bin" kv get secret/bench/ready --addr "$a" > /dev/null 2>&1; do :; done
   done
 }
 unseal alice; unseal bob
@@ -67,7 +67,7 @@ export COFFER_KEY=$work/keys/admin.key COFFER_SESSION_FILE=$work/session.json
 printf 'path "secret/*" {\n  capabilities = ["create", "read", "update", "delete", "list"]\n}\n' > "$work/data.hcl"
 until "$bin" policy write bench-data "$work/data.hcl" > /dev/null 2>&1; do sleep 0.1; done
 "$bin" identity update admin --policy bench-data > /dev/null
-until "$bin" kv put bench/ready --value 1 > /dev/null 2>&1; do sleep 0.1; done
+until "$bin" kv put secret/bench/ready v=1 > /dev/null 2>&1; do sleep 0.1; done
 times=()
 for _ in 1 2 3 4 5; do
   "$bin" operator seal --key "$work/keys/alice.key" > /dev/null

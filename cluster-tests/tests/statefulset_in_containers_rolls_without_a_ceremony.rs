@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use coffer_chaos::docker::{ensure_image, run};
@@ -508,9 +508,10 @@ async fn a_rolling_restart_of_the_statefulset_loses_no_write_and_needs_no_operat
     .await
     .expect("the service logs in");
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..4u32 {
-        let (kv, stop) = (service.kv("secret"), stop.clone());
+        let (kv, stop, written) = (service.kv("secret"), stop.clone(), written.clone());
         writers.push(tokio::spawn(async move {
             let (mut acked, mut failed) = (Vec::new(), Vec::new());
             let mut i = 0u32;
@@ -518,14 +519,27 @@ async fn a_rolling_restart_of_the_statefulset_loses_no_write_and_needs_no_operat
                 i += 1;
                 let path = format!("roll/w{w}-{i}");
                 match kv.put(&path, [("v", i.to_string())]).await {
-                    Ok(_) => acked.push((path, i)),
+                    Ok(_) => {
+                        acked.push((path, i));
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => failed.push((path, format!("{e:#}"))),
                 }
             }
             (acked, failed)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Writes flow before the first pod stops, and again after the last one is back.
+    let wait_written = |at_least: usize, what: &'static str| {
+        let written = written.clone();
+        async move {
+            wait_until(Duration::from_secs(30), what, || async {
+                (written.load(Ordering::Relaxed) >= at_least).then_some(())
+            })
+            .await
+        }
+    };
+    wait_written(20, "writes before the rolling restart").await;
 
     // The controller's rolling update: highest ordinal first, each pod only after the one
     // before is ready again. Nobody unseals anything.
@@ -541,7 +555,8 @@ async fn a_rolling_restart_of_the_statefulset_loses_no_write_and_needs_no_operat
         .await;
     }
     let rolled_in = rolling.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let so_far = written.load(Ordering::Relaxed);
+    wait_written(so_far + 20, "writes after the rolling restart").await;
     stop.store(true, Ordering::Relaxed);
     let (mut acked, mut failed) = (Vec::new(), Vec::new());
     for w in writers {
