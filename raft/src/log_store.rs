@@ -1,11 +1,13 @@
 //! [`RaftLogStorage`] over [`coffer_storage::Store`].
 //!
 //! To ensure correctness:
-//! * `append` returns once the entries are readable (a non-durable redb commit) and completes the
-//!   `IOFlushed` callback only after the flusher thread's durable commit covers them, so an entry
-//!   is never acknowledged to the leader before it is on disk, and many appends share one fsync.
+//! * `append` returns once the entries are readable (held in memory by the store until its
+//!   flusher thread commits them) and completes the `IOFlushed` callback only after that durable
+//!   commit, so an entry is never acknowledged to the leader before it is on disk, and many
+//!   appends share one redb transaction and one fsync.
 //! * `save_vote`, `truncate_after` and `purge` are durable on return.
-//! * `save_committed` is not durable on its own; losing it only means re-applying after a crash.
+//! * `save_committed` is not durable on its own (it is written with the next append's commit);
+//!   losing it only means re-applying after a crash.
 
 use std::fmt::Debug;
 use std::io;
@@ -119,10 +121,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             encoded.push((entry.log_id.index, encode_io(&entry)?));
         }
-        // A direct call, as in the state machine's apply: no fsync of its own.
-        self.store.append(&encoded)?;
-        let n = encoded.len() as u64;
-        self.store.flush(n, move |r| {
+        // Readable on return; the flusher thread commits it, with every append queued
+        // meanwhile, in one durable redb transaction.
+        self.store.append(encoded, move |r| {
             callback.io_completed(r.map_err(io::Error::from));
         });
         Ok(())
