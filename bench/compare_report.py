@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 
@@ -42,6 +43,17 @@ def mem_gib():
         return "unknown"
 
 
+def marker_sections(path):
+    """Every `<!-- NAME:begin -->...<!-- NAME:end -->` block of the file, in order: sections
+    other scripts (bench/resources.sh, ...) wrote into it, kept when this one rewrites it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, TypeError):
+        return []
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, re.S)]
+
+
 def spread(values, fmt):
     return "%s (%s to %s)" % (fmt % statistics.median(values), fmt % min(values), fmt % max(values))
 
@@ -57,6 +69,7 @@ def main():
     p.add_argument("--coffer", required=True)
     p.add_argument("--load-before", required=True)
     p.add_argument("--load-after", required=True)
+    p.add_argument("--keep-sections", help="the file this output replaces: its marker sections are kept")
     a = p.parse_args()
     with open(a.fsync) as f:
         fs = json.load(f)
@@ -205,6 +218,9 @@ def main():
         w("| Coffer writes per fsync at c=64 >= 16 | not measured | - |")
     w("")
     w("The follower-read scaling and resource targets of issue 7 are not measured by this script.")
+    for block in marker_sections(a.keep_sections):
+        w("")
+        w(block)
     print("\n".join(out))
 
 
