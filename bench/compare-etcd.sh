@@ -119,6 +119,8 @@ done
 cut -d' ' -f1-3 /proc/loadavg > "$work/load-after"
 python3 bench/compare_report.py --fsync "$work/fsync.json" --results "$results" --dir "$work" \
   --load-before "$(cat "$work/load-before")" --load-after "$(cat "$work/load-after")" \
-  --duration "$DURATION" --warmup "$WARMUP" --repeats "$REPEATS" --coffer "$bin" > "$OUT"
+  --duration "$DURATION" --warmup "$WARMUP" --repeats "$REPEATS" --coffer "$bin" \
+  --keep-sections-of "$OUT" > "$work/performance.md"
+cp "$work/performance.md" "$OUT"
 echo "== wrote $OUT"
 sed -n '/^## Ratios/,$p' "$OUT"

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--coffer", required=True)
     p.add_argument("--load-before", required=True)
     p.add_argument("--load-after", required=True)
+    p.add_argument("--keep-sections-of", help="the file being replaced: its marked sections are kept")
     a = p.parse_args()
     with open(a.fsync) as f:
         fs = json.load(f)
@@ -205,6 +207,13 @@ def main():
         w("| Coffer writes per fsync at c=64 >= 16 | not measured | - |")
     w("")
     w("The follower-read scaling and resource targets of issue 7 are not measured by this script.")
+    # Sections other scripts write into the same file (between `<!-- NAME:begin -->` and
+    # `<!-- NAME:end -->`, e.g. bench/follower-reads.sh) are kept unchanged, at the end.
+    if a.keep_sections_of and os.path.exists(a.keep_sections_of):
+        with open(a.keep_sections_of) as f:
+            for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", f.read(), re.S):
+                w("")
+                w(m.group(0))
     print("\n".join(out))
 
 
