@@ -217,7 +217,7 @@ def main():
     else:
         w("| Coffer writes per fsync at c=64 >= 16 | not measured | - |")
     w("")
-    w("The follower-read scaling and resource targets of issue 7 are not measured by this script.")
+    w("The follower-read scaling and resource figures of issue 7 are measured by bench/follower-reads.sh and bench/resources.sh (their sections below).")
     for block in marker_sections(a.keep_sections):
         w("")
         w(block)
