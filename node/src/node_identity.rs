@@ -955,15 +955,18 @@ pub async fn maintain(
 /// membership. Every applied entry wakes the maintenance loops; under write load that is
 /// hundreds of times a second, and reading the records each time was measured at 2 % of a
 /// node's CPU. They run again when these inputs changed, or a second after the last run.
+/// Reserved-key changes, voter ids, learner ids.
+type Inputs = (u64, Vec<u64>, Vec<u64>);
+
 #[derive(Debug, Default)]
 struct TrustInputs {
-    last: Option<((u64, Vec<u64>, Vec<u64>), Instant)>,
+    last: Option<(Inputs, Instant)>,
 }
 
 impl TrustInputs {
     fn changed(&mut self, node: &RaftNode) -> bool {
         let status = node.status();
-        let current = (
+        let current: Inputs = (
             node.store().reserved_changes(),
             status.voters.into_keys().collect(),
             status.learners.into_keys().collect(),

@@ -182,6 +182,9 @@ struct Pending {
     appends: u64,
 }
 
+/// Runs on the flusher thread with the store (`None` once it is closed).
+type ExclusiveJob = Box<dyn FnOnce(Option<&Shared>) + Send>;
+
 /// Work for the flusher thread, done in the order queued.
 enum Job {
     /// Entries to commit durably; `done` runs once they are on disk (or with the error).
@@ -191,7 +194,7 @@ enum Job {
         done: Box<dyn FnOnce(Result<()>) + Send>,
     },
     /// Work that must come after every append queued before it (a truncation).
-    Exclusive(Box<dyn FnOnce(Option<&Shared>) + Send>),
+    Exclusive(ExclusiveJob),
 }
 
 /// One node's database. Cheap to clone; all clones share the database.
@@ -299,15 +302,26 @@ impl Store {
     /// Appends log entries (index, bytes), replacing any with the same index. They are readable
     /// on return; `done` runs once they are durable (or with the error). Appends queued while
     /// the flusher commits share its next commit and fsync.
-    pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, done: impl FnOnce(Result<()>) + Send + 'static) {
+    pub fn append(
+        &self,
+        entries: Vec<(u64, Vec<u8>)>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
         if let Err(e) = self.check() {
             return done(Err(e));
         }
-        fail::fail_point!("storage::append", |_| {
-            done(Err(self
-                .shared
-                .fail("injected write error (failpoint storage::append)".into())))
-        });
+        let injected = || -> Option<StorageError> {
+            fail::fail_point!("storage::append", |_| {
+                Some(
+                    self.shared
+                        .fail("injected write error (failpoint storage::append)".into()),
+                )
+            });
+            None
+        };
+        if let Some(e) = injected() {
+            return done(Err(e));
+        }
         let entries: Vec<(u64, Arc<Vec<u8>>)> =
             entries.into_iter().map(|(i, b)| (i, Arc::new(b))).collect();
         let number = {
@@ -324,12 +338,10 @@ impl Store {
             entries,
             done: Box::new(done),
         };
-        if let Err(mpsc::SendError(job)) = self.flush_tx.send(job) {
-            if let Job::Append { done, .. } = job {
-                done(Err(StorageError::Failed(
-                    "the flusher thread stopped".into(),
-                )));
-            }
+        if let Err(mpsc::SendError(Job::Append { done, .. })) = self.flush_tx.send(job) {
+            done(Err(StorageError::Failed(
+                "the flusher thread stopped".into(),
+            )));
         }
     }
 
@@ -747,7 +759,11 @@ fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<Flush
     }
 }
 
-type Appended = (u64, Vec<(u64, Arc<Vec<u8>>)>, Box<dyn FnOnce(Result<()>) + Send>);
+type Appended = (
+    u64,
+    Vec<(u64, Arc<Vec<u8>>)>,
+    Box<dyn FnOnce(Result<()>) + Send>,
+);
 
 /// One `Immediate` commit of the appends in `batch` and the pending metadata records: makes
 /// them and every earlier non-durable commit (the state machine's) durable, with one fsync.
@@ -1384,7 +1400,11 @@ mod tests {
             let (tx, rx) = mpsc::channel();
             let done = tx.clone();
             s.append(
-                vec![(1, b"one".to_vec()), (2, b"two".to_vec()), (3, b"three".to_vec())],
+                vec![
+                    (1, b"one".to_vec()),
+                    (2, b"two".to_vec()),
+                    (3, b"three".to_vec()),
+                ],
                 move |r| done.send(r.is_ok()).unwrap(),
             );
             // Readable on return, whether or not the flusher has committed them yet.
