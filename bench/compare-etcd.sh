@@ -26,9 +26,8 @@ if ! command -v etcd > /dev/null; then
   echo "== installing etcd-server (Debian)"
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends etcd-server
 fi
-echo "== building coffer (release)"
-cargo build --release --locked -p coffer-node --quiet
-bin=$PWD/target/release/coffer
+source bench/lib.sh
+coffer_binary
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/coffer-vs-etcd.XXXXXX")
 pids=()
@@ -73,19 +72,7 @@ for i in 1 2 3; do
   pids+=($!)
 done
 export COFFER_ADDR=127.0.0.1:18110,127.0.0.1:18120,127.0.0.1:18130 COFFER_CACERT=$work/tls/ca.pem
-for _ in $(seq 300); do "$bin" status > /dev/null 2>&1 && break; sleep 0.1; done
-for k in operator admin; do "$bin" keygen --out "$work/keys/$k" > /dev/null; done
-"$bin" operator init --operator-key "$work/keys/operator.pub" --threshold 1 \
-  --admin-key "$work/keys/admin.pub" --share-dir "$work/keys" > /dev/null
-"$bin" operator unseal --key "$work/keys/operator.key" --share "$work/keys/operator.share" > /dev/null
-export COFFER_KEY=$work/keys/admin.key COFFER_SESSION_FILE=$work/session.json
-printf 'path "secret/*" {\n  capabilities = ["create", "read", "update", "delete", "list"]\n}\n' > "$work/data.hcl"
-for _ in $(seq 300); do "$bin" policy write bench-data "$work/data.hcl" > /dev/null 2>&1 && break; sleep 0.1; done
-"$bin" identity update admin --policy bench-data > /dev/null
-for a in ${COFFER_ADDR//,/ }; do
-  for _ in $(seq 300); do "$bin" kv put secret/bench/ready value=1 --addr "$a" > /dev/null 2>&1 && break; sleep 0.1; done
-  "$bin" kv get secret/bench/ready --addr "$a" > /dev/null
-done
+coffer_admin_session "$work"
 
 # Workloads: a label, then the `coffer bench` options (the same for both systems).
 workloads=(

@@ -54,6 +54,23 @@ def marker_sections(path):
     return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, re.S)]
 
 
+def replace_section(path, begin, end, new):
+    """Puts `new` (which starts with `begin` and ends with `end`) in place of the file's section
+    between those markers, or at the end of the file when it has none; the rest is kept."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + new + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + new + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def spread(values, fmt):
     return "%s (%s to %s)" % (fmt % statistics.median(values), fmt % min(values), fmt % max(values))
 

@@ -37,13 +37,8 @@ OUT=${OUT:-docs/performance.md}
 NET_PREFIX=${NET_PREFIX:-172.31.77}
 net=coffer-follower-reads
 
-if [ -n "${COFFER_BIN:-}" ]; then
-  bin=$(realpath "$COFFER_BIN")
-else
-  echo "== building coffer (release)"
-  cargo build --release --locked -p coffer-node --quiet
-  bin=$PWD/target/release/coffer
-fi
+source bench/lib.sh
+coffer_binary
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/coffer-follower-reads.XXXXXX")
 remove_cluster() {
@@ -89,19 +84,8 @@ done
 all=$(node_ip 1):7000,$(node_ip 2):7000,$(node_ip 3):7000
 export COFFER_ADDR=$all COFFER_CACERT=$work/tls/ca.pem
 for _ in $(seq 300); do "$bin" status > /dev/null 2>&1 && break; sleep 0.1; done
-"$bin" status > /dev/null || { for i in 1 2 3; do echo "-- node $i"; docker logs --tail 20 "coffer-fr-$i"; done; exit 1; }
-for k in operator admin; do "$bin" keygen --out "$work/keys/$k" > /dev/null; done
-"$bin" operator init --operator-key "$work/keys/operator.pub" --threshold 1 \
-  --admin-key "$work/keys/admin.pub" --share-dir "$work/keys" > /dev/null
-"$bin" operator unseal --key "$work/keys/operator.key" --share "$work/keys/operator.share" > /dev/null
-export COFFER_KEY=$work/keys/admin.key COFFER_SESSION_FILE=$work/session.json
-printf 'path "secret/*" {\n  capabilities = ["create", "read", "update", "delete", "list"]\n}\n' > "$work/data.hcl"
-for _ in $(seq 300); do "$bin" policy write bench-data "$work/data.hcl" > /dev/null 2>&1 && break; sleep 0.1; done
-"$bin" identity update admin --policy bench-data > /dev/null
-for a in ${all//,/ }; do
-  for _ in $(seq 300); do "$bin" kv put secret/bench/ready value=1 --addr "$a" > /dev/null 2>&1 && break; sleep 0.1; done
-  "$bin" kv get secret/bench/ready --addr "$a" > /dev/null
-done
+"$bin" status > /dev/null 2>&1 || { for i in 1 2 3; do echo "-- node $i"; docker logs --tail 20 "coffer-fr-$i"; done; exit 1; }
+coffer_admin_session "$work"
 
 # The leader's API address, from the members' own view (`coffer status`).
 leader() {

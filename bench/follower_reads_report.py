@@ -13,40 +13,13 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
+
+from compare_report import cpu_model, mem_gib, replace_section, sh
 
 BEGIN = "<!-- follower-reads:begin -->"
 END = "<!-- follower-reads:end -->"
 TARGET = 2.5
-
-
-def sh(*cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_gib():
-    try:
-        with open("/proc/meminfo") as f:
-            kib = int(f.readline().split()[1])
-        return "%.0f GiB" % (kib / 1024 / 1024)
-    except (OSError, ValueError, IndexError):
-        return "unknown"
 
 
 def spread(values, fmt):
@@ -194,20 +167,7 @@ def main():
         p.add_argument("--" + name, required=True)
     a = p.parse_args()
     runs = [json.loads(l) for l in open(a.results) if l.strip()]
-    new = section(a, runs)
-    try:
-        with open(a.out) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: new, text, count=1)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + new + "\n"
-    with open(a.out, "w") as f:
-        f.write(text)
-
+    replace_section(a.out, BEGIN, END, section(a, runs))
 
 if __name__ == "__main__":
     main()

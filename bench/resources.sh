@@ -31,13 +31,8 @@ SECRETS=${SECRETS:-100000}
 VALUE_SIZE=${VALUE_SIZE:-1024}
 OUT=${OUT:-docs/performance.md}
 
-if [ -n "${COFFER_BIN:-}" ]; then
-  bin=$(realpath "$COFFER_BIN")
-else
-  echo "== building coffer (release)"
-  cargo build --release --locked -p coffer-node --quiet
-  bin=$PWD/target/release/coffer
-fi
+source bench/lib.sh
+coffer_binary
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/coffer-resources.XXXXXX")
 declare -A pid=()
@@ -57,10 +52,11 @@ now() { date +%s.%N; }
 since() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[2]) - float(sys.argv[1])))' "$1" "${2:-$(now)}"; }
 api() { echo "127.0.0.1:182${1}0"; }
 metrics() { echo "127.0.0.1:182${1}2"; }
-# A gauge of node $1's `coffer_raft` family (`applied`, `leader_id`, ...), or empty.
+# A gauge of node $1's `coffer_raft` family (`applied`, `leader_id`, ...), or empty. awk reads
+# to the end: an early exit makes curl fail with a write error (23), which pipefail reports.
 raft_gauge() {
   curl -sf "http://$(metrics "$1")/metrics" 2> /dev/null \
-    | awk -v k="\"$2\"" 'index($0, k) && $1 !~ /^#/ && $1 ~ /raft/ { print $NF; exit }'
+    | awk -v k="\"$2\"" '!found && index($0, k) && $1 !~ /^#/ && $1 ~ /raft/ { print $NF; found = 1 }'
 }
 ready() { curl -sf -o /dev/null "http://$(metrics "$1")/ready"; }
 # Polls the command every 20 ms until it succeeds; fails the script after $1 seconds. The
@@ -92,21 +88,10 @@ start_node() {
 }
 for i in 1 2 3; do start_node "$i" "${members[@]}"; done
 export COFFER_ADDR=$(api 1),$(api 2),$(api 3) COFFER_CACERT=$work/tls/ca.pem
-for _ in $(seq 300); do "$bin" status > /dev/null 2>&1 && break; sleep 0.1; done
-for k in operator admin node-4; do "$bin" keygen --out "$work/keys/$k" > /dev/null; done
-"$bin" operator init --operator-key "$work/keys/operator.pub" --threshold 1 \
-  --admin-key "$work/keys/admin.pub" --share-dir "$work/keys" > /dev/null
-"$bin" operator unseal --key "$work/keys/operator.key" --share "$work/keys/operator.share" > /dev/null
+coffer_admin_session "$work"
+"$bin" keygen --out "$work/keys/node-4" > /dev/null
 # Restarted and new nodes are unsealed by their peers, so their timings include no ceremony.
 for _ in $(seq 300); do "$bin" operator peer-unseal on --key "$work/keys/operator.key" > /dev/null 2>&1 && break; sleep 0.1; done
-export COFFER_KEY=$work/keys/admin.key COFFER_SESSION_FILE=$work/session.json
-printf 'path "secret/*" {\n  capabilities = ["create", "read", "update", "delete", "list"]\n}\n' > "$work/data.hcl"
-for _ in $(seq 300); do "$bin" policy write bench-data "$work/data.hcl" > /dev/null 2>&1 && break; sleep 0.1; done
-"$bin" identity update admin --policy bench-data > /dev/null
-for a in ${COFFER_ADDR//,/ }; do
-  for _ in $(seq 300); do "$bin" kv put secret/bench/ready value=1 --addr "$a" > /dev/null 2>&1 && break; sleep 0.1; done
-  "$bin" kv get secret/bench/ready --addr "$a" > /dev/null
-done
 for i in 1 2 3; do
   for _ in $(seq 300); do ready "$i" && break; sleep 0.1; done
   ready "$i" || { echo "node $i is not ready:"; curl -s "http://$(metrics "$i")/ready"; tail "$work/coffer-$i.log"; exit 1; }

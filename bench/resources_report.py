@@ -12,7 +12,7 @@ import os
 import platform
 import re
 
-from compare_report import cpu_model, mem_gib, sh
+from compare_report import cpu_model, mem_gib, replace_section, sh
 
 BEGIN, END = "<!-- resources:begin -->", "<!-- resources:end -->"
 
@@ -145,20 +145,7 @@ def main():
         if line.strip():
             o = json.loads(line)
             r[o["key"]] = o["value"]
-    new = section(a, r)
-    try:
-        with open(a.out) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + new + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + new + "\n"
-    with open(a.out, "w") as f:
-        f.write(text)
-
+    replace_section(a.out, BEGIN, END, section(a, r))
 
 if __name__ == "__main__":
     main()
