@@ -116,7 +116,12 @@ for r in $(seq "$REPEATS"); do
     done) &
     sampler=$!
     { time "$bin" bench --op get --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
-      --json --addr "$addrs" > "$work/run.json" 2> "$work/run.err"; } 2> "$work/time" || { cat "$work/run.err"; exit 1; }
+      --json --addr "$addrs" > "$work/run.json" 2> "$work/run.err"; } 2> "$work/time" || {
+      touch "$work/done"
+      kill "$sampler" 2> /dev/null || true
+      cat "$work/run.err"
+      exit 1
+    }
     date +%s.%N > "$work/end"
     touch "$work/done"
     wait "$sampler" || true
@@ -130,7 +135,10 @@ end, samples = float(open(end).read()), {}
 for line in open(stats):
     f = line.split()
     if len(f) == 3 and end - float(duration) + 1 <= float(f[0]) <= end:
-        samples.setdefault(f[1], []).append(float(f[2].rstrip("%")))
+        try:  # a stopped container shows "--"
+            samples.setdefault(f[1], []).append(float(f[2].rstrip("%")))
+        except ValueError:
+            pass
 cpu = {name: statistics.mean(v) for name, v in samples.items()}
 r.update(mode=mode, repeat=int(rep), leader=lead, leader_after=lead_after, addrs=addrs,
          node_cpu_pct=cpu, client_cores=(user + syst) / real if real > 0 else None)

@@ -138,7 +138,8 @@ echo "secrets stored: $count"
 rec secrets "$count"
 rec value_size "$VALUE_SIZE"
 # Every node applies the last write before it is measured.
-target=$(raft_gauge "$(leader)" applied)
+target=$(raft_gauge "$(leader)" applied) || true
+[ -n "$target" ] || { echo "no leader's applied index (is a leader elected?)"; exit 1; }
 for i in 1 2 3; do wait_for 120 applied_at_least "$i" "$target"; done
 for i in 1 2 3; do memory loaded "$i"; disk loaded "$i"; done
 
@@ -151,7 +152,7 @@ restart() {
   wait "${pid[$i]}" || true
   rec "restart.$label.stop_s" "$(since "$t")"
   t=$(now)
-  start_node "$i"
+  start_node "$i" "${members[@]}"
   wait_for 300 ready "$i"
   rec "restart.$label.ready_s" "$(since "$t")"
   echo "-- reads through node $i after its restart" >> "$work/wait.log"
@@ -176,7 +177,8 @@ echo "== snapshot install to a new learner (node 4)"
 l=$(leader)
 "$bin" cluster snapshot --addr "$(api "$l")" > /dev/null
 "$bin" cluster register-node --id 4 --public-key "$work/keys/node-4.pub" > /dev/null
-target=$(raft_gauge "$l" applied)
+target=$(raft_gauge "$l" applied) || true
+[ -n "$target" ] || { echo "no applied index from the leader, node $l"; exit 1; }
 t=$(now)
 start_node 4 --join "$COFFER_ADDR" --node-key "$work/keys/node-4.key"
 wait_for 600 applied_at_least 4 "$target"
@@ -188,7 +190,7 @@ wait_for 60 ready 4
 rec snapshot.ready_s "$(since "$t")"
 # The logs are colored: drop the escapes before reading fields.
 plain() { sed 's/\x1b\[[0-9;]*m//g' "$work/coffer-$1.log"; }
-bytes=$(plain 4 | grep 'installing snapshot' | grep -o 'bytes=[0-9]*' | tail -n 1 | cut -d= -f2)
+bytes=$(plain 4 | grep 'installing snapshot' | grep -o 'bytes=[0-9]*' | tail -n 1 | cut -d= -f2 || true)
 [ -n "$bytes" ] || { echo "node 4 installed no snapshot:"; tail "$work/coffer-4.log"; exit 1; }
 rec snapshot.bytes "$bytes"
 # When the leader began to send it (its log's UTC timestamp), for the transfer-and-install time.

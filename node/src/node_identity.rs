@@ -927,7 +927,7 @@ pub async fn maintain(
     let _follow = AbortOnDrop(tokio::spawn(async move {
         let mut seen = TrustInputs::default();
         loop {
-            if seen.changed(&following)
+            if seen.changed(&following, 0)
                 && let Err(e) = follower.refresh(&following)
             {
                 tracing::warn!(error = %e, "cannot read the node records");
@@ -938,7 +938,9 @@ pub async fn maintain(
     let mut last_error = String::new();
     let mut seen = TrustInputs::default();
     loop {
-        if seen.changed(&node)
+        // Issuing the certificate also waits on the seal and on a certificate taken at join.
+        let local = u64::from(seal.keyring().is_ok()) | u64::from(tls.own_cert().is_some()) << 1;
+        if seen.changed(&node, local)
             && let Err(e) = maintain_once(&tls, &node, &seal, &record).await
         {
             let e = format!("{e:#}");
@@ -955,8 +957,8 @@ pub async fn maintain(
 /// membership. Every applied entry wakes the maintenance loops; under write load that is
 /// hundreds of times a second, and reading the records each time was measured at 2 % of a
 /// node's CPU. They run again when these inputs changed, or a second after the last run.
-/// Reserved-key changes, voter ids, learner ids.
-type Inputs = (u64, Vec<u64>, Vec<u64>);
+/// Reserved-key changes, voter ids, learner ids, and the caller's own (local) inputs.
+type Inputs = (u64, Vec<u64>, Vec<u64>, u64);
 
 #[derive(Debug, Default)]
 struct TrustInputs {
@@ -964,12 +966,13 @@ struct TrustInputs {
 }
 
 impl TrustInputs {
-    fn changed(&mut self, node: &RaftNode) -> bool {
+    fn changed(&mut self, node: &RaftNode, local: u64) -> bool {
         let status = node.status();
         let current: Inputs = (
             node.store().reserved_changes(),
             status.voters.into_keys().collect(),
             status.learners.into_keys().collect(),
+            local,
         );
         let now = Instant::now();
         let due = self.last.as_ref().is_none_or(|(seen, at)| {

@@ -417,25 +417,29 @@ impl Store {
                 let mut log = wtx.open_table(LOG).map_err(redb_err)?;
                 log.retain_in(index.., |_, _| false).map_err(redb_err)?;
             }
-            shared.commit(wtx)?;
-            // Appends queued before this one are committed (and left the pending set) by now;
-            // what remains at or after `index` was appended since and is truncated as well.
-            drop(shared.pending().log.split_off(&index));
-            Ok(())
+            // The appends queued before this one are committed (and left the pending set)
+            // by now, so redb holds every entry to delete.
+            shared.commit(wtx)
         })
     }
 
     /// Durably deletes every log entry with index `<= index` and records `purged` under the
-    /// metadata key `purged_key` in the same commit.
+    /// metadata key `purged_key` in the same commit. Runs after the appends queued before it:
+    /// openraft may purge entries it applied before they were flushed (after a snapshot), and
+    /// a later flush must not write them back below the purged mark.
     pub fn purge_through(&self, index: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
-        let wtx = self.write(Durability::Immediate)?;
-        {
-            let mut meta = wtx.open_table(META).map_err(redb_err)?;
-            meta.insert(purged_key, purged).map_err(redb_err)?;
-            let mut log = wtx.open_table(LOG).map_err(redb_err)?;
-            log.retain_in(..=index, |_, _| false).map_err(redb_err)?;
-        }
-        self.commit(wtx)
+        let (purged_key, purged) = (purged_key.to_string(), purged.to_vec());
+        self.exclusive(move |shared| {
+            let wtx = shared.write(Durability::Immediate)?;
+            {
+                let mut meta = wtx.open_table(META).map_err(redb_err)?;
+                meta.insert(purged_key.as_str(), purged.as_slice())
+                    .map_err(redb_err)?;
+                let mut log = wtx.open_table(LOG).map_err(redb_err)?;
+                log.retain_in(..=index, |_, _| false).map_err(redb_err)?;
+            }
+            shared.commit(wtx)
+        })
     }
 
     /// Reads a log metadata record.
@@ -655,6 +659,29 @@ impl Store {
     }
 }
 
+impl Drop for Shared {
+    /// Writes the metadata records still pending (Raft's committed index when no append came
+    /// after it), as redb would have made a non-durable commit durable on close.
+    fn drop(&mut self) {
+        let meta = std::mem::take(&mut self.pending().meta);
+        if meta.is_empty() || self.check().is_err() {
+            return;
+        }
+        let written = self.write(Durability::Immediate).and_then(|wtx| {
+            {
+                let mut table = wtx.open_table(META).map_err(redb_err)?;
+                for (k, v) in &meta {
+                    table.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
+                }
+            }
+            wtx.commit().map_err(redb_err)
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not write the pending log metadata on close");
+        }
+    }
+}
+
 impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
@@ -775,7 +802,8 @@ fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
     });
     let fail = |e: StorageError| shared.fail(format!("durable commit failed: {e}"));
     let wtx = shared.write(Durability::Immediate).map_err(fail)?;
-    let meta_records = std::mem::take(&mut shared.pending().meta);
+    // Copied, not taken: they stay readable from the pending set until the commit holds them.
+    let meta_records = shared.pending().meta.clone();
     {
         let mut log = wtx.open_table(LOG).map_err(redb_err).map_err(fail)?;
         for (_, entries, _) in batch {
@@ -801,9 +829,14 @@ fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
             .map_err(fail)?;
     }
     shared.commit(wtx)?;
-    // Committed: the entries are readable from redb now. Those appended again since (after a
-    // truncation) stay pending under their newer append.
+    // Committed: the entries and records are readable from redb now. Those written again
+    // since (an index appended again after a truncation, a newer committed index) stay pending.
     let mut pending = shared.pending();
+    for (k, v) in meta_records {
+        if pending.meta.get(&k) == Some(&v) {
+            pending.meta.remove(&k);
+        }
+    }
     for (number, entries, _) in batch {
         for (index, _) in entries {
             if pending.log.get(index).is_some_and(|(n, _)| n == number) {
@@ -1433,6 +1466,21 @@ mod tests {
         );
         // The lazily written record went to disk with the next append's commit.
         assert_eq!(s.meta_get("committed").unwrap(), Some(b"c1".to_vec()));
+        // A purge right after an append (perhaps still pending) leaves nothing for the
+        // flusher to write back below the purged mark.
+        let (tx, rx) = mpsc::channel();
+        s.append(vec![(4, b"vier".to_vec())], move |r| {
+            tx.send(r.is_ok()).unwrap()
+        });
+        s.purge_through(4, "purged", b"p4").unwrap();
+        assert!(rx.recv().unwrap());
+        assert!(s.log_range(0, 10).unwrap().is_empty());
+        // A record with no append after it is written when the store closes.
+        s.meta_put("committed", b"c2", false).unwrap();
+        drop(s);
+        let s = reopen(&path);
+        assert!(s.log_range(0, 10).unwrap().is_empty());
+        assert_eq!(s.meta_get("committed").unwrap(), Some(b"c2".to_vec()));
     }
 
     #[test]
