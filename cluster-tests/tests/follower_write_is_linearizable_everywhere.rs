@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use coffer_cluster_tests::{Cluster, ClusterOptions};
+use coffer_api::v1 as pb;
+use coffer_cluster_tests::{Cluster, ClusterOptions, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_write_is_linearizable_everywhere() {
@@ -23,5 +24,65 @@ async fn follower_write_is_linearizable_everywhere() {
         for id in cluster.running() {
             cluster.must_get_equal(id, &key, &value).await;
         }
+    }
+}
+
+/// Concurrent linearizable reads on a follower share read-index rounds (one request to the
+/// leader answers every read that was waiting when it was sent), and each of them still sees
+/// the write acknowledged before it began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_follower_reads_share_read_index_rounds() {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await;
+    let leader = cluster.must_wait_leader(Duration::from_secs(10)).await;
+    let follower = cluster.other_than(leader);
+    let counts = |text: &str| {
+        (
+            metric(text, "coffer_linearizable_reads_total").unwrap_or(0.0),
+            metric(text, "coffer_read_index_rounds_total").unwrap_or(0.0),
+        )
+    };
+    for round in 0..5 {
+        let key = format!("app/shared-{round}");
+        let value = format!("value-{round}");
+        cluster.must_put(leader, &key, &value).await;
+        let before = counts(&cluster.metrics_text(follower).await.expect("metrics"));
+        // One connection, 64 requests in flight on it at once.
+        let kv = cluster.kv(follower);
+        let reads: Vec<_> = (0..64)
+            .map(|_| {
+                let mut kv = kv.clone();
+                let key = key.clone();
+                async move {
+                    kv.get(pb::GetRequest {
+                        key: key.into(),
+                        consistency: pb::Consistency::Linearizable as i32,
+                    })
+                    .await
+                }
+            })
+            .collect();
+        for r in futures::future::join_all(reads).await {
+            let got = r
+                .expect("linearizable get")
+                .into_inner()
+                .kv
+                .expect("the key exists");
+            assert_eq!(
+                got.value,
+                value.as_bytes(),
+                "a read missed the acknowledged write"
+            );
+        }
+        let after = counts(&cluster.metrics_text(follower).await.expect("metrics"));
+        let (reads, rounds) = (after.0 - before.0, after.1 - before.1);
+        // The node's own background reads may add a few of each.
+        assert!(
+            reads >= 64.0,
+            "every read waited for a read index ({reads} counted)"
+        );
+        assert!(
+            rounds >= 1.0 && rounds <= reads / 2.0,
+            "{reads} reads took {rounds} read-index rounds; concurrent reads should share them"
+        );
     }
 }

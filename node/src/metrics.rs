@@ -36,6 +36,8 @@ pub struct Metrics {
     is_leader: IntGauge,
     fatal: IntGauge,
     login_state_removed: IntCounterVec,
+    linearizable_reads: IntCounter,
+    read_index_rounds: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -111,8 +113,18 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let linearizable_reads = IntCounter::new(
+            "linearizable_reads_total",
+            "Linearizable reads on this node that waited for a read index",
+        )?;
+        let read_index_rounds = IntCounter::new(
+            "read_index_rounds_total",
+            "Read indexes this node fetched for its linearizable reads; concurrent reads share one",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(linearizable_reads.clone()),
+            Box::new(read_index_rounds.clone()),
             Box::new(request_seconds.clone()),
             Box::new(fsync_seconds.clone()),
             Box::new(flush_entries.clone()),
@@ -138,6 +150,8 @@ impl Metrics {
             lag,
             is_leader,
             fatal,
+            linearizable_reads,
+            read_index_rounds,
             login_state_removed,
         })
     }
@@ -186,6 +200,11 @@ impl Metrics {
         set("purged", s.purged);
         self.is_leader.set(i64::from(s.leader == Some(s.id)));
         self.fatal.set(i64::from(node.fatal().is_some()));
+        let (reads, rounds) = node.read_index_counts();
+        self.linearizable_reads
+            .inc_by(reads.saturating_sub(self.linearizable_reads.get()));
+        self.read_index_rounds
+            .inc_by(rounds.saturating_sub(self.read_index_rounds.get()));
         self.lag.reset();
         for (peer, matched) in &s.replication {
             self.lag

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use coffer_storage::{Command, RequestId, Store, TxnResult};
@@ -55,7 +56,7 @@ pub enum MembershipChange {
 }
 
 /// The outcome of one attempt at the leader, as sent back over the peer wire.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Attempt {
     /// Try again (perhaps at another leader). `attempted`: the leader may have proposed it.
     Retry {
@@ -157,6 +158,57 @@ pub struct RaftNode {
     write_permits: Arc<Semaphore>,
     read_permits: Arc<Semaphore>,
     admin_lock: tokio::sync::Mutex<()>,
+    /// Linearizable reads waiting for a read index; one fetch serves all of them (see
+    /// [`RaftNode::linearize`]).
+    read_waiters: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
+    read_counts: ReadCounts,
+}
+
+/// How well linearizable reads share read-index rounds on this node.
+#[derive(Debug, Default)]
+struct ReadCounts {
+    /// Reads that waited for a read index.
+    reads: AtomicU64,
+    /// Read indexes fetched for them (from the leader, or as leader).
+    rounds: AtomicU64,
+}
+
+/// Fetches read indexes for the waiting linearizable reads, one fetch at a time: each fetch
+/// answers every read that registered before it started (as etcd's `linearizableReadLoop`
+/// does), so a follower sends the leader one read-index request per round instead of one per
+/// read. Ends when the node is dropped.
+async fn fetch_read_indexes(
+    node: std::sync::Weak<RaftNode>,
+    mut waiting: tokio::sync::mpsc::UnboundedReceiver<ReadWaiter>,
+) {
+    let mut round = Vec::new();
+    while let Some(first) = waiting.recv().await {
+        round.push(first);
+        while let Ok(next) = waiting.try_recv() {
+            round.push(next);
+        }
+        // Reads that gave up (their caller went away) need no answer.
+        round.retain(|w: &ReadWaiter| !w.answer.is_closed());
+        let Some(deadline) = round.iter().map(|w| w.deadline).min() else {
+            continue;
+        };
+        let Some(node) = node.upgrade() else { return };
+        node.read_counts.rounds.fetch_add(1, Ordering::Relaxed);
+        node.read_counts
+            .reads
+            .fetch_add(round.len() as u64, Ordering::Relaxed);
+        let outcome = node.fetch_read_index(deadline).await;
+        drop(node);
+        for waiter in round.drain(..) {
+            let _ = waiter.answer.send(outcome.clone());
+        }
+    }
+}
+
+/// A linearizable read waiting for a read index fetched after it registered.
+struct ReadWaiter {
+    deadline: Instant,
+    answer: tokio::sync::oneshot::Sender<Result<LogId, Attempt>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -223,7 +275,8 @@ impl RaftNode {
         )
         .await
         .map_err(|e| Error::Fatal(e.to_string()))?;
-        Ok(Arc::new(RaftNode {
+        let (read_waiters, waiting) = tokio::sync::mpsc::unbounded_channel();
+        let node = Arc::new(RaftNode {
             app_handler: std::sync::OnceLock::new(),
             id,
             incarnation,
@@ -235,7 +288,11 @@ impl RaftNode {
             read_permits: Arc::new(Semaphore::new(settings.max_pending_reads)),
             settings,
             admin_lock: tokio::sync::Mutex::new(()),
-        }))
+            read_waiters,
+            read_counts: ReadCounts::default(),
+        });
+        tokio::spawn(fetch_read_indexes(Arc::downgrade(&node), waiting));
+        Ok(node)
     }
 
     /// Registers the handler of application messages from peers (once; later calls are
@@ -679,23 +736,7 @@ impl RaftNode {
         let deadline = Instant::now() + self.settings.read_timeout;
         let mut why;
         loop {
-            let outcome = match self.leader() {
-                Some((leader, _)) if leader == self.id => self.read_index_local(deadline).await,
-                Some((leader, Some(member))) => {
-                    self.call_leader(
-                        leader,
-                        &member,
-                        deadline,
-                        remaining(deadline).as_millis() as u64,
-                        |mut c, p| async move { c.read_index(p).await },
-                    )
-                    .await
-                }
-                _ => Err(Attempt::Retry {
-                    attempted: false,
-                    why: "no leader is known".into(),
-                }),
-            };
+            let outcome = self.shared_read_index(deadline).await;
             match outcome {
                 Ok(log_id) => return self.await_applied(log_id, deadline).await,
                 Err(Attempt::Fail(e)) => return Err(e),
@@ -708,6 +749,58 @@ impl RaftNode {
                 )));
             }
             self.wait_for_change(deadline).await;
+        }
+    }
+
+    /// (linearizable reads that waited for a read index, read-index rounds fetched for them)
+    /// since this node started: the second grows slower than the first when concurrent reads
+    /// share rounds.
+    pub fn read_index_counts(&self) -> (u64, u64) {
+        (
+            self.read_counts.reads.load(Ordering::Relaxed),
+            self.read_counts.rounds.load(Ordering::Relaxed),
+        )
+    }
+
+    /// One attempt at a read index, shared with the reads waiting at the same time: the
+    /// waiter joins the next fetch, which starts after it registered (a fetch already under
+    /// way may have been answered before this read began, so it would not order it).
+    async fn shared_read_index(&self, deadline: Instant) -> Result<LogId, Attempt> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self
+            .read_waiters
+            .send(ReadWaiter { deadline, answer })
+            .is_err()
+        {
+            return Err(Attempt::Fail(Error::Fatal(
+                "this node is shutting down".into(),
+            )));
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(Attempt::Fail(Error::Fatal(
+                "this node is shutting down".into(),
+            )))
+        })
+    }
+
+    /// One attempt at a read index: at this node if it leads, else asked of the leader.
+    async fn fetch_read_index(&self, deadline: Instant) -> Result<LogId, Attempt> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.read_index_local(deadline).await,
+            Some((leader, Some(member))) => {
+                self.call_leader(
+                    leader,
+                    &member,
+                    deadline,
+                    remaining(deadline).as_millis() as u64,
+                    |mut c, p| async move { c.read_index(p).await },
+                )
+                .await
+            }
+            _ => Err(Attempt::Retry {
+                attempted: false,
+                why: "no leader is known".into(),
+            }),
         }
     }
 
