@@ -1,5 +1,5 @@
-//! Coffer's persistence layer: one redb database per node holding the Raft log, its metadata,
-//! and the transaction state machine (an ordered, versioned key/value store with
+//! Coffer's persistence layer: two redb databases per node, one for the Raft log and its
+//! metadata, one for the transaction state machine (an ordered, versioned key/value store with
 //! compare-and-swap transactions and exactly-once request ids).
 //!
 //! **Architecture invariant:** this crate knows nothing of Raft, gRPC or secrets. Log entries,
@@ -8,13 +8,17 @@
 //!
 //! # Durability
 //!
-//! * [`Store::append`] makes entries readable at once but not durable; [`Store::flush`] queues a
-//!   durable commit whose callback fires once everything appended before it is on disk. Many
-//!   appends share one fsync: this is the group commit the Raft layer relies on.
+//! * [`Store::append`] makes entries readable at once and queues them for the flusher thread,
+//!   whose next durable commit of the log file holds every append queued meanwhile; each
+//!   append's callback fires once its entries are on disk. Many appends share one fsync: this
+//!   is the group commit the Raft layer relies on.
 //! * Vote, truncation, purge, snapshot installation and snapshot saving are durable on return.
-//! * State machine writes ([`Store::apply`]) are not durable on their own: they become durable
-//!   with the next durable commit. After a crash the state machine may be behind the log, and the
-//!   Raft layer re-applies committed entries (they are deterministic).
+//! * State machine writes ([`Store::apply`]) are not durable on their own: the flusher thread
+//!   syncs the state machine's file every 100 ms while there is work, when it is idle, and on
+//!   close. A durable log commit no longer writes the state machine's pages (the log has its own
+//!   file), as etcd commits its bolt database apart from its WAL. After a crash the state
+//!   machine may be behind the log, and the Raft layer re-applies committed entries (they are
+//!   deterministic).
 //! * A commit that fails marks the store failed: every later call returns
 //!   [`StorageError::Failed`] and the node must stop serving (redb refuses writes until the
 //!   database is reopened).

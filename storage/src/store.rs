@@ -34,6 +34,12 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const REVISION: &str = "revision";
 const DEDUP_SEQ: &str = "dedup_seq";
+/// Counts the state machine's durable syncs (not part of the snapshot image's meaning).
+const STATE_SYNCS: &str = "state_syncs";
+/// How long a state machine commit may stay non-durable while the flusher has work. After a
+/// crash the state machine restarts from its last sync and the log entries after it are
+/// applied again (openraft re-applies committed entries on start).
+const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
 const IMAGE_FORMAT: u32 = 1;
 
@@ -155,7 +161,14 @@ struct Image {
 }
 
 struct Shared {
+    /// The state machine's tables and the current snapshot.
     db: Database,
+    /// The Raft log and its metadata, in a file of their own: a durable log commit then writes
+    /// only log pages, and the state machine's pages reach the disk in a periodic sync instead
+    /// of with every log commit (as etcd commits its bolt database apart from its WAL).
+    log_db: Database,
+    /// Set by a state machine commit that is not durable yet; cleared by [`Shared::sync_state`].
+    state_unsynced: AtomicBool,
     /// Set by the first failed commit; see [`StorageError::Failed`].
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -236,24 +249,40 @@ fn bytes_u64(table: &'static str, b: &[u8]) -> Result<u64> {
 
 impl Store {
     /// Opens (or creates) the database and starts its flusher thread.
+    /// With [`Backend::File`]`(path)`, the state machine lives in `path` and the Raft log in
+    /// [`log_path`]`(path)`; a log still kept in `path` (written by an earlier version) moves to
+    /// the log file first.
     pub fn open(config: StoreConfig) -> Result<Store> {
-        let db = match &config.backend {
-            Backend::File(path) => Database::create(path).map_err(|source| StorageError::Open {
+        let open = |path: Option<&PathBuf>| match path {
+            Some(path) => Database::create(path).map_err(|source| StorageError::Open {
                 path: path.clone(),
                 source,
-            })?,
-            Backend::Memory => Database::builder()
+            }),
+            None => Database::builder()
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .map_err(|source| StorageError::Open {
                     path: PathBuf::from(":memory:"),
                     source,
-                })?,
+                }),
         };
+        let path = match &config.backend {
+            Backend::File(path) => Some(path),
+            Backend::Memory => None,
+        };
+        // The state machine's file first: a file that is not a database is reported as such
+        // before anything is created beside it.
+        let db = open(path)?;
+        let log_db = open(path.map(|p| log_path(p)).as_ref())?;
+        move_log_out(&db, &log_db)?;
         // Create every table up front so readers never meet a missing one.
-        let wtx = db.begin_write().map_err(redb_err)?;
+        let wtx = log_db.begin_write().map_err(redb_err)?;
         {
             wtx.open_table(LOG).map_err(redb_err)?;
             wtx.open_table(META).map_err(redb_err)?;
+        }
+        wtx.commit().map_err(redb_err)?;
+        let wtx = db.begin_write().map_err(redb_err)?;
+        {
             wtx.open_table(KV).map_err(redb_err)?;
             wtx.open_table(SM_META).map_err(redb_err)?;
             wtx.open_table(DEDUP).map_err(redb_err)?;
@@ -264,6 +293,8 @@ impl Store {
 
         let shared = Arc::new(Shared {
             db,
+            log_db,
+            state_unsynced: AtomicBool::new(false),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             dedup_capacity: config.dedup_capacity.max(1),
@@ -374,7 +405,7 @@ impl Store {
             .range(start..end)
             .map(|(i, (_, b))| (*i, b.clone()))
             .collect();
-        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
         let log = rtx.open_table(LOG).map_err(redb_err)?;
         let mut out = Vec::new();
         for item in log.range(start..end).map_err(redb_err)? {
@@ -399,7 +430,7 @@ impl Store {
             .log
             .last_key_value()
             .map(|(i, (_, b))| (*i, b.clone()));
-        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
         let log = rtx.open_table(LOG).map_err(redb_err)?;
         let stored = log.last().map_err(redb_err)?;
         Ok(match (pending, stored) {
@@ -412,7 +443,7 @@ impl Store {
     /// Durably deletes every log entry with index `>= index`, pending ones included.
     pub fn truncate_from(&self, index: u64) -> Result<()> {
         self.exclusive(move |shared| {
-            let wtx = shared.write(Durability::Immediate)?;
+            let wtx = shared.write_log(Durability::Immediate)?;
             {
                 let mut log = wtx.open_table(LOG).map_err(redb_err)?;
                 log.retain_in(index.., |_, _| false).map_err(redb_err)?;
@@ -430,7 +461,7 @@ impl Store {
     pub fn purge_through(&self, index: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
         let (purged_key, purged) = (purged_key.to_string(), purged.to_vec());
         self.exclusive(move |shared| {
-            let wtx = shared.write(Durability::Immediate)?;
+            let wtx = shared.write_log(Durability::Immediate)?;
             {
                 let mut meta = wtx.open_table(META).map_err(redb_err)?;
                 meta.insert(purged_key.as_str(), purged.as_slice())
@@ -448,7 +479,7 @@ impl Store {
         if let Some(v) = self.shared.pending().meta.get(key) {
             return Ok(Some(v.clone()));
         }
-        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
         let meta = rtx.open_table(META).map_err(redb_err)?;
         Ok(meta.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
     }
@@ -465,7 +496,7 @@ impl Store {
                 .insert(key.to_string(), value.to_vec());
             return Ok(());
         }
-        let wtx = self.write(Durability::Immediate)?;
+        let wtx = self.shared.write_log(Durability::Immediate)?;
         {
             let mut meta = wtx.open_table(META).map_err(redb_err)?;
             meta.insert(key, value).map_err(redb_err)?;
@@ -549,6 +580,7 @@ impl Store {
             }
         }
         self.commit(wtx)?;
+        self.shared.state_unsynced.store(true, Ordering::Release);
         if touches_reserved {
             self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
         }
@@ -660,14 +692,21 @@ impl Store {
 }
 
 impl Drop for Shared {
-    /// Writes the metadata records still pending (Raft's committed index when no append came
-    /// after it), as redb would have made a non-durable commit durable on close.
+    /// Makes the state machine durable and writes the metadata records still pending (Raft's
+    /// committed index when no append came after it), as redb makes a non-durable commit
+    /// durable on close.
     fn drop(&mut self) {
-        let meta = std::mem::take(&mut self.pending().meta);
-        if meta.is_empty() || self.check().is_err() {
+        if self.check().is_err() {
             return;
         }
-        let written = self.write(Durability::Immediate).and_then(|wtx| {
+        if let Err(e) = self.sync_state() {
+            tracing::warn!(error = %e, "could not make the state machine durable on close");
+        }
+        let meta = std::mem::take(&mut self.pending().meta);
+        if meta.is_empty() {
+            return;
+        }
+        let written = self.write_log(Durability::Immediate).and_then(|wtx| {
             {
                 let mut table = wtx.open_table(META).map_err(redb_err)?;
                 for (k, v) in &meta {
@@ -692,6 +731,38 @@ impl Shared {
         let mut wtx = self.db.begin_write().map_err(redb_err)?;
         wtx.set_durability(durability).map_err(redb_err)?;
         Ok(wtx)
+    }
+
+    fn write_log(&self, durability: Durability) -> Result<WriteTransaction> {
+        self.check()?;
+        let mut wtx = self.log_db.begin_write().map_err(redb_err)?;
+        wtx.set_durability(durability).map_err(redb_err)?;
+        Ok(wtx)
+    }
+
+    /// Makes every state machine commit so far durable (one commit with an fsync), if any is
+    /// not yet. Any error marks the store failed.
+    fn sync_state(&self) -> Result<()> {
+        if !self.state_unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let synced = self.write(Durability::Immediate).and_then(|wtx| {
+            {
+                // Counts syncs (and keeps the commit from being empty).
+                let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
+                let n = match smm.get(STATE_SYNCS).map_err(redb_err)? {
+                    Some(v) => bytes_u64("sm_meta", v.value())?,
+                    None => 0,
+                };
+                smm.insert(STATE_SYNCS, u64_bytes(n + 1).as_slice())
+                    .map_err(redb_err)?;
+            }
+            Ok(wtx)
+        });
+        match synced {
+            Ok(wtx) => self.commit(wtx),
+            Err(e) => Err(self.fail(format!("state machine sync failed: {e}"))),
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -726,12 +797,28 @@ impl Shared {
 
 fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<FlushObserver>) {
     let mut next: Option<Job> = None;
+    let mut synced = Instant::now();
     loop {
+        // The state machine's writes reach the disk every STATE_SYNC_INTERVAL while there is
+        // work, and as soon as the flusher is idle.
+        if synced.elapsed() >= STATE_SYNC_INTERVAL {
+            synced = Instant::now();
+            if let Some(shared) = shared.upgrade() {
+                let _ = shared.sync_state();
+            }
+        }
         let first = match next.take() {
             Some(job) => job,
-            None => match rx.recv() {
+            None => match rx.recv_timeout(STATE_SYNC_INTERVAL) {
                 Ok(job) => job,
-                Err(_) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    synced = Instant::now();
+                    if let Some(shared) = shared.upgrade() {
+                        let _ = shared.sync_state();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             },
         };
         let mut batch = match first {
@@ -792,8 +879,8 @@ type Appended = (
     Box<dyn FnOnce(Result<()>) + Send>,
 );
 
-/// One `Immediate` commit of the appends in `batch` and the pending metadata records: makes
-/// them and every earlier non-durable commit (the state machine's) durable, with one fsync.
+/// One `Immediate` commit of the appends in `batch` and the pending metadata records in the log
+/// file: makes them durable, with one fsync.
 /// Any error marks the store failed: the entries it should have made durable may not be.
 fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
     shared.check()?;
@@ -801,7 +888,7 @@ fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
         Err(shared.fail("injected fsync error (failpoint storage::fsync)".into()))
     });
     let fail = |e: StorageError| shared.fail(format!("durable commit failed: {e}"));
-    let wtx = shared.write(Durability::Immediate).map_err(fail)?;
+    let wtx = shared.write_log(Durability::Immediate).map_err(fail)?;
     // Copied, not taken: they stay readable from the pending set until the commit holds them.
     let meta_records = shared.pending().meta.clone();
     {
@@ -845,6 +932,66 @@ fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the Raft log of a store whose state machine is in `path` lives: beside it, e.g.
+/// `coffer.redb` and `coffer-raft-log.redb`.
+pub fn log_path(path: &std::path::Path) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}-raft-log.redb"))
+}
+
+/// Moves a Raft log kept in the state machine's database (the layout before the log had a
+/// file of its own) into `log_db`: copied durably first, then removed durably. Repeating it
+/// after a crash in between copies the same records again.
+fn move_log_out(db: &Database, log_db: &Database) -> Result<()> {
+    let rtx = db.begin_read().map_err(redb_err)?;
+    let mut log = Vec::new();
+    let mut meta = Vec::new();
+    match rtx.open_table(LOG) {
+        Ok(t) => {
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                log.push((k.value(), v.value().to_vec()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(redb_err(e)),
+    }
+    match rtx.open_table(META) {
+        Ok(t) => {
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                meta.push((k.value().to_string(), v.value().to_vec()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(redb_err(e)),
+    }
+    drop(rtx);
+    tracing::info!(
+        entries = log.len(),
+        "moving the Raft log into its own file (a data directory of an earlier version)"
+    );
+    let wtx = log_db.begin_write().map_err(redb_err)?;
+    {
+        let mut t = wtx.open_table(LOG).map_err(redb_err)?;
+        for (k, v) in &log {
+            t.insert(*k, v.as_slice()).map_err(redb_err)?;
+        }
+        let mut t = wtx.open_table(META).map_err(redb_err)?;
+        for (k, v) in &meta {
+            t.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
+        }
+    }
+    wtx.commit().map_err(redb_err)?;
+    let wtx = db.begin_write().map_err(redb_err)?;
+    wtx.delete_table(LOG).map_err(redb_err)?;
+    wtx.delete_table(META).map_err(redb_err)?;
+    wtx.commit().map_err(redb_err)
 }
 
 fn get_record(
@@ -1408,6 +1555,81 @@ mod tests {
     }
 
     /// Waits for the flusher to release the file, then opens it again.
+    #[test]
+    fn a_log_in_the_state_file_moves_to_its_own_file_and_the_state_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        // The layout before the log had a file of its own: every table in one database.
+        {
+            let db = Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            {
+                let mut log = wtx.open_table(LOG).unwrap();
+                log.insert(7, b"seven".as_slice()).unwrap();
+                log.insert(8, b"eight".as_slice()).unwrap();
+                let mut meta = wtx.open_table(META).unwrap();
+                meta.insert("vote", b"v".as_slice()).unwrap();
+                let mut kv = wtx.open_table(KV).unwrap();
+                let record = Record {
+                    value: b"kept".to_vec(),
+                    version: 1,
+                    create_revision: 1,
+                    mod_revision: 1,
+                };
+                kv.insert(
+                    b"k".as_slice(),
+                    postcard::to_stdvec(&record).unwrap().as_slice(),
+                )
+                .unwrap();
+            }
+            wtx.commit().unwrap();
+        }
+        {
+            let s = reopen(&path);
+            assert_eq!(
+                s.log_range(0, 10).unwrap(),
+                vec![(7, b"seven".to_vec()), (8, b"eight".to_vec())]
+            );
+            assert_eq!(s.meta_get("vote").unwrap(), Some(b"v".to_vec()));
+            let got = s
+                .read()
+                .unwrap()
+                .get(b"k")
+                .unwrap()
+                .expect("the key is kept");
+            assert_eq!(got.value, b"kept");
+            must_apply(
+                &s,
+                &Command {
+                    request_id: None,
+                    txn: Txn {
+                        compare: vec![],
+                        success: vec![put("after", "x")],
+                        failure: vec![],
+                    },
+                },
+            );
+        }
+        assert!(log_path(&path).exists(), "the log has its own file");
+        // The state file holds no log any more, and a second open finds everything in place.
+        {
+            let db = Database::open(&path).unwrap();
+            let rtx = db.begin_read().unwrap();
+            assert!(
+                rtx.open_table(LOG).is_err(),
+                "the old log table was removed"
+            );
+        }
+        let s = reopen(&path);
+        assert_eq!(s.log_range(0, 10).unwrap().len(), 2);
+        assert_eq!(s.meta_get("vote").unwrap(), Some(b"v".to_vec()));
+        let view = s.read().unwrap();
+        assert!(
+            view.get(b"after").unwrap().is_some(),
+            "the state written after the move survived the close"
+        );
+    }
+
     fn reopen(path: &std::path::Path) -> Store {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
