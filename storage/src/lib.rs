@@ -13,9 +13,8 @@
 //!   append's callback fires once its entries are on disk. Many appends share one fsync: this
 //!   is the group commit the Raft layer relies on.
 //! * Vote, truncation, purge, snapshot installation and snapshot saving are durable on return.
-//! * State machine writes ([`Store::apply`]) are not durable on their own: the flusher thread
-//!   syncs the state machine's file every 100 ms while there is work, when it is idle, and on
-//!   close. A durable log commit no longer writes the state machine's pages (the log has its own
+//! * State machine writes ([`Store::apply`]) are not durable on their own: a thread of the store
+//!   syncs the state machine's file every 100 ms (when it changed), and closing the store does. A durable log commit no longer writes the state machine's pages (the log has its own
 //!   file), as etcd commits its bolt database apart from its WAL. After a crash the state
 //!   machine may be behind the log, and the Raft layer re-applies committed entries (they are
 //!   deterministic).

@@ -36,8 +36,7 @@ const REVISION: &str = "revision";
 const DEDUP_SEQ: &str = "dedup_seq";
 /// Counts the state machine's durable syncs (not part of the snapshot image's meaning).
 const STATE_SYNCS: &str = "state_syncs";
-/// How long a state machine commit may stay non-durable while the flusher has work. After a
-/// crash the state machine restarts from its last sync and the log entries after it are
+/// How long a state machine commit may stay non-durable. After a crash the state machine restarts from its last sync and the log entries after it are
 /// applied again (openraft re-applies committed entries on start).
 const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
@@ -308,6 +307,13 @@ impl Store {
             .name("coffer-log-flush".into())
             .spawn(move || flusher(weak, flush_rx, on_flush))
             .map_err(|e| StorageError::Failed(format!("cannot start the flusher thread: {e}")))?;
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("coffer-state-sync".into())
+            .spawn(move || state_syncer(weak))
+            .map_err(|e| {
+                StorageError::Failed(format!("cannot start the state sync thread: {e}"))
+            })?;
         Ok(Store { shared, flush_tx })
     }
 
@@ -795,30 +801,28 @@ impl Shared {
     }
 }
 
+/// Makes the state machine's writes durable every [`STATE_SYNC_INTERVAL`] (when there are any),
+/// on a thread of its own so that the log's commits never wait for it. Ends with the store.
+fn state_syncer(shared: Weak<Shared>) {
+    loop {
+        std::thread::sleep(STATE_SYNC_INTERVAL);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.sync_state().is_err() {
+            return; // the store is failed; the error was reported
+        }
+    }
+}
+
 fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<FlushObserver>) {
     let mut next: Option<Job> = None;
-    let mut synced = Instant::now();
     loop {
-        // The state machine's writes reach the disk every STATE_SYNC_INTERVAL while there is
-        // work, and as soon as the flusher is idle.
-        if synced.elapsed() >= STATE_SYNC_INTERVAL {
-            synced = Instant::now();
-            if let Some(shared) = shared.upgrade() {
-                let _ = shared.sync_state();
-            }
-        }
         let first = match next.take() {
             Some(job) => job,
-            None => match rx.recv_timeout(STATE_SYNC_INTERVAL) {
+            None => match rx.recv() {
                 Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    synced = Instant::now();
-                    if let Some(shared) = shared.upgrade() {
-                        let _ = shared.sync_state();
-                    }
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(_) => return,
             },
         };
         let mut batch = match first {
