@@ -200,6 +200,9 @@ impl Metrics {
         set("purged", s.purged);
         self.is_leader.set(i64::from(s.leader == Some(s.id)));
         self.fatal.set(i64::from(node.fatal().is_some()));
+        // Two scrapes at once must not both add the same difference.
+        static COUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
         let (reads, rounds) = node.read_index_counts();
         self.linearizable_reads
             .inc_by(reads.saturating_sub(self.linearizable_reads.get()));

@@ -7,7 +7,8 @@
 //!   appends share one redb transaction and one fsync.
 //! * `save_vote`, `truncate_after` and `purge` are durable on return.
 //! * `save_committed` is not durable on its own (it is written with the next append's commit);
-//!   losing it only means re-applying after a crash.
+//!   losing it only means re-applying after a crash, and `read_committed` ignores a committed
+//!   log id whose entry the log does not hold (its append had not reached the disk).
 
 use std::fmt::Debug;
 use std::io;
@@ -109,7 +110,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        Ok(self.meta::<Option<LogId>>(COMMITTED)?.flatten())
+        let Some(committed) = self.meta::<Option<LogId>>(COMMITTED)?.flatten() else {
+            return Ok(None);
+        };
+        // Written lazily with the next append's commit, it may name an entry whose append was
+        // still queued when the process stopped. openraft re-applies the log up to it on start,
+        // so it counts only if this log holds that very entry; otherwise the state machine's
+        // own position is where the node restarts from (the leader sends the rest).
+        let held = self.store.log_range(committed.index, committed.index + 1)?;
+        match held.first() {
+            Some((_, bytes)) if decode_io::<Entry>(bytes)?.log_id == committed => {
+                Ok(Some(committed))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
@@ -140,5 +154,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store
             .purge_through(index, PURGED, &encode_io(&Some(log_id))?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coffer_storage::{Backend, StoreConfig};
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_committed_id_counts_only_when_the_log_holds_its_entry() {
+        let store = Store::open(StoreConfig::new(Backend::Memory)).expect("store");
+        let mut log = LogStore::new(store.clone());
+        let committed = log_id::<TypeConfig>(2, 1, 5);
+        // As after a crash before the append of entry 5 reached the disk.
+        log.save_committed(Some(committed)).await.expect("save");
+        assert_eq!(log.read_committed().await.expect("read"), None);
+        // Another term's entry at that index is not the committed one either.
+        let append = |entry: Entry| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let bytes = encode_io(&entry).expect("encode");
+            store.append(vec![(entry.log_id.index, bytes)], move |r| {
+                tx.send(r.is_ok()).expect("send")
+            });
+            assert!(rx.recv().expect("flushed"));
+        };
+        append(blank_ent::<TypeConfig>(1, 1, 5));
+        assert_eq!(log.read_committed().await.expect("read"), None);
+        append(blank_ent::<TypeConfig>(2, 1, 5));
+        assert_eq!(log.read_committed().await.expect("read"), Some(committed));
     }
 }

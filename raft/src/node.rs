@@ -187,8 +187,16 @@ async fn fetch_read_indexes(
         while let Ok(next) = waiting.try_recv() {
             round.push(next);
         }
-        // Reads that gave up (their caller went away) need no answer.
+        // Reads that gave up (their caller went away) need no answer; reads past their deadline
+        // get theirs at once, so that they do not cut the round short for the others.
+        let now = Instant::now();
         round.retain(|w: &ReadWaiter| !w.answer.is_closed());
+        for late in round.extract_if(.., |w| w.deadline <= now) {
+            let _ = late.answer.send(Err(Attempt::Retry {
+                attempted: false,
+                why: "the read's deadline passed before a read index was fetched".into(),
+            }));
+        }
         let Some(deadline) = round.iter().map(|w| w.deadline).min() else {
             continue;
         };
@@ -749,6 +757,12 @@ impl RaftNode {
                 )));
             }
             self.wait_for_change(deadline).await;
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no linearizable read index within {} ms: {why}",
+                    self.settings.read_timeout.as_millis()
+                )));
+            }
         }
     }
 
@@ -776,11 +790,18 @@ impl RaftNode {
                 "this node is shutting down".into(),
             )));
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(Attempt::Fail(Error::Fatal(
+        // A round under way when this read registered may run until the later deadline of its
+        // own reads; this read waits no longer than its own.
+        match tokio::time::timeout(remaining(deadline), answered).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(Attempt::Fail(Error::Fatal(
                 "this node is shutting down".into(),
-            )))
-        })
+            ))),
+            Err(_) => Err(Attempt::Retry {
+                attempted: false,
+                why: "no read index was fetched before the deadline".into(),
+            }),
+        }
     }
 
     /// One attempt at a read index: at this node if it leads, else asked of the leader.

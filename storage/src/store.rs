@@ -34,7 +34,8 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const REVISION: &str = "revision";
 const DEDUP_SEQ: &str = "dedup_seq";
-/// Counts the state machine's durable syncs (not part of the snapshot image's meaning).
+/// Counts this node's state syncs (it keeps a sync's commit from being empty). It travels in
+/// snapshot images with the rest of `sm_meta`, where it means nothing; state digests ignore it.
 const STATE_SYNCS: &str = "state_syncs";
 /// How long a state machine commit may stay non-durable. After a crash the state machine restarts from its last sync and the log entries after it are
 /// applied again (openraft re-applies committed entries on start).
@@ -271,8 +272,21 @@ impl Store {
         // The state machine's file first: a file that is not a database is reported as such
         // before anything is created beside it.
         let db = open(path)?;
-        let log_db = open(path.map(|p| log_path(p)).as_ref())?;
-        move_log_out(&db, &log_db)?;
+        let log_file = path.map(|p| log_path(p));
+        let log_is_new = log_file.as_ref().is_some_and(|f| !f.exists());
+        let log_db = open(log_file.as_ref())?;
+        let moved = move_log_out(&db, &log_db)?;
+        if log_is_new && !moved && holds_state(&db)? {
+            // Starting over with an empty log (no vote, no identity) beside old state could
+            // vote twice in one term and answer from a state the cluster moved past.
+            let log_file = log_file.unwrap_or_default();
+            drop(log_db);
+            let _ = std::fs::remove_file(&log_file);
+            return Err(StorageError::Failed(format!(
+                "the Raft log file {} is missing while the state beside it holds data; restore the whole data directory from the same backup, or replace this node (docs/operations/replacing-a-node.md)",
+                log_file.display()
+            )));
+        }
         // Create every table up front so readers never meet a missing one.
         let wtx = log_db.begin_write().map_err(redb_err)?;
         {
@@ -948,10 +962,20 @@ pub fn log_path(path: &std::path::Path) -> PathBuf {
     path.with_file_name(format!("{stem}-raft-log.redb"))
 }
 
+/// Whether the state machine's database holds anything (it has applied entries).
+fn holds_state(db: &Database) -> Result<bool> {
+    let rtx = db.begin_read().map_err(redb_err)?;
+    match rtx.open_table(SM_META) {
+        Ok(t) => Ok(!t.is_empty().map_err(redb_err)?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(redb_err(e)),
+    }
+}
+
 /// Moves a Raft log kept in the state machine's database (the layout before the log had a
 /// file of its own) into `log_db`: copied durably first, then removed durably. Repeating it
-/// after a crash in between copies the same records again.
-fn move_log_out(db: &Database, log_db: &Database) -> Result<()> {
+/// after a crash in between copies the same records again. Returns whether there was one.
+fn move_log_out(db: &Database, log_db: &Database) -> Result<bool> {
     let rtx = db.begin_read().map_err(redb_err)?;
     let mut log = Vec::new();
     let mut meta = Vec::new();
@@ -972,7 +996,7 @@ fn move_log_out(db: &Database, log_db: &Database) -> Result<()> {
                 meta.push((k.value().to_string(), v.value().to_vec()));
             }
         }
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
         Err(e) => return Err(redb_err(e)),
     }
     drop(rtx);
@@ -995,7 +1019,8 @@ fn move_log_out(db: &Database, log_db: &Database) -> Result<()> {
     let wtx = db.begin_write().map_err(redb_err)?;
     wtx.delete_table(LOG).map_err(redb_err)?;
     wtx.delete_table(META).map_err(redb_err)?;
-    wtx.commit().map_err(redb_err)
+    wtx.commit().map_err(redb_err)?;
+    Ok(true)
 }
 
 fn get_record(
@@ -1632,6 +1657,37 @@ mod tests {
             view.get(b"after").unwrap().is_some(),
             "the state written after the move survived the close"
         );
+    }
+
+    #[test]
+    fn a_missing_log_file_beside_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let s = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap();
+            must_apply(
+                &s,
+                &Command {
+                    request_id: None,
+                    txn: Txn {
+                        compare: vec![],
+                        success: vec![put("k", "v")],
+                        failure: vec![],
+                    },
+                },
+            );
+        }
+        // Wait until the store closed (its threads hold it briefly), then lose the log file.
+        drop(reopen(&path));
+        std::fs::remove_file(log_path(&path)).unwrap();
+        for _ in 0..2 {
+            let e = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap_err();
+            assert!(e.to_string().contains("is missing"), "{e}");
+            assert!(
+                !log_path(&path).exists(),
+                "no empty log file is left to be accepted later"
+            );
+        }
     }
 
     fn reopen(path: &std::path::Path) -> Store {
