@@ -1319,6 +1319,22 @@ mod tests {
         }
     }
 
+    /// Applies an unconditional put of `k`.
+    fn must_put(store: &Store, k: &str, v: &str) -> TxnResult {
+        let txn = Txn {
+            compare: vec![],
+            success: vec![put(k, v)],
+            failure: vec![],
+        };
+        must_apply(
+            store,
+            &Command {
+                request_id: None,
+                txn,
+            },
+        )
+    }
+
     fn must_apply(store: &Store, cmd: &Command) -> TxnResult {
         store
             .apply(&[ApplyInput::Command(cmd)], &[])
@@ -1627,17 +1643,7 @@ mod tests {
                 .unwrap()
                 .expect("the key is kept");
             assert_eq!(got.value, b"kept");
-            must_apply(
-                &s,
-                &Command {
-                    request_id: None,
-                    txn: Txn {
-                        compare: vec![],
-                        success: vec![put("after", "x")],
-                        failure: vec![],
-                    },
-                },
-            );
+            must_put(&s, "after", "x");
         }
         assert!(log_path(&path).exists(), "the log has its own file");
         // The state file holds no log any more, and a second open finds everything in place.
@@ -1665,17 +1671,7 @@ mod tests {
         let path = dir.path().join("node.redb");
         {
             let s = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap();
-            must_apply(
-                &s,
-                &Command {
-                    request_id: None,
-                    txn: Txn {
-                        compare: vec![],
-                        success: vec![put("k", "v")],
-                        failure: vec![],
-                    },
-                },
-            );
+            must_put(&s, "k", "v");
         }
         // Wait until the store closed (its threads hold it briefly), then lose the log file.
         drop(reopen(&path));
