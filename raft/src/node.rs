@@ -750,12 +750,8 @@ impl RaftNode {
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry { why: w, .. }) => why = w,
             }
-            if Instant::now() >= deadline {
-                return Err(Error::Unavailable(format!(
-                    "no linearizable read index within {} ms: {why}",
-                    self.settings.read_timeout.as_millis()
-                )));
-            }
+            // Returns at once when the deadline has passed; checked after it, so that a read
+            // never registers for a round past its deadline.
             self.wait_for_change(deadline).await;
             if Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!(
