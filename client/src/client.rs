@@ -150,11 +150,24 @@ fn channel(addr: &str, ca_pem: &[u8], session: Option<&SessionCredentials>) -> R
         .connect_lazy())
 }
 
-/// 16 random bytes: a request id, a wrap id.
+/// 16 random bytes: a wrap id.
 pub(crate) fn random_16() -> Result<Vec<u8>> {
     let mut b = vec![0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| crate::keys::KeyError::Random)?;
+    Ok(b)
+}
+
+/// A write's request id: 16 bytes, the first 6 the milliseconds since the Unix epoch
+/// (big-endian), the other 10 random (as a UUIDv7). Unique by the random part; ordered by
+/// time, so the server's table of recent request ids grows at one end and is trimmed at the
+/// other instead of changing pages all over (it is written with every write).
+pub(crate) fn request_id() -> Result<Vec<u8>> {
+    let mut b = random_16()?;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     Ok(b)
 }
 
@@ -469,6 +482,21 @@ mod tests {
             spawnable(async move { kv.get("app/db").await });
             spawnable(async move { c.wrap().unwrap("w_00").await });
         }
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_ordered_by_time() {
+        let first = request_id().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let ids: Vec<Vec<u8>> = (0..1000).map(|_| request_id().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<&Vec<u8>> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids.iter().all(|id| id.len() == 16 && *id > first));
+        // The random part differs between ids made in one millisecond.
+        assert!(
+            ids.windows(2)
+                .any(|w| w[0][..6] == w[1][..6] && w[0][6..] != w[1][6..])
+        );
     }
 
     #[tokio::test]

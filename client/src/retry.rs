@@ -114,8 +114,8 @@ impl Default for RetryPolicy {
 }
 
 /// Runs `attempt(n, request_id)` (n = 0, 1, ...; the caller picks the endpoint from n) until
-/// it succeeds, fails in a way that is not retried, or the budget is spent. `request_id` is 16
-/// random bytes made once per call: every attempt gets the same, which is what makes retrying
+/// it succeeds, fails in a way that is not retried, or the budget is spent. `request_id` is
+/// made once per call (16 bytes, time-ordered and random, see `client::request_id`): every attempt gets the same, which is what makes retrying
 /// a write safe. On a session that ended, `relogin()` runs once before the next attempt.
 pub async fn with_retries<T, A, AF, R, RF>(
     policy: &RetryPolicy,
@@ -130,7 +130,7 @@ where
     RF: Future<Output = Result<(), Error>>,
 {
     let start = Instant::now();
-    let request_id = crate::client::random_16()?;
+    let request_id = crate::client::request_id()?;
     let mut backoff = policy.first_backoff;
     let mut relogged = false;
     for n in 0.. {

@@ -224,7 +224,8 @@ fn put_request(path: String, value: &str) -> kvpb::PutRequest {
             .into_iter()
             .collect(),
         cas: None,
-        request_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+        // Time-ordered, as the SDK's (see coffer_client's `request_id`).
+        request_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
     }
 }
 

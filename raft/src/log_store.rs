@@ -2,9 +2,9 @@
 //!
 //! To ensure correctness:
 //! * `append` returns once the entries are readable (held in memory by the store until its
-//!   flusher thread commits them) and completes the `IOFlushed` callback only after that durable
-//!   commit, so an entry is never acknowledged to the leader before it is on disk, and many
-//!   appends share one redb transaction and one fsync.
+//!   flusher thread writes them) and completes the `IOFlushed` callback only after that write
+//!   and its fsync, so an entry is never acknowledged to the leader before it is on disk, and
+//!   many appends share one write and one fsync.
 //! * `save_vote`, `truncate_after` and `purge` are durable on return.
 //! * `save_committed` is not durable on its own (it is written with the next append's commit);
 //!   losing it only means re-applying after a crash, and `read_committed` ignores a committed
@@ -135,8 +135,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             encoded.push((entry.log_id.index, encode_io(&entry)?));
         }
-        // Readable on return; the flusher thread commits it, with every append queued
-        // meanwhile, in one durable redb transaction.
+        // Readable on return; the flusher thread writes it, with every append queued
+        // meanwhile, in one write and one fsync of the log file.
         self.store.append(encoded, move |r| {
             callback.io_completed(r.map_err(io::Error::from));
         });

@@ -1,6 +1,6 @@
-//! Coffer's persistence layer: two redb databases per node, one for the Raft log and its
-//! metadata, one for the transaction state machine (an ordered, versioned key/value store with
-//! compare-and-swap transactions and exactly-once request ids).
+//! Coffer's persistence layer: per node, an append-only file for the Raft log and its metadata
+//! (`wal`), and a redb database for the transaction state machine (an ordered, versioned
+//! key/value store with compare-and-swap transactions and exactly-once request ids).
 //!
 //! **Architecture invariant:** this crate knows nothing of Raft, gRPC or secrets. Log entries,
 //! votes, membership records and values are opaque bytes handed in by the layer above; the only
@@ -9,22 +9,24 @@
 //! # Durability
 //!
 //! * [`Store::append`] makes entries readable at once and queues them for the flusher thread,
-//!   whose next durable commit of the log file holds every append queued meanwhile; each
-//!   append's callback fires once its entries are on disk. Many appends share one fsync: this
-//!   is the group commit the Raft layer relies on.
+//!   whose next write to the log file holds every append queued meanwhile, followed by one
+//!   `fdatasync`; each append's callback fires once its entries are on disk. Many appends share
+//!   one fsync: this is the group commit the Raft layer relies on.
 //! * Vote, truncation, purge, snapshot installation and snapshot saving are durable on return.
 //! * State machine writes ([`Store::apply`]) are not durable on their own: a thread of the store
-//!   syncs the state machine's file every 100 ms (when it changed), and closing the store does. A durable log commit no longer writes the state machine's pages (the log has its own
-//!   file), as etcd commits its bolt database apart from its WAL. After a crash the state
+//!   syncs the state machine's file every 100 ms (when it changed), and closing the store does.
+//!   A durable log write never writes the state machine's pages (the log has its own file), as
+//!   etcd commits its bolt database apart from its WAL. After a crash the state
 //!   machine may be behind the log, and the Raft layer re-applies committed entries (they are
 //!   deterministic).
 //! * A commit that fails marks the store failed: every later call returns
 //!   [`StorageError::Failed`] and the node must stop serving (redb refuses writes until the
-//!   database is reopened).
+//!   database is reopened, and a log write that failed may have left a partial record).
 #![forbid(unsafe_code)]
 
 mod store;
 mod txn;
+mod wal;
 
 pub use store::{
     ApplyInput, Backend, Command, FlushEvent, FlushObserver, ReadView, RequestId, Store,
@@ -59,6 +61,9 @@ pub enum StorageError {
         /// What did not decode.
         reason: String,
     },
+    /// The Raft log file could not be read or written.
+    #[error("Raft log: {0}")]
+    Log(#[from] std::io::Error),
     /// A snapshot image that does not decode or has an unknown format.
     #[error("invalid snapshot image: {0}")]
     BadSnapshot(String),

@@ -2,21 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::txn::{Compare, KvEntry, Op, OpResult, Txn, TxnResult};
+use crate::wal::{self, Held, LogImage, Record as LogRecord, Wal};
 use crate::{Result, StorageError};
 
-/// Raft log entries by index (opaque bytes).
+/// Raft log entries by index (opaque bytes), in the redb layout of earlier versions (read only
+/// to move the log into its own file, see [`open_log`]).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Log metadata (vote, committed, purged) and node identity, by name (opaque bytes).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -42,6 +44,9 @@ const STATE_SYNCS: &str = "state_syncs";
 const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
 const IMAGE_FORMAT: u32 = 1;
+/// The Raft log file is rewritten without its purged records once it is at least this large
+/// and four times its live log.
+const LOG_COMPACT_MIN_BYTES: u64 = 4 << 20;
 
 /// Where the database lives.
 #[derive(Debug, Clone)]
@@ -163,10 +168,14 @@ struct Image {
 struct Shared {
     /// The state machine's tables and the current snapshot.
     db: Database,
-    /// The Raft log and its metadata, in a file of their own: a durable log commit then writes
-    /// only log pages, and the state machine's pages reach the disk in a periodic sync instead
-    /// of with every log commit (as etcd commits its bolt database apart from its WAL).
-    log_db: Database,
+    /// The Raft log and its metadata as they are now (appends included as soon as they are
+    /// accepted, before the flusher writes them): what log reads see.
+    log: Mutex<LogState>,
+    /// The Raft log's file, written only by the flusher thread (and on close): a file of its
+    /// own, so a durable log commit writes only log records, and the state machine's pages
+    /// reach the disk in a periodic sync instead (as etcd keeps its WAL apart from its bolt
+    /// database).
+    wal: Mutex<Wal>,
     /// Set by a state machine commit that is not durable yet; cleared by [`Shared::sync_state`].
     state_unsynced: AtomicBool,
     /// Set by the first failed commit; see [`StorageError::Failed`].
@@ -176,23 +185,16 @@ struct Shared {
     /// Bumped after every commit that may have changed a reserved key (one starting with a
     /// NUL byte): Coffer's own settings. Lets the node notice them without a read per entry.
     reserved_changes: AtomicU64,
-    /// Log writes accepted but not yet in a redb commit; see [`Pending`].
-    pending: Mutex<Pending>,
 }
 
-/// Log entries and metadata records handed to the flusher thread and not yet committed. They
-/// are readable from here, so an append is readable at once, and they reach redb in the
-/// flusher's next durable commit together with every other append queued meanwhile: one redb
-/// write transaction and one fsync for the lot, instead of a transaction per append plus one
-/// to sync (redb transactions were half of a node's CPU under write load).
+/// The Raft log in memory: the live entries and metadata, plus the metadata records written
+/// lazily (with the flusher's next commit).
 #[derive(Default)]
-struct Pending {
-    /// Entries by index, with the number of the append that wrote them (an index truncated
-    /// and appended again belongs to the newer append).
-    log: BTreeMap<u64, (u64, Arc<Vec<u8>>)>,
-    /// Metadata records for the next commit (e.g. Raft's committed index).
-    meta: BTreeMap<String, Vec<u8>>,
-    appends: u64,
+struct LogState {
+    image: LogImage,
+    unwritten_meta: BTreeMap<String, Vec<u8>>,
+    /// Reads back the entries not held in memory (none for a store in memory).
+    reader: Option<Arc<std::fs::File>>,
 }
 
 /// Runs on the flusher thread with the store (`None` once it is closed).
@@ -200,13 +202,12 @@ type ExclusiveJob = Box<dyn FnOnce(Option<&Shared>) + Send>;
 
 /// Work for the flusher thread, done in the order queued.
 enum Job {
-    /// Entries to commit durably; `done` runs once they are on disk (or with the error).
+    /// Entries to write durably; `done` runs once they are on disk (or with the error).
     Append {
-        number: u64,
         entries: Vec<(u64, Arc<Vec<u8>>)>,
         done: Box<dyn FnOnce(Result<()>) + Send>,
     },
-    /// Work that must come after every append queued before it (a truncation).
+    /// Work that must come after every append queued before it (a truncation, a purge).
     Exclusive(ExclusiveJob),
 }
 
@@ -272,28 +273,11 @@ impl Store {
         // The state machine's file first: a file that is not a database is reported as such
         // before anything is created beside it.
         let db = open(path)?;
-        let log_file = path.map(|p| log_path(p));
-        let log_is_new = log_file.as_ref().is_some_and(|f| !f.exists());
-        let log_db = open(log_file.as_ref())?;
-        let moved = move_log_out(&db, &log_db)?;
-        if log_is_new && !moved && holds_state(&db)? {
-            // Starting over with an empty log (no vote, no identity) beside old state could
-            // vote twice in one term and answer from a state the cluster moved past.
-            let log_file = log_file.unwrap_or_default();
-            drop(log_db);
-            let _ = std::fs::remove_file(&log_file);
-            return Err(StorageError::Failed(format!(
-                "the Raft log file {} is missing while the state beside it holds data; restore the whole data directory from the same backup, or replace this node (docs/operations/replacing-a-node.md)",
-                log_file.display()
-            )));
-        }
+        let (wal, image) = match path {
+            Some(path) => open_log(path, &db)?,
+            None => (Wal::memory(), LogImage::default()),
+        };
         // Create every table up front so readers never meet a missing one.
-        let wtx = log_db.begin_write().map_err(redb_err)?;
-        {
-            wtx.open_table(LOG).map_err(redb_err)?;
-            wtx.open_table(META).map_err(redb_err)?;
-        }
-        wtx.commit().map_err(redb_err)?;
         let wtx = db.begin_write().map_err(redb_err)?;
         {
             wtx.open_table(KV).map_err(redb_err)?;
@@ -306,13 +290,17 @@ impl Store {
 
         let shared = Arc::new(Shared {
             db,
-            log_db,
+            log: Mutex::new(LogState {
+                image,
+                unwritten_meta: BTreeMap::new(),
+                reader: wal.reader(),
+            }),
+            wal: Mutex::new(wal),
             state_unsynced: AtomicBool::new(false),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             dedup_capacity: config.dedup_capacity.max(1),
             reserved_changes: AtomicU64::new(0),
-            pending: Mutex::new(Pending::default()),
         });
         let (flush_tx, flush_rx) = mpsc::channel();
         let weak = Arc::downgrade(&shared);
@@ -352,7 +340,7 @@ impl Store {
 
     /// Appends log entries (index, bytes), replacing any with the same index. They are readable
     /// on return; `done` runs once they are durable (or with the error). Appends queued while
-    /// the flusher commits share its next commit and fsync.
+    /// the flusher writes share its next write and fsync.
     pub fn append(
         &self,
         entries: Vec<(u64, Vec<u8>)>,
@@ -375,21 +363,18 @@ impl Store {
         }
         let entries: Vec<(u64, Arc<Vec<u8>>)> =
             entries.into_iter().map(|(i, b)| (i, Arc::new(b))).collect();
-        let number = {
-            let mut pending = self.shared.pending();
-            pending.appends += 1;
-            let number = pending.appends;
-            for (index, bytes) in &entries {
-                pending.log.insert(*index, (number, bytes.clone()));
-            }
-            number
-        };
+        // Queued under the lock, so the file receives appends in the order the log shows them.
+        let mut log = self.shared.log();
+        for (index, bytes) in &entries {
+            log.image.entries.insert(*index, Held::new(bytes.clone()));
+        }
         let job = Job::Append {
-            number,
             entries,
             done: Box::new(done),
         };
-        if let Err(mpsc::SendError(Job::Append { done, .. })) = self.flush_tx.send(job) {
+        let sent = self.flush_tx.send(job);
+        drop(log);
+        if let Err(mpsc::SendError(Job::Append { done, .. })) = sent {
             done(Err(StorageError::Failed(
                 "the flusher thread stopped".into(),
             )));
@@ -416,112 +401,109 @@ impl Store {
         if start >= end {
             return Ok(Vec::new());
         }
-        // The pending entries first, then redb: an entry the flusher commits in between is
-        // in redb by then (it leaves the pending set only after its commit).
-        let overlay: Vec<(u64, Arc<Vec<u8>>)> = self
-            .shared
-            .pending()
-            .log
-            .range(start..end)
-            .map(|(i, (_, b))| (*i, b.clone()))
-            .collect();
-        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
-        let log = rtx.open_table(LOG).map_err(redb_err)?;
-        let mut out = Vec::new();
-        for item in log.range(start..end).map_err(redb_err)? {
-            let (k, v) = item.map_err(redb_err)?;
-            out.push((k.value(), v.value().to_vec()));
-        }
-        if overlay.is_empty() {
-            return Ok(out);
-        }
-        // A pending entry replaces what redb holds at its index.
-        let mut merged: BTreeMap<u64, Vec<u8>> = out.into_iter().collect();
-        merged.extend(overlay.into_iter().map(|(i, b)| (i, b.as_ref().clone())));
-        Ok(merged.into_iter().collect())
+        // Found under the lock, copied (or read from the file) after it.
+        let (found, reader) = {
+            let log = self.shared.log();
+            let found: Vec<(u64, Held)> = log
+                .image
+                .entries
+                .range(start..end)
+                .map(|(i, h)| (*i, h.clone()))
+                .collect();
+            (found, log.reader.clone())
+        };
+        found
+            .into_iter()
+            .map(|(i, h)| Ok((i, h.read(reader.as_deref())?.as_ref().clone())))
+            .collect()
     }
 
     /// The last log entry, if any.
     pub fn log_last(&self) -> Result<Option<(u64, Vec<u8>)>> {
         self.check()?;
-        let pending = self
-            .shared
-            .pending()
-            .log
-            .last_key_value()
-            .map(|(i, (_, b))| (*i, b.clone()));
-        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
-        let log = rtx.open_table(LOG).map_err(redb_err)?;
-        let stored = log.last().map_err(redb_err)?;
-        Ok(match (pending, stored) {
-            (Some((i, _)), Some((k, v))) if k.value() > i => Some((k.value(), v.value().to_vec())),
-            (Some((i, b)), _) => Some((i, b.as_ref().clone())),
-            (None, stored) => stored.map(|(k, v)| (k.value(), v.value().to_vec())),
-        })
+        let (last, reader) = {
+            let log = self.shared.log();
+            let last = log
+                .image
+                .entries
+                .last_key_value()
+                .map(|(i, h)| (*i, h.clone()));
+            (last, log.reader.clone())
+        };
+        match last {
+            Some((i, h)) => Ok(Some((i, h.read(reader.as_deref())?.as_ref().clone()))),
+            None => Ok(None),
+        }
     }
 
-    /// Durably deletes every log entry with index `>= index`, pending ones included.
+    /// Durably deletes every log entry with index `>= index`, the ones still being written
+    /// included.
     pub fn truncate_from(&self, index: u64) -> Result<()> {
+        self.check()?;
+        self.shared
+            .log()
+            .image
+            .apply(LogRecord::TruncateFrom(index));
+        // After the appends queued before it: replaying the file drops them again.
         self.exclusive(move |shared| {
-            let wtx = shared.write_log(Durability::Immediate)?;
-            {
-                let mut log = wtx.open_table(LOG).map_err(redb_err)?;
-                log.retain_in(index.., |_, _| false).map_err(redb_err)?;
-            }
-            // The appends queued before this one are committed (and left the pending set)
-            // by now, so redb holds every entry to delete.
-            shared.commit(wtx)
+            shared.write_log(&[LogRecord::TruncateFrom(index)])?;
+            Ok(())
         })
     }
 
     /// Durably deletes every log entry with index `<= index` and records `purged` under the
-    /// metadata key `purged_key` in the same commit. Runs after the appends queued before it:
+    /// metadata key `purged_key` in the same write. Runs after the appends queued before it:
     /// openraft may purge entries it applied before they were flushed (after a snapshot), and
-    /// a later flush must not write them back below the purged mark.
+    /// replaying the file must not bring them back. When purged records fill most of the file,
+    /// it is rewritten with only the live log.
     pub fn purge_through(&self, index: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
+        self.check()?;
+        {
+            let mut log = self.shared.log();
+            log.image.apply(LogRecord::Meta(purged_key, purged));
+            log.image.apply(LogRecord::PurgeThrough(index));
+        }
         let (purged_key, purged) = (purged_key.to_string(), purged.to_vec());
         self.exclusive(move |shared| {
-            let wtx = shared.write_log(Durability::Immediate)?;
-            {
-                let mut meta = wtx.open_table(META).map_err(redb_err)?;
-                meta.insert(purged_key.as_str(), purged.as_slice())
-                    .map_err(redb_err)?;
-                let mut log = wtx.open_table(LOG).map_err(redb_err)?;
-                log.retain_in(..=index, |_, _| false).map_err(redb_err)?;
+            shared.write_log(&[
+                LogRecord::Meta(&purged_key, &purged),
+                LogRecord::PurgeThrough(index),
+            ])?;
+            Ok(())
+        })?;
+        // Not waited for: the flusher rewrites the file, if it is due, before its next write.
+        let compact = Job::Exclusive(Box::new(|shared| {
+            if let Some(shared) = shared {
+                let _ = shared.compact_log();
             }
-            shared.commit(wtx)
-        })
+        }));
+        let _ = self.flush_tx.send(compact);
+        Ok(())
     }
 
     /// Reads a log metadata record.
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.check()?;
-        if let Some(v) = self.shared.pending().meta.get(key) {
-            return Ok(Some(v.clone()));
-        }
-        let rtx = self.shared.log_db.begin_read().map_err(redb_err)?;
-        let meta = rtx.open_table(META).map_err(redb_err)?;
-        Ok(meta.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
+        Ok(self.shared.log().image.meta.get(key).cloned())
     }
 
     /// Writes a log metadata record; with `durable` it is on disk on return, otherwise it is
-    /// readable at once and written with the next append's commit (no transaction of its own).
+    /// readable at once and written with the next append's write (no fsync of its own).
     /// A key is written one way or the other, never both.
     pub fn meta_put(&self, key: &str, value: &[u8], durable: bool) -> Result<()> {
         self.check()?;
         if !durable {
-            self.shared
-                .pending()
-                .meta
-                .insert(key.to_string(), value.to_vec());
+            let mut log = self.shared.log();
+            log.image.apply(LogRecord::Meta(key, value));
+            log.unwritten_meta.insert(key.to_string(), value.to_vec());
             return Ok(());
         }
-        let wtx = self.shared.write_log(Durability::Immediate)?;
-        {
-            let mut meta = wtx.open_table(META).map_err(redb_err)?;
-            meta.insert(key, value).map_err(redb_err)?;
-        }
-        self.commit(wtx)
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.exclusive(move |shared| {
+            shared.write_log(&[LogRecord::Meta(&key, &value)])?;
+            shared.log().image.apply(LogRecord::Meta(&key, &value));
+            Ok(())
+        })
     }
 
     // ---- State machine ---------------------------------------------------------------------
@@ -712,9 +694,9 @@ impl Store {
 }
 
 impl Drop for Shared {
-    /// Makes the state machine durable and writes the metadata records still pending (Raft's
-    /// committed index when no append came after it), as redb makes a non-durable commit
-    /// durable on close.
+    /// Makes the state machine durable and writes the log metadata records not written yet
+    /// (Raft's committed index when no append came after it), as redb makes a non-durable
+    /// commit durable on close.
     fn drop(&mut self) {
         if self.check().is_err() {
             return;
@@ -722,28 +704,15 @@ impl Drop for Shared {
         if let Err(e) = self.sync_state() {
             tracing::warn!(error = %e, "could not make the state machine durable on close");
         }
-        let meta = std::mem::take(&mut self.pending().meta);
-        if meta.is_empty() {
-            return;
-        }
-        let written = self.write_log(Durability::Immediate).and_then(|wtx| {
-            {
-                let mut table = wtx.open_table(META).map_err(redb_err)?;
-                for (k, v) in &meta {
-                    table.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
-                }
-            }
-            wtx.commit().map_err(redb_err)
-        });
-        if let Err(e) = written {
+        if let Err(e) = self.write_log(&[]) {
             tracing::warn!(error = %e, "could not write the pending log metadata on close");
         }
     }
 }
 
 impl Shared {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn log(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn write(&self, durability: Durability) -> Result<WriteTransaction> {
@@ -753,11 +722,108 @@ impl Shared {
         Ok(wtx)
     }
 
-    fn write_log(&self, durability: Durability) -> Result<WriteTransaction> {
+    /// Writes the lazily written metadata records and `records` to the log file, in one
+    /// write, and syncs it (skipped when there is nothing to write). Returns where in the file
+    /// each of `records` starts (`None` for a store in memory). Any error marks the store
+    /// failed: what it should have made durable may not be.
+    fn write_log(&self, records: &[LogRecord<'_>]) -> Result<Option<Vec<u64>>> {
         self.check()?;
-        let mut wtx = self.log_db.begin_write().map_err(redb_err)?;
-        wtx.set_durability(durability).map_err(redb_err)?;
-        Ok(wtx)
+        let meta = std::mem::take(&mut self.log().unwritten_meta);
+        if records.is_empty() && meta.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        fail::fail_point!("storage::fsync", |_| {
+            Err(self.fail("injected fsync error (failpoint storage::fsync)".into()))
+        });
+        let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        // The lazy records first: a record written with `records` is the newer one.
+        let mut batch = wal.batch();
+        for (k, v) in &meta {
+            batch.push(LogRecord::Meta(k, v));
+        }
+        let places: Vec<u64> = records.iter().map(|r| batch.push(*r)).collect();
+        let at = wal
+            .write(batch)
+            .and_then(|at| wal.sync().map(|()| at))
+            .map_err(|e| self.fail(format!("durable log write failed: {e}")))?;
+        Ok(wal
+            .reader()
+            .map(|_| places.into_iter().map(|p| at + p).collect()))
+    }
+
+    /// Rewrites the log file with only the live log when purged records make up most of it.
+    /// Log reads and appends go on meanwhile (appends are written after it); only installing
+    /// the new file's places takes the log's lock. A copy that cannot be written (a full disk)
+    /// is given up with a warning and tried again after the next purge.
+    fn compact_log(&self) -> Result<()> {
+        self.check()?;
+        let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        let (copied, old) = {
+            let log = self.log();
+            let live = log.image.encoded_len();
+            if wal.len() < LOG_COMPACT_MIN_BYTES || wal.len() < live.saturating_mul(4) {
+                return Ok(());
+            }
+            (log.image.clone(), log.reader.clone())
+        };
+        let Some(path) = wal.path().map(Path::to_path_buf) else {
+            return Ok(());
+        };
+        let before = wal.len();
+        let copy = match Wal::write_copy(&path, &copied, old.as_deref(), wal.last_write() + 1) {
+            Ok(copy) => copy,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not rewrite the Raft log without its purged entries; trying again after the next purge");
+                return Ok(());
+            }
+        };
+        if let Err(e) = self.check() {
+            copy.discard();
+            return Err(e);
+        }
+        let mut log = self.log();
+        let installed = Wal::install(&path, copy, &mut log.image, |index, held| {
+            copied.entries.get(&index).is_some_and(|c| c.same_as(held))
+        });
+        let installed = match installed {
+            Ok(w) => w,
+            Err(e) => return Err(self.fail(format!("rewriting the Raft log failed: {e}"))),
+        };
+        // Every entry written before the copy was in it and is placed in the new file now;
+        // any other entry with a place in the old file would read the wrong bytes from the
+        // new one, so it is brought into memory first (none is expected).
+        for (index, held) in log.image.entries.iter_mut() {
+            let placed = copied.entries.contains_key(index);
+            if held.bytes.is_none() && !placed {
+                let bytes = held
+                    .read(old.as_deref())
+                    .map_err(|e| self.fail(format!("reading the Raft log failed: {e}")))?;
+                held.bytes = Some(bytes);
+                held.at = None;
+            }
+        }
+        log.reader = installed.reader();
+        *wal = installed;
+        tracing::debug!(
+            before,
+            after = wal.len(),
+            "rewrote the Raft log without its purged entries"
+        );
+        Ok(())
+    }
+
+    /// Notes where the entries of a written batch are in the file (`starts`, one per entry in
+    /// order), so large ones can leave memory. An entry replaced or removed since is skipped.
+    fn written(&self, batch: &[Flushing], starts: &[u64]) {
+        let mut log = self.log();
+        let entries = batch.iter().flat_map(|(entries, _)| entries.iter());
+        for ((index, bytes), start) in entries.zip(starts) {
+            if let Some(held) = log.image.entries.get_mut(index)
+                && held.bytes.as_ref().is_some_and(|b| Arc::ptr_eq(b, bytes))
+            {
+                held.written(*start);
+            }
+        }
     }
 
     /// Makes every state machine commit so far durable (one commit with an fsync), if any is
@@ -829,6 +895,9 @@ fn state_syncer(shared: Weak<Shared>) {
     }
 }
 
+/// An append the flusher is writing: its entries and its callback.
+type Flushing = (Vec<(u64, Arc<Vec<u8>>)>, Box<dyn FnOnce(Result<()>) + Send>);
+
 fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<FlushObserver>) {
     let mut next: Option<Job> = None;
     loop {
@@ -844,30 +913,33 @@ fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<Flush
                 f(shared.upgrade().as_deref());
                 continue;
             }
-            Job::Append {
-                number,
-                entries,
-                done,
-            } => vec![(number, entries, done)],
+            Job::Append { entries, done } => vec![(entries, done)],
         };
-        // Every append queued meanwhile joins this commit, up to the next exclusive job.
+        // Every append queued meanwhile joins this write, up to the next exclusive job.
         while let Ok(job) = rx.try_recv() {
             match job {
-                Job::Append {
-                    number,
-                    entries,
-                    done,
-                } => batch.push((number, entries, done)),
+                Job::Append { entries, done } => batch.push((entries, done)),
                 exclusive => {
                     next = Some(exclusive);
                     break;
                 }
             }
         }
-        let entries = batch.iter().map(|(_, e, _)| e.len() as u64).sum();
+        let entries = batch.iter().map(|(e, _)| e.len() as u64).sum();
         let started = Instant::now();
         let result = match shared.upgrade() {
-            Some(shared) => durable_commit(&shared, &batch),
+            Some(shared) => {
+                let records: Vec<LogRecord<'_>> = batch
+                    .iter()
+                    .flat_map(|(entries, _)| entries.iter())
+                    .map(|(index, bytes)| LogRecord::Entry(*index, bytes))
+                    .collect();
+                shared.write_log(&records).map(|starts| {
+                    if let Some(starts) = starts {
+                        shared.written(&batch, &starts);
+                    }
+                })
+            }
             None => Err(StorageError::Failed("the store was closed".into())),
         };
         if result.is_ok()
@@ -881,7 +953,7 @@ fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<Flush
             // A panicking observer must not take the callbacks down with it.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| observer(event)));
         }
-        for (_, _, done) in batch {
+        for (_, done) in batch {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StorageError::Failed(e.to_string())),
@@ -891,75 +963,129 @@ fn flusher(shared: Weak<Shared>, rx: mpsc::Receiver<Job>, on_flush: Option<Flush
     }
 }
 
-type Appended = (
-    u64,
-    Vec<(u64, Arc<Vec<u8>>)>,
-    Box<dyn FnOnce(Result<()>) + Send>,
-);
-
-/// One `Immediate` commit of the appends in `batch` and the pending metadata records in the log
-/// file: makes them durable, with one fsync.
-/// Any error marks the store failed: the entries it should have made durable may not be.
-fn durable_commit(shared: &Shared, batch: &[Appended]) -> Result<()> {
-    shared.check()?;
-    fail::fail_point!("storage::fsync", |_| {
-        Err(shared.fail("injected fsync error (failpoint storage::fsync)".into()))
-    });
-    let fail = |e: StorageError| shared.fail(format!("durable commit failed: {e}"));
-    let wtx = shared.write_log(Durability::Immediate).map_err(fail)?;
-    // Copied, not taken: they stay readable from the pending set until the commit holds them.
-    let meta_records = shared.pending().meta.clone();
-    {
-        let mut log = wtx.open_table(LOG).map_err(redb_err).map_err(fail)?;
-        for (_, entries, _) in batch {
-            for (index, bytes) in entries {
-                log.insert(*index, bytes.as_slice())
-                    .map_err(redb_err)
-                    .map_err(fail)?;
-            }
-        }
-        let mut meta = wtx.open_table(META).map_err(redb_err).map_err(fail)?;
-        for (k, v) in &meta_records {
-            meta.insert(k.as_str(), v.as_slice())
-                .map_err(redb_err)
-                .map_err(fail)?;
-        }
-        // Counts durable commits (and keeps a commit from being empty).
-        let n = match meta.get("flushes").map_err(redb_err).map_err(fail)? {
-            Some(v) => bytes_u64("meta", v.value()).map_err(fail)?,
-            None => 0,
-        };
-        meta.insert("flushes", u64_bytes(n + 1).as_slice())
-            .map_err(redb_err)
-            .map_err(fail)?;
-    }
-    shared.commit(wtx)?;
-    // Committed: the entries and records are readable from redb now. Those written again
-    // since (an index appended again after a truncation, a newer committed index) stay pending.
-    let mut pending = shared.pending();
-    for (k, v) in meta_records {
-        if pending.meta.get(&k) == Some(&v) {
-            pending.meta.remove(&k);
-        }
-    }
-    for (number, entries, _) in batch {
-        for (index, _) in entries {
-            if pending.log.get(index).is_some_and(|(n, _)| n == number) {
-                pending.log.remove(index);
-            }
-        }
-    }
-    Ok(())
+/// Where the Raft log of a store whose state machine is in `path` lives: beside it, e.g.
+/// `coffer.redb` and `coffer-raft.wal`.
+pub fn log_path(path: &Path) -> PathBuf {
+    beside(path, "-raft.wal")
 }
 
-/// Where the Raft log of a store whose state machine is in `path` lives: beside it, e.g.
-/// `coffer.redb` and `coffer-raft-log.redb`.
-pub fn log_path(path: &std::path::Path) -> PathBuf {
+/// Where the previous layout kept the Raft log: a redb database of its own.
+fn redb_log_path(path: &Path) -> PathBuf {
+    beside(path, "-raft-log.redb")
+}
+
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!("{stem}-raft-log.redb"))
+    path.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// Opens the Raft log of the store whose state machine is in `path` (and `db`). A log in an
+/// earlier layout (a redb file of its own, or tables in the state machine's file) is moved
+/// into the log file first: the file is written and synced, then the old copy removed, so a
+/// crash in between leaves a complete log file and the removal is finished on the next open.
+fn open_log(path: &Path, db: &Database) -> Result<(Wal, LogImage)> {
+    let wal_path = log_path(path);
+    let old_file = redb_log_path(path);
+    // A rewrite or a move cut short by a crash; the log file (or the old layout) is intact.
+    let _ = std::fs::remove_file(wal_path.with_extension("wal-new"));
+    // An earlier version could stop right after creating its log database, leaving it empty.
+    if std::fs::metadata(&old_file).is_ok_and(|m| m.len() == 0) {
+        std::fs::remove_file(&old_file)?;
+    }
+    if wal_path.exists() {
+        let (wal, image) = Wal::open(&wal_path)?;
+        remove_old_logs(db, &old_file)?;
+        return Ok((wal, image));
+    }
+    let mut image = None;
+    if old_file.exists() {
+        let old = Database::open(&old_file).map_err(|source| StorageError::Open {
+            path: old_file.clone(),
+            source,
+        })?;
+        image = read_redb_log(&old)?;
+    }
+    if image.is_none() {
+        image = read_redb_log(db)?;
+    }
+    let mut image = match image {
+        Some(image) => {
+            tracing::info!(
+                entries = image.entries.len(),
+                "moving the Raft log into its log file (a data directory of an earlier version)"
+            );
+            image
+        }
+        None if holds_state(db)? => {
+            // Starting over with an empty log (no vote, no identity) beside old state could
+            // vote twice in one term and answer from a state the cluster moved past.
+            return Err(StorageError::Failed(format!(
+                "the Raft log file {} is missing while the state beside it holds data; restore the whole data directory from the same backup, or replace this node (docs/operations/replacing-a-node.md)",
+                wal_path.display()
+            )));
+        }
+        None => LogImage::default(),
+    };
+    let wal = Wal::create(&wal_path, &mut image)?;
+    remove_old_logs(db, &old_file)?;
+    Ok((wal, image))
+}
+
+/// The Raft log a redb database of an earlier layout holds, if it has one.
+fn read_redb_log(db: &Database) -> Result<Option<LogImage>> {
+    let rtx = db.begin_read().map_err(redb_err)?;
+    let mut image = LogImage::default();
+    match rtx.open_table(META) {
+        Ok(t) => {
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                // The old layout's count of durable commits means nothing any more.
+                if k.value() != "flushes" {
+                    image.meta.insert(k.value().to_string(), v.value().to_vec());
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(redb_err(e)),
+    }
+    match rtx.open_table(LOG) {
+        Ok(t) => {
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                image
+                    .entries
+                    .insert(k.value(), Held::new(Arc::new(v.value().to_vec())));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(redb_err(e)),
+    }
+    Ok(Some(image))
+}
+
+/// Removes the copies of the Raft log an earlier layout kept, once the log file holds it.
+fn remove_old_logs(db: &Database, old_file: &Path) -> Result<()> {
+    if old_file.exists() {
+        std::fs::remove_file(old_file)?;
+        wal::sync_dir(old_file)?;
+    }
+    let rtx = db.begin_read().map_err(redb_err)?;
+    let has = |name| match rtx.list_tables() {
+        Ok(mut tables) => Ok(tables.any(|t| t.name() == name)),
+        Err(e) => Err(redb_err(e)),
+    };
+    if !has("raft_log")? && !has("meta")? {
+        return Ok(());
+    }
+    drop(rtx);
+    let wtx = db.begin_write().map_err(redb_err)?;
+    wtx.delete_table(LOG).map_err(redb_err)?;
+    wtx.delete_table(META).map_err(redb_err)?;
+    wtx.commit().map_err(redb_err)?;
+    Ok(())
 }
 
 /// Whether the state machine's database holds anything (it has applied entries).
@@ -970,57 +1096,6 @@ fn holds_state(db: &Database) -> Result<bool> {
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
         Err(e) => Err(redb_err(e)),
     }
-}
-
-/// Moves a Raft log kept in the state machine's database (the layout before the log had a
-/// file of its own) into `log_db`: copied durably first, then removed durably. Repeating it
-/// after a crash in between copies the same records again. Returns whether there was one.
-fn move_log_out(db: &Database, log_db: &Database) -> Result<bool> {
-    let rtx = db.begin_read().map_err(redb_err)?;
-    let mut log = Vec::new();
-    let mut meta = Vec::new();
-    match rtx.open_table(LOG) {
-        Ok(t) => {
-            for item in t.iter().map_err(redb_err)? {
-                let (k, v) = item.map_err(redb_err)?;
-                log.push((k.value(), v.value().to_vec()));
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(redb_err(e)),
-    }
-    match rtx.open_table(META) {
-        Ok(t) => {
-            for item in t.iter().map_err(redb_err)? {
-                let (k, v) = item.map_err(redb_err)?;
-                meta.push((k.value().to_string(), v.value().to_vec()));
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
-        Err(e) => return Err(redb_err(e)),
-    }
-    drop(rtx);
-    tracing::info!(
-        entries = log.len(),
-        "moving the Raft log into its own file (a data directory of an earlier version)"
-    );
-    let wtx = log_db.begin_write().map_err(redb_err)?;
-    {
-        let mut t = wtx.open_table(LOG).map_err(redb_err)?;
-        for (k, v) in &log {
-            t.insert(*k, v.as_slice()).map_err(redb_err)?;
-        }
-        let mut t = wtx.open_table(META).map_err(redb_err)?;
-        for (k, v) in &meta {
-            t.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
-        }
-    }
-    wtx.commit().map_err(redb_err)?;
-    let wtx = db.begin_write().map_err(redb_err)?;
-    wtx.delete_table(LOG).map_err(redb_err)?;
-    wtx.delete_table(META).map_err(redb_err)?;
-    wtx.commit().map_err(redb_err)?;
-    Ok(true)
 }
 
 fn get_record(
@@ -1636,13 +1711,7 @@ mod tests {
                 vec![(7, b"seven".to_vec()), (8, b"eight".to_vec())]
             );
             assert_eq!(s.meta_get("vote").unwrap(), Some(b"v".to_vec()));
-            let got = s
-                .read()
-                .unwrap()
-                .get(b"k")
-                .unwrap()
-                .expect("the key is kept");
-            assert_eq!(got.value, b"kept");
+            assert_kept(&s);
             must_put(&s, "after", "x");
         }
         assert!(log_path(&path).exists(), "the log has its own file");
@@ -1666,16 +1735,82 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_log_file_beside_state_is_refused() {
+    fn a_log_in_a_redb_file_of_its_own_moves_into_the_log_file() {
+        let (_dir, path) = state_without_log("kept");
+        // The previous layout: the log in a redb database beside the state, no log file.
+        {
+            let db = Database::create(redb_log_path(&path)).unwrap();
+            let wtx = db.begin_write().unwrap();
+            {
+                let mut log = wtx.open_table(LOG).unwrap();
+                log.insert(3, b"three".as_slice()).unwrap();
+                let mut meta = wtx.open_table(META).unwrap();
+                meta.insert("vote", b"v".as_slice()).unwrap();
+                meta.insert("flushes", 9u64.to_le_bytes().as_slice())
+                    .unwrap();
+            }
+            wtx.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let s = reopen(&path);
+            assert_eq!(s.log_range(0, 10).unwrap(), vec![(3, b"three".to_vec())]);
+            assert_eq!(s.meta_get("vote").unwrap(), Some(b"v".to_vec()));
+            assert_eq!(s.meta_get("flushes").unwrap(), None);
+            assert_kept(&s);
+            assert!(!redb_log_path(&path).exists(), "the old log file is gone");
+        }
+    }
+
+    #[test]
+    fn a_purge_rewrites_a_mostly_purged_log_file_and_keeps_the_live_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.redb");
+        let big = vec![0x5au8; 100_000];
         {
             let s = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap();
-            must_put(&s, "k", "v");
+            let (tx, rx) = mpsc::channel();
+            for i in 1..=60 {
+                let done = tx.clone();
+                s.append(vec![(i, big.clone())], move |r| {
+                    done.send(r.is_ok()).unwrap()
+                });
+            }
+            for _ in 1..=60 {
+                assert!(rx.recv().unwrap());
+            }
+            let grown = std::fs::metadata(log_path(&path)).unwrap().len();
+            assert!(grown > 6_000_000, "{grown} bytes");
+            // Written lazily: it must not be lost when the file is rewritten.
+            s.meta_put("committed", b"c58", false).unwrap();
+            s.purge_through(55, "purged", b"p55").unwrap();
+            assert_eq!(s.log_range(0, 100).unwrap().len(), 5);
+            // The rewrite comes before the flusher's next write.
+            let (tx, rx) = mpsc::channel();
+            s.append(vec![(61, b"after".to_vec())], move |r| {
+                tx.send(r.is_ok()).unwrap()
+            });
+            assert!(rx.recv().unwrap());
+            let rewritten = std::fs::metadata(log_path(&path)).unwrap().len();
+            assert!(rewritten < 600_000, "{rewritten} bytes after the purge");
+            assert_eq!(
+                s.log_range(56, 57).unwrap()[0].1,
+                big,
+                "read at its new place"
+            );
         }
-        // Wait until the store closed (its threads hold it briefly), then lose the log file.
-        drop(reopen(&path));
-        std::fs::remove_file(log_path(&path)).unwrap();
+        let s = reopen(&path);
+        let log = s.log_range(0, 100).unwrap();
+        let indexes: Vec<u64> = log.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, vec![56, 57, 58, 59, 60, 61]);
+        assert_eq!(log[0].1, big);
+        assert_eq!(log[5].1, b"after");
+        assert_eq!(s.meta_get("committed").unwrap(), Some(b"c58".to_vec()));
+        assert_eq!(s.meta_get("purged").unwrap(), Some(b"p55".to_vec()));
+    }
+
+    #[test]
+    fn a_missing_log_file_beside_state_is_refused() {
+        let (_dir, path) = state_without_log("v");
         for _ in 0..2 {
             let e = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap_err();
             assert!(e.to_string().contains("is missing"), "{e}");
@@ -1684,6 +1819,26 @@ mod tests {
                 "no empty log file is left to be accepted later"
             );
         }
+    }
+
+    /// Asserts that the state holds `k` = `kept`.
+    fn assert_kept(s: &Store) {
+        let got = s.read().unwrap().get(b"k").unwrap();
+        assert_eq!(got.expect("the key is kept").value, b"kept");
+    }
+
+    /// A file store whose state holds `k` = `value`, closed, with its log file removed.
+    fn state_without_log(value: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let s = Store::open(StoreConfig::new(Backend::File(path.clone()))).unwrap();
+            must_put(&s, "k", value);
+        }
+        // Wait until the store closed (its threads hold it briefly), then lose the log file.
+        drop(reopen(&path));
+        std::fs::remove_file(log_path(&path)).unwrap();
+        (dir, path)
     }
 
     fn reopen(path: &std::path::Path) -> Store {
