@@ -60,7 +60,7 @@ def section(a, r):
     w("  `coffer kv list secret/`.")
     w("* **Memory:** VmRSS (resident now) and VmHWM (peak resident) from `/proc/PID/status`; empty")
     w("  is right after init, loaded after every node applied the last write. **Disk:** `du -sk`")
-    w("  of the node's data directory (redb database, snapshot, node key).")
+    w("  of the node's data directory (Raft log file, redb database with the snapshot, node key).")
     w("* **Restart:** SIGTERM to one node, wait for it to exit (*stop*), start it again with the")
     w("  same flags; timed from that start until its metrics `/ready` answers 200 (*ready*) and")
     w("  until a linearizable `coffer kv get` through its API succeeds (*read*; a new CLI process")
