@@ -781,20 +781,22 @@ impl Shared {
             copy.discard();
             return Err(e);
         }
-        let mut log = self.log();
-        let installed = Wal::install(&path, copy, &mut log.image, |index, held| {
-            copied.entries.get(&index).is_some_and(|c| c.same_as(held))
-        });
-        let installed = match installed {
-            Ok(w) => w,
+        // Renamed into place before the log's lock is taken: until the new places are
+        // installed, readers keep the old handle (the old file, unlinked but open) with the
+        // old places.
+        let (installed, placed) = match copy.install(&path) {
+            Ok(installed) => installed,
             Err(e) => return Err(self.fail(format!("rewriting the Raft log failed: {e}"))),
         };
+        let mut log = self.log();
+        let moved = log.image.place(placed, |index, held| {
+            copied.entries.get(&index).is_some_and(|c| c.same_as(held))
+        });
         // Every entry written before the copy was in it and is placed in the new file now;
         // any other entry with a place in the old file would read the wrong bytes from the
         // new one, so it is brought into memory first (none is expected).
         for (index, held) in log.image.entries.iter_mut() {
-            let placed = copied.entries.contains_key(index);
-            if held.bytes.is_none() && !placed {
+            if held.bytes.is_none() && !moved.contains(index) {
                 let bytes = held
                     .read(old.as_deref())
                     .map_err(|e| self.fail(format!("reading the Raft log failed: {e}")))?;

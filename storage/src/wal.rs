@@ -7,11 +7,12 @@
 //! up to [`INLINE_MAX`] bytes: replication reads those without touching the file; larger entries
 //! are read back from the file, so the memory the log takes does not grow with the values' size.
 //!
-//! Layout: an 8-byte magic, then frames `[len: u32][crc32: u32][write: u64][body: len bytes]`
-//! (little-endian; the checksum covers the write number and the body). The body is records
-//! `[len: u32][kind: u8][fields]`. One write to the file is one frame (or several of at most
-//! [`FRAME_BODY_MAX`] bytes each, with the same write number), and write numbers go up by one
-//! per write. Replaying the records in order rebuilds the log: an entry replaces any at its
+//! Layout: an 8-byte magic and an 8-byte random salt, then frames
+//! `[len: u32][crc32: u32][write: u64][body: len bytes]` (little-endian; the top bit of `len`
+//! marks the first frame of a write; the checksum covers the salt, `len`, the write number and
+//! the body). The body is records `[len: u32][kind: u8][fields]`. One write to the file is one
+//! frame (or several of at most [`FRAME_BODY_MAX`] bytes each, with the same write number), and
+//! write numbers go up with every write. Replaying the records in order rebuilds the log: an entry replaces any at its
 //! index, a truncation drops the entries from an index on, a purge those through an index, a
 //! metadata record sets a key. When purged records make up most of the file, it is rewritten
 //! with only the live entries and metadata (a new file, synced, renamed over the old one, the
@@ -20,7 +21,7 @@
 //! A frame that ends past the end of the file or fails its checksum is where a crash cut the
 //! last write short: the file is cut there when it opens (with a warning naming the bytes
 //! dropped), since the entries in it were never acknowledged (an append is acknowledged only
-//! after its `fdatasync`). If a whole frame of a *later* write follows the damage, the damage
+//! after its `fdatasync`). If the first frame of a *later* write follows the damage, the damage
 //! is not a torn last write but lost or corrupted data in the middle of the log (a failed
 //! writeback, a bad disk): opening is refused, since continuing could forget a vote or entries
 //! the cluster counted on. A frame whose checksum holds but whose records do not decode (a
@@ -33,9 +34,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MAGIC: &[u8; 8] = b"CFRWAL\x00\x02";
-const HEADER: u64 = 8;
+const MAGIC: &[u8; 8] = b"CFRWAL\x00\x03";
+/// The magic and the file's salt.
+const HEADER: u64 = 16;
 const FRAME_HEADER: usize = 16;
+/// Set in a frame's length field on the first frame of a write.
+const FIRST: u32 = 1 << 31;
 /// A write's records are split into frames of at most this many bytes (a larger record gets a
 /// frame of its own).
 pub(crate) const FRAME_BODY_MAX: usize = 64 << 20;
@@ -127,17 +131,30 @@ impl Record<'_> {
 /// The frames of one write to the file.
 pub(crate) struct Batch {
     buf: Vec<u8>,
+    salt: u64,
     write: u64,
     /// Where the frame being filled starts in `buf`.
     frame: Option<usize>,
+    /// Whether the next frame opened is the write's first.
+    first: bool,
 }
 
 impl Batch {
-    fn new(write: u64) -> Batch {
+    fn new(salt: u64, write: u64) -> Batch {
         Batch {
             buf: Vec::new(),
+            salt,
             write,
             frame: None,
+            first: true,
+        }
+    }
+
+    /// The rest of a write whose first frames went out already.
+    fn continuing(salt: u64, write: u64) -> Batch {
+        Batch {
+            first: false,
+            ..Batch::new(salt, write)
         }
     }
 
@@ -170,8 +187,13 @@ impl Batch {
             return;
         };
         let body = &self.buf[start + FRAME_HEADER..];
-        let len = u32::try_from(body.len()).expect("a frame under 4 GiB");
-        let crc = frame_crc(self.write, body);
+        let len = u32::try_from(body.len()).expect("a frame under 1 GiB");
+        let len = if std::mem::take(&mut self.first) {
+            len | FIRST
+        } else {
+            len
+        };
+        let crc = frame_crc(self.salt, len, self.write, body);
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         self.buf[start + 8..start + 16].copy_from_slice(&self.write.to_le_bytes());
@@ -183,8 +205,13 @@ impl Batch {
     }
 }
 
-fn frame_crc(write: u64, body: &[u8]) -> u32 {
+/// A frame's checksum: over the file's salt (so bytes inside an entry, which a client may
+/// choose, never pass for a frame of this file), the length field, the write number and the
+/// body.
+fn frame_crc(salt: u64, len: u32, write: u64, body: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    h.update(&len.to_le_bytes());
     h.update(&write.to_le_bytes());
     h.update(body);
     h.finalize()
@@ -282,6 +309,30 @@ impl LogImage {
         }
     }
 
+    /// Records where copied entries are in a new file (`placed`: index and offset), for the
+    /// entries `same(index, held)` says are still the ones copied; large ones leave memory.
+    /// Returns the indexes placed.
+    pub(crate) fn place(
+        &mut self,
+        placed: Vec<(u64, u64)>,
+        same: impl Fn(u64, &Held) -> bool,
+    ) -> std::collections::BTreeSet<u64> {
+        let mut moved = std::collections::BTreeSet::new();
+        for (index, offset) in placed {
+            if let Some(held) = self.entries.get_mut(&index)
+                && same(index, held)
+            {
+                let len = held.len();
+                held.at = Some((offset, len));
+                if len > INLINE_MAX {
+                    held.bytes = None;
+                }
+                moved.insert(index);
+            }
+        }
+        moved
+    }
+
     /// The bytes a file holding only this image takes, about (for deciding to rewrite).
     pub(crate) fn encoded_len(&self) -> u64 {
         let entries: u64 = self
@@ -308,6 +359,7 @@ pub(crate) struct Wal {
     len: u64,
     /// The number of the last write.
     write: u64,
+    salt: u64,
 }
 
 fn context(path: &Path, what: &str, e: io::Error) -> io::Error {
@@ -339,21 +391,62 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Where in `rest` a whole frame of a write numbered above `after` starts, if one does.
-fn later_frame(rest: &[u8], after: u64) -> Option<usize> {
-    (1..rest.len().saturating_sub(FRAME_HEADER)).find(|&at| {
-        let field = |from: usize, to: usize| &rest[at + from..at + to];
-        let write = u64::from_le_bytes(field(8, 16).try_into().expect("8 bytes"));
-        if write <= after || write - after > 1 << 32 {
-            return false;
+/// A frame's header: the length field (with [`FIRST`]), the checksum, the write number.
+fn frame_header(h: &[u8]) -> (u32, u32, u64) {
+    (
+        u32::from_le_bytes(h[..4].try_into().expect("4 bytes")),
+        u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")),
+        u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
+    )
+}
+
+/// Where in `file`, between `from` and `end`, a whole first frame of a write numbered above
+/// `after` starts, if one does: a write made after the damaged one. (The frames of the torn
+/// write itself that follow its damaged frame are not first frames.) Reads in bounded windows.
+fn later_write(file: &File, salt: u64, from: u64, end: u64, after: u64) -> io::Result<Option<u64>> {
+    const WINDOW: u64 = 1 << 20;
+    let mut window = Vec::new();
+    let mut base = from;
+    while base + (FRAME_HEADER as u64) <= end {
+        let take = (end - base).min(WINDOW + FRAME_HEADER as u64);
+        window.resize(take as usize, 0);
+        file.read_exact_at(&mut window, base)?;
+        let last = (take as usize).saturating_sub(FRAME_HEADER);
+        for i in 0..=last.min(WINDOW as usize - 1) {
+            let at = base + i as u64;
+            let (len_field, crc, write) = frame_header(&window[i..i + FRAME_HEADER]);
+            let len = u64::from(len_field & !FIRST);
+            if len_field & FIRST == 0
+                || write <= after
+                || write - after > 1 << 32
+                || len == 0
+                || len > u64::from(MAX_FRAME)
+                || at + FRAME_HEADER as u64 + len > end
+            {
+                continue;
+            }
+            let mut body = vec![0u8; len as usize];
+            file.read_exact_at(&mut body, at + FRAME_HEADER as u64)?;
+            if frame_crc(salt, len_field, write, &body) == crc {
+                return Ok(Some(at));
+            }
         }
-        let len = u32::from_le_bytes(field(0, 4).try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(field(4, 8).try_into().expect("4 bytes"));
-        let end = at + FRAME_HEADER + len as usize;
-        len > 0 && len <= MAX_FRAME && end <= rest.len() && {
-            frame_crc(write, &rest[at + FRAME_HEADER..end]) == crc
-        }
-    })
+        base += WINDOW;
+    }
+    Ok(None)
+}
+
+/// A salt for a new file: unpredictable (std's per-process random hash keys) and different
+/// for every file.
+fn new_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 impl Wal {
@@ -364,6 +457,7 @@ impl Wal {
             reader: None,
             len: 0,
             write: 0,
+            salt: 0,
         }
     }
 
@@ -382,10 +476,13 @@ impl Wal {
             )
         };
         let mut r = BufReader::with_capacity(1 << 20, &file);
-        let mut magic = [0u8; HEADER as usize];
-        if read_full(&mut r, &mut magic).map_err(read_err)? < magic.len() || &magic != MAGIC {
+        let mut header = [0u8; HEADER as usize];
+        if read_full(&mut r, &mut header).map_err(read_err)? < header.len() || &header[..8] != MAGIC
+        {
             return Err(not_a_log());
         }
+        let salt = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+        let end = file.metadata().map_err(read_err)?.len();
         let mut image = LogImage::default();
         let (mut at, mut last_write) = (HEADER, 0u64);
         let mut body = Vec::new();
@@ -396,15 +493,19 @@ impl Wal {
                 FRAME_HEADER => {}
                 _ => break true,
             }
-            let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-            let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-            let write = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-            if len == 0 || len > MAX_FRAME || write < last_write {
+            let (len_field, crc, write) = frame_header(&header);
+            let len = len_field & !FIRST;
+            // Checked before reading the body: a damaged length must not size an allocation.
+            if len == 0
+                || len > MAX_FRAME
+                || write < last_write
+                || at + (FRAME_HEADER as u64) + u64::from(len) > end
+            {
                 break true;
             }
             body.resize(len as usize, 0);
             if read_full(&mut r, &mut body).map_err(read_err)? < body.len()
-                || frame_crc(write, &body) != crc
+                || frame_crc(salt, len_field, write, &body) != crc
             {
                 break true;
             }
@@ -440,16 +541,15 @@ impl Wal {
         };
         drop(r);
         if torn {
-            let end = file.metadata().map_err(read_err)?.len();
-            let mut rest = vec![0u8; (end - at) as usize];
-            file.read_exact_at(&mut rest, at).map_err(read_err)?;
-            if let Some(later) = later_frame(&rest, last_write) {
+            if let Some(later) =
+                later_write(&file, salt, at + 1, end, last_write).map_err(read_err)?
+            {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
                         "the Raft log {} is damaged at byte {at}, and a later write follows at byte {}: this is lost or corrupted data inside the log, not a write cut short by a crash, and starting could forget a vote or entries the cluster counted on; replace this node (docs/operations/replacing-a-node.md)",
                         path.display(),
-                        at + later as u64
+                        later
                     ),
                 ));
             }
@@ -468,19 +568,21 @@ impl Wal {
             reader: Some(reader),
             len: at,
             write: last_write,
+            salt,
         };
         Ok((wal, image))
     }
 
     /// Writes `image` as the whole log at `path`, durably: see [`Wal::write_copy`] and
-    /// [`Wal::install`]. Records in `image` where each entry now is.
+    /// [`Copy::install`]. Records in `image` where each entry now is.
     pub(crate) fn create(path: &Path, image: &mut LogImage) -> io::Result<Wal> {
-        let copy = Wal::write_copy(path, image, None, 1)?;
-        Wal::install(path, copy, image, |_, _| true)
+        let (wal, placed) = Wal::write_copy(path, image, None, 1)?.install(path)?;
+        image.place(placed, |_, _| true);
+        Ok(wal)
     }
 
     /// Writes `image` (entries not in memory read from `old`) to a new file beside `path`,
-    /// synced, as write number `write`.
+    /// with a salt of its own, synced, as one write numbered `write`.
     pub(crate) fn write_copy(
         path: &Path,
         image: &LogImage,
@@ -488,12 +590,15 @@ impl Wal {
         write: u64,
     ) -> io::Result<Copy> {
         let tmp = path.with_extension("wal-new");
+        let salt = new_salt();
         let result = (|| {
             let mut f = File::create(&tmp).map_err(|e| context(&tmp, "cannot create", e))?;
             let mut written = HEADER;
-            f.write_all(MAGIC)
+            let mut header = MAGIC.to_vec();
+            header.extend_from_slice(&salt.to_le_bytes());
+            f.write_all(&header)
                 .map_err(|e| context(&tmp, "cannot write", e))?;
-            let mut batch = Batch::new(write);
+            let mut batch = Batch::new(salt, write);
             for (k, v) in &image.meta {
                 batch.push(Record::Meta(k, v));
             }
@@ -504,7 +609,8 @@ impl Wal {
                 placed.push((*index, written + at));
                 // Large logs go out in pieces, not as one buffer the size of the log.
                 if batch.buf.len() >= FRAME_BODY_MAX {
-                    let out = std::mem::replace(&mut batch, Batch::new(write)).finish();
+                    let rest = Batch::continuing(salt, write);
+                    let out = std::mem::replace(&mut batch, rest).finish();
                     f.write_all(&out)
                         .map_err(|e| context(&tmp, "cannot write", e))?;
                     written += out.len() as u64;
@@ -520,6 +626,7 @@ impl Wal {
                 placed,
                 len: written,
                 write,
+                salt,
             })
         })();
         if result.is_err() {
@@ -528,41 +635,9 @@ impl Wal {
         result
     }
 
-    /// Renames a copy over `path` and syncs the directory; then records in `image` where each
-    /// of the copy's entries now is, for the entries `same(index, held)` says are still the
-    /// ones copied. Returns the log open for appending.
-    pub(crate) fn install(
-        path: &Path,
-        copy: Copy,
-        image: &mut LogImage,
-        same: impl Fn(u64, &Held) -> bool,
-    ) -> io::Result<Wal> {
-        std::fs::rename(&copy.tmp, path)
-            .map_err(|e| context(path, "cannot rename the new log to", e))?;
-        sync_dir(path)?;
-        let (file, reader) = open_handles(path)?;
-        for (index, offset) in copy.placed {
-            if let Some(held) = image.entries.get_mut(&index)
-                && same(index, held)
-            {
-                let len = held.len();
-                held.at = Some((offset, len));
-                if len > INLINE_MAX {
-                    held.bytes = None;
-                }
-            }
-        }
-        Ok(Wal {
-            file: Some((path.to_path_buf(), file)),
-            reader: Some(reader),
-            len: copy.len,
-            write: copy.write,
-        })
-    }
-
     /// A batch for the next write.
     pub(crate) fn batch(&self) -> Batch {
-        Batch::new(self.write + 1)
+        Batch::new(self.salt, self.write + 1)
     }
 
     /// Appends a batch (not durable until [`Wal::sync`]). Returns the offset in the file at
@@ -617,9 +692,27 @@ pub(crate) struct Copy {
     placed: Vec<(u64, u64)>,
     len: u64,
     write: u64,
+    salt: u64,
 }
 
 impl Copy {
+    /// Renames the copy over `path` and syncs the directory. Returns the log open for
+    /// appending and where each copied entry is in it (for [`LogImage::place`]).
+    pub(crate) fn install(self, path: &Path) -> io::Result<(Wal, Vec<(u64, u64)>)> {
+        std::fs::rename(&self.tmp, path)
+            .map_err(|e| context(path, "cannot rename the new log to", e))?;
+        sync_dir(path)?;
+        let (file, reader) = open_handles(path)?;
+        let wal = Wal {
+            file: Some((path.to_path_buf(), file)),
+            reader: Some(reader),
+            len: self.len,
+            write: self.write,
+            salt: self.salt,
+        };
+        Ok((wal, self.placed))
+    }
+
     /// Removes the file (the copy is not used).
     pub(crate) fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
@@ -728,11 +821,16 @@ mod tests {
         let good = wal.len();
         // The next write, in two frames (as a write larger than a frame is), with the first
         // frame damaged and the second whole: a crash persisted only part of it.
-        let big = vec![3u8; FRAME_BODY_MAX - 100];
+        let big = vec![3u8; FRAME_BODY_MAX - 10];
         let mut batch = wal.batch();
         batch.push(Record::Entry(3, &big));
         batch.push(Record::Entry(4, b"four"));
         let mut torn = batch.finish();
+        let first = (u32::from_le_bytes(torn[..4].try_into().unwrap()) & !FIRST) as usize;
+        assert!(
+            FRAME_HEADER + first < torn.len(),
+            "the write takes two frames"
+        );
         torn[FRAME_HEADER + 20] ^= 0xff;
         drop(wal);
         append_raw(&path, &torn);
@@ -743,9 +841,9 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "cut off");
         write(&mut wal, &[Record::Entry(3, b"drei")]);
-        drop(wal);
         // Half a frame at the end is a torn write too.
-        let mut batch = Batch::new(99);
+        let mut batch = wal.batch();
+        drop(wal);
         batch.push(Record::Entry(4, b"vier"));
         let half = batch.finish();
         append_raw(&path, &half[..half.len() - 3]);
@@ -776,6 +874,25 @@ mod tests {
     }
 
     #[test]
+    fn damage_inside_a_long_write_before_a_later_write_is_refused() {
+        let (_dir, path, mut wal) = fresh();
+        let big = vec![3u8; FRAME_BODY_MAX - 10];
+        write(
+            &mut wal,
+            &[Record::Entry(1, &big), Record::Entry(2, b"two")],
+        );
+        let end_of_long = wal.len();
+        write(&mut wal, &[Record::Meta("vote", b"term 7")]);
+        drop(wal);
+        // The long write's second frame (acknowledged long ago) is damaged.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[end_of_long as usize - 2] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Wal::open(&path).unwrap_err();
+        assert!(e.to_string().contains("a later write follows"), "{e}");
+    }
+
+    #[test]
     fn a_record_this_version_cannot_read_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.wal");
@@ -784,9 +901,11 @@ mod tests {
         let mut body = Vec::new();
         body.extend_from_slice(&2u32.to_le_bytes());
         body.extend_from_slice(&[9, 9]);
+        let salt = u64::from_le_bytes(std::fs::read(&path).unwrap()[8..16].try_into().unwrap());
+        let len = body.len() as u32 | FIRST;
         let mut frame = Vec::new();
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&frame_crc(2, &body).to_le_bytes());
+        frame.extend_from_slice(&len.to_le_bytes());
+        frame.extend_from_slice(&frame_crc(salt, len, 2, &body).to_le_bytes());
         frame.extend_from_slice(&2u64.to_le_bytes());
         frame.extend_from_slice(&body);
         append_raw(&path, &frame);
@@ -826,7 +945,8 @@ mod tests {
         let before = wal.len();
         let old = wal.reader();
         let copy = Wal::write_copy(&path, &image, old.as_deref(), wal.last_write() + 1).unwrap();
-        let mut wal = Wal::install(&path, copy, &mut image, |_, _| true).unwrap();
+        let (mut wal, placed) = copy.install(&path).unwrap();
+        image.place(placed, |_, _| true);
         assert!(wal.len() * 5 < before, "{} of {before} bytes", wal.len());
         assert_eq!(entries(&image, &wal), expected, "read at their new places");
         write(&mut wal, &[Record::Entry(51, b"after")]);
