@@ -487,7 +487,11 @@ mod tests {
     #[test]
     fn request_ids_are_unique_and_ordered_by_time() {
         let first = request_id().unwrap();
-        std::thread::sleep(Duration::from_millis(2));
+        // Wait for the next millisecond (a condition, with a deadline).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while request_id().unwrap()[..6] == first[..6] {
+            assert!(Instant::now() < deadline, "the clock does not move");
+        }
         let ids: Vec<Vec<u8>> = (0..1000).map(|_| request_id().unwrap()).collect();
         let distinct: std::collections::BTreeSet<&Vec<u8>> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len());

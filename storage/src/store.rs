@@ -39,8 +39,9 @@ const DEDUP_SEQ: &str = "dedup_seq";
 /// Counts this node's state syncs (it keeps a sync's commit from being empty). It travels in
 /// snapshot images with the rest of `sm_meta`, where it means nothing; state digests ignore it.
 const STATE_SYNCS: &str = "state_syncs";
-/// How long a state machine commit may stay non-durable. After a crash the state machine restarts from its last sync and the log entries after it are
-/// applied again (openraft re-applies committed entries on start).
+/// How long a state machine commit may stay non-durable. After a crash the state machine
+/// restarts from its last sync and the log entries after it are applied again (the Raft layer
+/// re-applies committed entries on start).
 const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
 const IMAGE_FORMAT: u32 = 1;
@@ -453,9 +454,9 @@ impl Store {
 
     /// Durably deletes every log entry with index `<= index` and records `purged` under the
     /// metadata key `purged_key` in the same write. Runs after the appends queued before it:
-    /// openraft may purge entries it applied before they were flushed (after a snapshot), and
-    /// replaying the file must not bring them back. When purged records fill most of the file,
-    /// it is rewritten with only the live log.
+    /// the Raft layer may purge entries it applied before they were flushed (after a
+    /// snapshot), and replaying the file must not bring them back. When purged records fill
+    /// most of the file, it is rewritten with only the live log.
     pub fn purge_through(&self, index: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
         self.check()?;
         {

@@ -2,7 +2,7 @@
 //!
 //! A durable log commit is one `write` of every record queued meanwhile and one `fdatasync`,
 //! instead of a copy-on-write B-tree commit (redb wrote about 13 pages per commit here, this
-//! writes the records themselves). The live log's index is held in memory (openraft purges the
+//! writes the records themselves). The live log's index is held in memory (the Raft layer purges the
 //! log behind every snapshot, so it stays a few thousand entries), with the bytes of every entry
 //! up to [`INLINE_MAX`] bytes: replication reads those without touching the file; larger entries
 //! are read back from the file, so the memory the log takes does not grow with the values' size.
@@ -511,11 +511,10 @@ impl Wal {
             }
             let mut off = 0;
             while off < body.len() {
-                let record = body
+                let (len, record) = body
                     .get(off..off + 4)
                     .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-                    .and_then(|n| body.get(off + 4..off + 4 + n))
-                    .and_then(Record::decode)
+                    .and_then(|n| Some((n, Record::decode(body.get(off + 4..off + 4 + n)?)?)))
                     .ok_or_else(|| {
                         io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -533,8 +532,7 @@ impl Wal {
                 } else {
                     image.apply(record);
                 }
-                off += 4 + u32::from_le_bytes(body[off..off + 4].try_into().expect("4 bytes"))
-                    as usize;
+                off += 4 + len;
             }
             at += (FRAME_HEADER + body.len()) as u64;
             last_write = write;
@@ -894,21 +892,15 @@ mod tests {
 
     #[test]
     fn a_record_this_version_cannot_read_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.wal");
-        drop(create(&path));
+        let (_dir, path, mut wal) = fresh();
         // A whole frame with a good checksum holding a record of an unknown kind.
-        let mut body = Vec::new();
-        body.extend_from_slice(&2u32.to_le_bytes());
-        body.extend_from_slice(&[9, 9]);
-        let salt = u64::from_le_bytes(std::fs::read(&path).unwrap()[8..16].try_into().unwrap());
-        let len = body.len() as u32 | FIRST;
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&frame_crc(salt, len, 2, &body).to_le_bytes());
-        frame.extend_from_slice(&2u64.to_le_bytes());
-        frame.extend_from_slice(&body);
-        append_raw(&path, &frame);
+        let mut batch = wal.batch();
+        batch.open();
+        batch.buf.extend_from_slice(&2u32.to_le_bytes());
+        batch.buf.extend_from_slice(&[9, 9]);
+        wal.write(batch).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
         let e = Wal::open(&path).unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
     }
