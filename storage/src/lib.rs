@@ -13,17 +13,20 @@
 //!   `fdatasync`; each append's callback fires once its entries are on disk. Many appends share
 //!   one fsync: this is the group commit the Raft layer relies on.
 //! * Vote, truncation, purge, snapshot installation and snapshot saving are durable on return.
-//! * State machine writes ([`Store::apply`]) are not durable on their own: a thread of the store
-//!   syncs the state machine's file every 100 ms (when it changed), and closing the store does.
-//!   A durable log write never writes the state machine's pages (the log has its own file), as
-//!   etcd commits its bolt database apart from its WAL. After a crash the state
-//!   machine may be behind the log, and the Raft layer re-applies committed entries (they are
-//!   deterministic).
+//! * State machine writes ([`Store::apply`]) go to memory: a layer of persistent maps over the
+//!   state machine's file, which reads consult first. A thread of the store writes that layer
+//!   to the file in one durable commit every 100 ms (when it changed), as does closing the store
+//!   and saving a snapshot (so the file is never behind a saved snapshot). An apply never waits
+//!   for a disk, and a durable log write never writes the state machine's pages (the log has
+//!   its own file), as etcd commits its bolt database apart from its WAL. After a crash the
+//!   state machine may be behind the log, and the Raft layer re-applies committed entries (they
+//!   are deterministic).
 //! * A commit that fails marks the store failed: every later call returns
 //!   [`StorageError::Failed`] and the node must stop serving (redb refuses writes until the
 //!   database is reopened, and a log write that failed may have left a partial record).
 #![forbid(unsafe_code)]
 
+mod overlay;
 mod store;
 mod txn;
 mod wal;

@@ -4,15 +4,16 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableHandle, WriteTransaction,
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::overlay::{self, Bytes, Layers, Overlay};
 use crate::txn::{Compare, KvEntry, Op, OpResult, Txn, TxnResult};
 use crate::wal::{self, Held, LogImage, Record as LogRecord, Wal};
 use crate::{Result, StorageError};
@@ -34,14 +35,16 @@ const DEDUP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_ord
 /// The current snapshot: "meta" (opaque) and "data" (an image of the state machine).
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
+/// In the snapshot table: how many snapshots this node installed (see [`Store::read`]).
+const INSTALLS: &str = "installs";
 const REVISION: &str = "revision";
 const DEDUP_SEQ: &str = "dedup_seq";
 /// Counts this node's state syncs (it keeps a sync's commit from being empty). It travels in
 /// snapshot images with the rest of `sm_meta`, where it means nothing; state digests ignore it.
 const STATE_SYNCS: &str = "state_syncs";
-/// How long a state machine commit may stay non-durable. After a crash the state machine
-/// restarts from its last sync and the log entries after it are applied again (the Raft layer
-/// re-applies committed entries on start).
+/// How long applied changes may stay in memory only. After a crash the state machine restarts
+/// from its last sync and the log entries after it are applied again (the Raft layer re-applies
+/// committed entries on start).
 const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
 const IMAGE_FORMAT: u32 = 1;
@@ -149,7 +152,7 @@ pub enum ApplyInput<'a> {
 
 /// Stored form of a key's value and metadata.
 #[derive(Serialize, Deserialize)]
-struct Record {
+pub(crate) struct Record {
     value: Vec<u8>,
     version: u64,
     create_revision: u64,
@@ -177,8 +180,14 @@ struct Shared {
     /// reach the disk in a periodic sync instead (as etcd keeps its WAL apart from its bolt
     /// database).
     wal: Mutex<Wal>,
-    /// Set by a state machine commit that is not durable yet; cleared by [`Shared::sync_state`].
-    state_unsynced: AtomicBool,
+    /// The state machine's changes not in `db` yet (see [`overlay`]). Taken together with a
+    /// read transaction of `db`, under this lock, by every reader.
+    layers: Mutex<Layers>,
+    /// Held by whoever writes the state machine to `db`: the sync, saving and installing a
+    /// snapshot. One at a time, so a sync never writes changes older than an installed image.
+    state_write: Mutex<()>,
+    /// The apply side's own state; holding it serializes applies (and snapshot installs).
+    applier: Mutex<Applier>,
     /// Set by the first failed commit; see [`StorageError::Failed`].
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -186,6 +195,13 @@ struct Shared {
     /// Bumped after every commit that may have changed a reserved key (one starting with a
     /// NUL byte): Coffer's own settings. Lets the node notice them without a read per entry.
     reserved_changes: AtomicU64,
+}
+
+/// What [`Store::apply`] keeps between batches: the dedup table's size and its oldest
+/// sequence number (a lower bound), derived from the tables on open and on install.
+struct Applier {
+    dedup_len: u64,
+    dedup_first: u64,
 }
 
 /// The Raft log in memory: the live entries and metadata, plus the metadata records written
@@ -288,6 +304,17 @@ impl Store {
             wtx.open_table(SNAPSHOT).map_err(redb_err)?;
         }
         wtx.commit().map_err(redb_err)?;
+        let applier = {
+            let rtx = db.begin_read().map_err(redb_err)?;
+            let order = rtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+            Applier {
+                dedup_len: order.len().map_err(redb_err)?,
+                dedup_first: order
+                    .first()
+                    .map_err(redb_err)?
+                    .map_or(0, |(k, _)| k.value()),
+            }
+        };
 
         let shared = Arc::new(Shared {
             db,
@@ -297,7 +324,9 @@ impl Store {
                 reader: wal.reader(),
             }),
             wal: Mutex::new(wal),
-            state_unsynced: AtomicBool::new(false),
+            layers: Mutex::new(Layers::default()),
+            state_write: Mutex::new(()),
+            applier: Mutex::new(applier),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             dedup_capacity: config.dedup_capacity.max(1),
@@ -509,10 +538,12 @@ impl Store {
 
     // ---- State machine ---------------------------------------------------------------------
 
-    /// Applies a batch of log entries in one write transaction and stores `sm_meta` records
-    /// (e.g. the last applied log id) with them. Returns one result per input; `None` for
-    /// [`ApplyInput::Skip`]. Deterministic: the same inputs on the same state give the same
-    /// results on every node.
+    /// Applies a batch of log entries and stores `sm_meta` records (e.g. the last applied log
+    /// id) with them. Returns one result per input; `None` for [`ApplyInput::Skip`].
+    /// Deterministic: the same inputs on the same state give the same results on every node.
+    ///
+    /// The changes go to memory (readable at once) and reach the file with the next state
+    /// sync; nothing here waits for a disk.
     pub fn apply(
         &self,
         inputs: &[ApplyInput<'_>],
@@ -523,67 +554,76 @@ impl Store {
                 .shared
                 .fail("injected write error (failpoint storage::apply)".into()))
         });
-        let wtx = self.write(Durability::None)?;
+        let mut applier = lock(&self.shared.applier);
+        // This batch's working copy: its changes are seen by its own later reads, and by
+        // other readers once published below.
+        let mut view = self.read()?;
+        view.delta = Some(Overlay::default());
+        let mut revision = match view.meta(REVISION)? {
+            Some(v) => bytes_u64("sm_meta", &v)?,
+            None => 0,
+        };
+        let mut seq = match view.meta(DEDUP_SEQ)? {
+            Some(v) => bytes_u64("sm_meta", &v)?,
+            None => 0,
+        };
+        let (mut dedup_len, mut dedup_first) = (applier.dedup_len, applier.dedup_first);
         let mut results = Vec::with_capacity(inputs.len());
         let mut touches_reserved = false;
-        {
-            let mut kv = wtx.open_table(KV).map_err(redb_err)?;
-            let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
-            let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
-            let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
-            let mut revision = match smm.get(REVISION).map_err(redb_err)? {
-                Some(v) => bytes_u64("sm_meta", v.value())?,
-                None => 0,
+        for input in inputs {
+            let ApplyInput::Command(cmd) = input else {
+                results.push(None);
+                continue;
             };
-            let mut seq = match smm.get(DEDUP_SEQ).map_err(redb_err)? {
-                Some(v) => bytes_u64("sm_meta", v.value())?,
-                None => 0,
-            };
-            for input in inputs {
-                let ApplyInput::Command(cmd) = input else {
-                    results.push(None);
-                    continue;
-                };
-                if let Some(id) = &cmd.request_id
-                    && let Some(prev) = dedup.get(id.0.as_slice()).map_err(redb_err)?
-                {
-                    let result: TxnResult =
-                        postcard::from_bytes(prev.value()).map_err(|e| corrupt("dedup", e))?;
-                    results.push(Some(result));
-                    continue;
-                }
-                touches_reserved |= cmd.txn.may_touch_reserved();
-                let result = apply_txn(&mut kv, &mut revision, &cmd.txn)?;
-                if let Some(id) = &cmd.request_id {
-                    // Remember the result without the previous values themselves: a retry
-                    // learns what happened, and old values (ciphertext of secrets, perhaps
-                    // large) are not kept around in the table and its snapshots.
-                    let encoded = postcard::to_stdvec(&without_values(&result))
-                        .map_err(|e| corrupt("dedup", e))?;
-                    dedup
-                        .insert(id.0.as_slice(), encoded.as_slice())
-                        .map_err(redb_err)?;
-                    seq += 1;
-                    order.insert(seq, id.0.as_slice()).map_err(redb_err)?;
-                    while order.len().map_err(redb_err)? > self.shared.dedup_capacity {
-                        let Some((_, old)) = order.pop_first().map_err(redb_err)? else {
-                            break;
-                        };
-                        dedup.remove(old.value()).map_err(redb_err)?;
-                    }
-                }
+            if let Some(id) = &cmd.request_id
+                && let Some(prev) = view.dedup(&id.0)?
+            {
+                let result: TxnResult =
+                    postcard::from_bytes(&prev).map_err(|e| corrupt("dedup", e))?;
                 results.push(Some(result));
+                continue;
             }
-            smm.insert(REVISION, u64_bytes(revision).as_slice())
-                .map_err(redb_err)?;
-            smm.insert(DEDUP_SEQ, u64_bytes(seq).as_slice())
-                .map_err(redb_err)?;
-            for (k, v) in sm_meta {
-                smm.insert(*k, *v).map_err(redb_err)?;
+            touches_reserved |= cmd.txn.may_touch_reserved();
+            let result = apply_txn(&mut view, &mut revision, &cmd.txn)?;
+            if let Some(id) = &cmd.request_id {
+                // Remember the result without the previous values themselves: a retry
+                // learns what happened, and old values (ciphertext of secrets, perhaps
+                // large) are not kept around in the table and its snapshots.
+                let encoded = postcard::to_stdvec(&without_values(&result))
+                    .map_err(|e| corrupt("dedup", e))?;
+                let id: Bytes = Arc::from(id.0.as_slice());
+                view.set_dedup(id.clone(), Some(Arc::from(encoded)));
+                seq += 1;
+                view.set_order(seq, Some(id));
+                dedup_len += 1;
+                while dedup_len > self.shared.dedup_capacity {
+                    let Some((old_seq, old_id)) = view.first_order(dedup_first)? else {
+                        break;
+                    };
+                    view.set_order(old_seq, None);
+                    view.set_dedup(old_id, None);
+                    dedup_first = old_seq + 1;
+                    dedup_len -= 1;
+                }
             }
+            results.push(Some(result));
         }
-        self.commit(wtx)?;
-        self.shared.state_unsynced.store(true, Ordering::Release);
+        view.set_meta(REVISION.into(), Arc::from(u64_bytes(revision)));
+        view.set_meta(DEDUP_SEQ.into(), Arc::from(u64_bytes(seq)));
+        for (k, v) in sm_meta {
+            view.set_meta((*k).into(), Arc::from(*v));
+        }
+        let batch = view.delta.take().unwrap_or_default();
+        let mut layers = lock(&self.shared.layers);
+        if layers.epoch == view.layers.epoch {
+            layers.active = std::mem::take(&mut view.layers.active);
+        } else {
+            // A sync froze the layer this batch started from: only this batch's own changes
+            // are new (applies are serialized, so nothing else is in the active layer).
+            layers.active.absorb(batch);
+        }
+        drop(layers);
+        (applier.dedup_len, applier.dedup_first) = (dedup_len, dedup_first);
         if touches_reserved {
             self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
         }
@@ -599,8 +639,21 @@ impl Store {
     /// A consistent read view of the state machine.
     pub fn read(&self) -> Result<ReadView> {
         self.check()?;
+        // The file and the changes not in it yet, at the same point: a sync commits and then
+        // drops the layer it wrote under this lock.
+        let layers = lock(&self.shared.layers);
         let rtx = self.shared.db.begin_read().map_err(redb_err)?;
-        Ok(ReadView { rtx })
+        if let Some(installing) = layers.installing {
+            let snap = rtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            let installs = match snap.get(INSTALLS).map_err(redb_err)? {
+                Some(v) => bytes_u64("snapshot", v.value())?,
+                None => 0,
+            };
+            if installs == installing {
+                return Ok(ReadView::new(rtx, Layers::default()));
+            }
+        }
+        Ok(ReadView::new(rtx, layers.clone()))
     }
 
     /// A consistent image of the whole state machine, for a snapshot, together with a read
@@ -615,24 +668,11 @@ impl Store {
     /// Durably saves a snapshot (opaque metadata and an image) taken at log position `index`
     /// as the current one, unless the current one is newer: a snapshot built from older state
     /// while a newer one was being installed must not replace it. Returns whether it was saved.
+    ///
+    /// The same commit makes every applied change durable (a state sync), so the state on
+    /// disk is never behind a saved snapshot (the log before it may be purged).
     pub fn save_snapshot(&self, index: u64, meta: &[u8], image: &[u8]) -> Result<bool> {
-        let wtx = self.write(Durability::Immediate)?;
-        {
-            let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
-            let current = match snap.get("index").map_err(redb_err)? {
-                Some(v) => Some(bytes_u64("snapshot", v.value())?),
-                None => None,
-            };
-            if current.is_some_and(|c| c > index) {
-                return Ok(false);
-            }
-            snap.insert("index", u64_bytes(index).as_slice())
-                .map_err(redb_err)?;
-            snap.insert("meta", meta).map_err(redb_err)?;
-            snap.insert("data", image).map_err(redb_err)?;
-        }
-        self.commit(wtx)?;
-        Ok(true)
+        self.shared.sync_state(Some((index, meta, image)))
     }
 
     /// The current snapshot (metadata, image), if any.
@@ -660,7 +700,12 @@ impl Store {
                 decoded.format
             )));
         }
+        // No apply and no sync meanwhile: the image replaces everything, the changes in memory
+        // included.
+        let mut applier = lock(&self.shared.applier);
+        let _writing = lock(&self.shared.state_write);
         let wtx = self.write(Durability::Immediate)?;
+        let installs;
         {
             let mut kv = wtx.open_table(KV).map_err(redb_err)?;
             kv.retain(|_, _| false).map_err(redb_err)?;
@@ -687,8 +732,21 @@ impl Store {
                 .map_err(redb_err)?;
             snap.insert("meta", meta).map_err(redb_err)?;
             snap.insert("data", image).map_err(redb_err)?;
+            installs = match snap.get(INSTALLS).map_err(redb_err)? {
+                Some(v) => bytes_u64("snapshot", v.value())?,
+                None => 0,
+            } + 1;
+            snap.insert(INSTALLS, u64_bytes(installs).as_slice())
+                .map_err(redb_err)?;
         }
+        // Readers see the old state or the new, never the new file under the old changes:
+        // one that finds this install in its read transaction leaves the layers out. The
+        // commit itself runs without the lock, so readers do not wait for it.
+        lock(&self.shared.layers).installing = Some(installs);
         self.commit(wtx)?;
+        *lock(&self.shared.layers) = Layers::default();
+        applier.dedup_len = decoded.dedup_order.len() as u64;
+        applier.dedup_first = decoded.dedup_order.first().map_or(0, |(seq, _)| *seq);
         self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -702,7 +760,7 @@ impl Drop for Shared {
         if self.check().is_err() {
             return;
         }
-        if let Err(e) = self.sync_state() {
+        if let Err(e) = self.sync_state(None) {
             tracing::warn!(error = %e, "could not make the state machine durable on close");
         }
         if let Err(e) = self.write_log(&[]) {
@@ -829,29 +887,37 @@ impl Shared {
         }
     }
 
-    /// Makes every state machine commit so far durable (one commit with an fsync), if any is
-    /// not yet. Any error marks the store failed.
-    fn sync_state(&self) -> Result<()> {
-        if !self.state_unsynced.swap(false, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let synced = self.write(Durability::Immediate).and_then(|wtx| {
-            {
-                // Counts syncs (and keeps the commit from being empty).
-                let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
-                let n = match smm.get(STATE_SYNCS).map_err(redb_err)? {
-                    Some(v) => bytes_u64("sm_meta", v.value())?,
-                    None => 0,
-                };
-                smm.insert(STATE_SYNCS, u64_bytes(n + 1).as_slice())
-                    .map_err(redb_err)?;
+    /// Writes the applied changes not in the file yet to it, in one durable commit (skipped
+    /// when there are none and no snapshot to save), together with `snapshot` (index, meta,
+    /// image) unless the current snapshot is newer. Returns whether the snapshot was saved.
+    /// Applies go on meanwhile, into a new layer. Any error marks the store failed.
+    fn sync_state(&self, snapshot: Option<(u64, &[u8], &[u8])>) -> Result<bool> {
+        let _writing = lock(&self.state_write);
+        self.check()?;
+        let frozen = {
+            let mut layers = lock(&self.layers);
+            if layers.frozen.is_some() {
+                // An earlier sync stopped (panicked) between freezing and committing: its
+                // changes are not in the file, and freezing again would drop them.
+                return Err(self.fail("an earlier state machine sync did not finish".into()));
             }
-            Ok(wtx)
+            if layers.active.is_empty() && snapshot.is_none() {
+                return Ok(false);
+            }
+            let frozen = Arc::new(std::mem::take(&mut layers.active));
+            layers.frozen = Some(frozen.clone());
+            layers.epoch += 1;
+            frozen
+        };
+        let written = self.write(Durability::Immediate).and_then(|wtx| {
+            let saved = write_state(&wtx, &frozen, snapshot)?;
+            Ok((wtx, saved))
         });
-        match synced {
-            Ok(wtx) => self.commit(wtx),
-            Err(e) => Err(self.fail(format!("state machine sync failed: {e}"))),
-        }
+        let (wtx, saved) =
+            written.map_err(|e| self.fail(format!("state machine sync failed: {e}")))?;
+        self.commit(wtx)?;
+        lock(&self.layers).frozen = None;
+        Ok(saved)
     }
 
     fn check(&self) -> Result<()> {
@@ -884,6 +950,74 @@ impl Shared {
     }
 }
 
+/// Locks a mutex, whether or not a thread panicked while holding it (what it guards stays
+/// consistent: every holder that changes it does so in one assignment).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes one layer of changes, a sync counter and, unless the current one is newer, a
+/// snapshot into `wtx`. Returns whether the snapshot was written.
+fn write_state(
+    wtx: &WriteTransaction,
+    changes: &Overlay,
+    snapshot: Option<(u64, &[u8], &[u8])>,
+) -> Result<bool> {
+    let mut kv = wtx.open_table(KV).map_err(redb_err)?;
+    for (key, record) in &changes.kv {
+        match record {
+            Some(r) => {
+                let encoded = postcard::to_stdvec(&**r).map_err(|e| corrupt("kv", e))?;
+                kv.insert(&**key, encoded.as_slice()).map_err(redb_err)?;
+            }
+            None => {
+                kv.remove(&**key).map_err(redb_err)?;
+            }
+        }
+    }
+    let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
+    for (id, result) in &changes.dedup {
+        match result {
+            Some(r) => dedup.insert(&**id, &**r).map_err(redb_err)?,
+            None => dedup.remove(&**id).map_err(redb_err)?,
+        };
+    }
+    let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+    for (seq, id) in &changes.order {
+        match id {
+            Some(id) => order.insert(*seq, &**id).map_err(redb_err)?,
+            None => order.remove(*seq).map_err(redb_err)?,
+        };
+    }
+    let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
+    for (name, value) in &changes.meta {
+        smm.insert(&**name, &**value).map_err(redb_err)?;
+    }
+    // Counts syncs (and keeps a commit that only saves a snapshot from being empty).
+    let syncs = match smm.get(STATE_SYNCS).map_err(redb_err)? {
+        Some(v) => bytes_u64("sm_meta", v.value())?,
+        None => 0,
+    };
+    smm.insert(STATE_SYNCS, u64_bytes(syncs + 1).as_slice())
+        .map_err(redb_err)?;
+    let Some((index, meta, image)) = snapshot else {
+        return Ok(false);
+    };
+    let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+    let current = match snap.get("index").map_err(redb_err)? {
+        Some(v) => Some(bytes_u64("snapshot", v.value())?),
+        None => None,
+    };
+    if current.is_some_and(|c| c > index) {
+        return Ok(false);
+    }
+    snap.insert("index", u64_bytes(index).as_slice())
+        .map_err(redb_err)?;
+    snap.insert("meta", meta).map_err(redb_err)?;
+    snap.insert("data", image).map_err(redb_err)?;
+    Ok(true)
+}
+
 /// Makes the state machine's writes durable every [`STATE_SYNC_INTERVAL`] (when there are any),
 /// on a thread of its own so that the log's commits never wait for it. Ends with the store.
 fn state_syncer(shared: Weak<Shared>) {
@@ -892,7 +1026,7 @@ fn state_syncer(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        if shared.sync_state().is_err() {
+        if shared.sync_state(None).is_err() {
             return; // the store is failed; the error was reported
         }
     }
@@ -1101,33 +1235,18 @@ fn holds_state(db: &Database) -> Result<bool> {
     }
 }
 
-fn get_record(
-    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    key: &[u8],
-) -> Result<Option<Record>> {
-    match kv.get(key).map_err(redb_err)? {
-        Some(v) => Ok(Some(
-            postcard::from_bytes(v.value()).map_err(|e| corrupt("kv", e))?,
-        )),
-        None => Ok(None),
-    }
-}
-
-fn entry(key: &[u8], r: Record) -> KvEntry {
+fn entry(key: &[u8], r: &Record) -> KvEntry {
     KvEntry {
         key: key.to_vec(),
-        value: r.value,
+        value: r.value.clone(),
         version: r.version,
         create_revision: r.create_revision,
         mod_revision: r.mod_revision,
     }
 }
 
-fn compare_holds(
-    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    c: &Compare,
-) -> Result<bool> {
-    let r = get_record(kv, c.key())?;
+fn compare_holds(view: &ReadView, c: &Compare) -> Result<bool> {
+    let r = view.record(c.key())?;
     Ok(match c {
         Compare::Exists(_) => r.is_some(),
         Compare::Absent(_) => r.is_none(),
@@ -1136,14 +1255,11 @@ fn compare_holds(
     })
 }
 
-fn apply_txn(
-    kv: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
-    revision: &mut u64,
-    txn: &Txn,
-) -> Result<TxnResult> {
+/// Applies one transaction to `view`'s working layer.
+fn apply_txn(view: &mut ReadView, revision: &mut u64, txn: &Txn) -> Result<TxnResult> {
     let mut succeeded = true;
     for c in &txn.compare {
-        if !compare_holds(kv, c)? {
+        if !compare_holds(view, c)? {
             succeeded = false;
             break;
         }
@@ -1159,43 +1275,43 @@ fn apply_txn(
     for op in ops {
         match op {
             Op::Put { key, value } => {
-                let prev = get_record(kv, key)?;
+                let prev = view.record(key)?;
                 let record = Record {
                     value: value.clone(),
                     version: prev.as_ref().map_or(0, |p| p.version) + 1,
                     create_revision: prev.as_ref().map_or(next, |p| p.create_revision),
                     mod_revision: next,
                 };
-                let encoded = postcard::to_stdvec(&record).map_err(|e| corrupt("kv", e))?;
-                kv.insert(key.as_slice(), encoded.as_slice())
-                    .map_err(redb_err)?;
+                view.set_kv(Arc::from(key.as_slice()), Some(Arc::new(record)));
                 changed = true;
                 results.push(OpResult::Put {
-                    prev: prev.map(|p| entry(key, p)),
+                    prev: prev.map(|p| entry(key, &p)),
                 });
             }
             Op::Delete { key } => {
-                let prev = get_record(kv, key)?;
+                let prev = view.record(key)?;
                 if prev.is_some() {
-                    kv.remove(key.as_slice()).map_err(redb_err)?;
+                    view.set_kv(Arc::from(key.as_slice()), None);
                     changed = true;
                 }
                 results.push(OpResult::Delete {
-                    prev: prev.map(|p| entry(key, p)),
+                    prev: prev.map(|p| entry(key, &p)),
                 });
             }
             Op::DeletePrefix { prefix } => {
-                let mut deleted = 0u64;
                 let end = prefix_end(prefix);
                 let upper = match &end {
                     Some(e) => Bound::Excluded(e.as_slice()),
                     None => Bound::Unbounded,
                 };
-                kv.retain_in::<&[u8], _>((Bound::Included(prefix.as_slice()), upper), |_, _| {
-                    deleted += 1;
-                    false
-                })
-                .map_err(redb_err)?;
+                let keys = view
+                    .records(Bound::Included(prefix.as_slice()), upper)?
+                    .map(|r| r.map(|(k, _)| k))
+                    .collect::<Result<Vec<_>>>()?;
+                let deleted = keys.len() as u64;
+                for key in keys {
+                    view.set_kv(Arc::from(key), None);
+                }
                 if deleted > 0 {
                     changed = true;
                 }
@@ -1248,9 +1364,17 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// A consistent, read-only view of the state machine at one point.
+/// A consistent, read-only view of the state machine at one point: a read transaction of the
+/// file and the changes not in it yet, as they were when the view was taken.
 pub struct ReadView {
     rtx: redb::ReadTransaction,
+    layers: Layers,
+    /// For an apply's working view: the changes of its batch alone (also in `layers.active`).
+    delta: Option<Overlay>,
+    kv: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    smm: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
+    dedup: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    order: OnceLock<ReadOnlyTable<u64, &'static [u8]>>,
 }
 
 impl std::fmt::Debug for ReadView {
@@ -1259,11 +1383,197 @@ impl std::fmt::Debug for ReadView {
     }
 }
 
+/// A table of `rtx`, opened on first use.
+fn table<'a, K: redb::Key + 'static, V: redb::Value + 'static>(
+    rtx: &redb::ReadTransaction,
+    cell: &'a OnceLock<ReadOnlyTable<K, V>>,
+    def: TableDefinition<K, V>,
+) -> Result<&'a ReadOnlyTable<K, V>> {
+    if let Some(t) = cell.get() {
+        return Ok(t);
+    }
+    let t = rtx.open_table(def).map_err(redb_err)?;
+    Ok(cell.get_or_init(|| t))
+}
+
+fn decode_record(bytes: &[u8]) -> Result<Record> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt("kv", e))
+}
+
+/// A record as a reader finds it: encoded in the file, or applied and still in memory.
+enum Stored {
+    File(Vec<u8>),
+    Memory(Arc<Record>),
+}
+
+impl Stored {
+    fn record(self) -> Result<Arc<Record>> {
+        match self {
+            Stored::File(bytes) => Ok(Arc::new(decode_record(&bytes)?)),
+            Stored::Memory(r) => Ok(r),
+        }
+    }
+
+    /// The record as the file stores it.
+    fn bytes(self) -> Result<Vec<u8>> {
+        match self {
+            Stored::File(bytes) => Ok(bytes),
+            Stored::Memory(r) => postcard::to_stdvec(&*r).map_err(|e| corrupt("kv", e)),
+        }
+    }
+}
+
 impl ReadView {
+    fn new(rtx: redb::ReadTransaction, layers: Layers) -> ReadView {
+        ReadView {
+            rtx,
+            layers,
+            delta: None,
+            kv: OnceLock::new(),
+            smm: OnceLock::new(),
+            dedup: OnceLock::new(),
+            order: OnceLock::new(),
+        }
+    }
+
+    fn kv_table(&self) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>> {
+        table(&self.rtx, &self.kv, KV)
+    }
+
+    fn smm_table(&self) -> Result<&ReadOnlyTable<&'static str, &'static [u8]>> {
+        table(&self.rtx, &self.smm, SM_META)
+    }
+
+    fn dedup_table(&self) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>> {
+        table(&self.rtx, &self.dedup, DEDUP)
+    }
+
+    fn order_table(&self) -> Result<&ReadOnlyTable<u64, &'static [u8]>> {
+        table(&self.rtx, &self.order, DEDUP_ORDER)
+    }
+
+    fn set_kv(&mut self, key: Bytes, record: Option<Arc<Record>>) {
+        if let Some(d) = &mut self.delta {
+            d.kv.insert(key.clone(), record.clone());
+        }
+        self.layers.active.kv.insert(key, record);
+    }
+
+    fn set_dedup(&mut self, id: Bytes, result: Option<Bytes>) {
+        if let Some(d) = &mut self.delta {
+            d.dedup.insert(id.clone(), result.clone());
+        }
+        self.layers.active.dedup.insert(id, result);
+    }
+
+    fn set_order(&mut self, seq: u64, id: Option<Bytes>) {
+        if let Some(d) = &mut self.delta {
+            d.order.insert(seq, id.clone());
+        }
+        self.layers.active.order.insert(seq, id);
+    }
+
+    fn set_meta(&mut self, name: Arc<str>, value: Bytes) {
+        if let Some(d) = &mut self.delta {
+            d.meta.insert(name.clone(), value.clone());
+        }
+        self.layers.active.meta.insert(name, value);
+    }
+
+    /// One key's record.
+    fn record(&self, key: &[u8]) -> Result<Option<Arc<Record>>> {
+        if let Some(changed) = self.layers.kv(key) {
+            return Ok(changed);
+        }
+        match self.kv_table()?.get(key).map_err(redb_err)? {
+            Some(v) => Ok(Some(Arc::new(decode_record(v.value())?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The live records in a key range, in key order, as stored: a record of the file is
+    /// decoded only if the caller needs it (a snapshot image does not).
+    fn stored_records<'a>(
+        &'a self,
+        lower: Bound<&'a [u8]>,
+        upper: Bound<&'a [u8]>,
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Stored)>> + 'a> {
+        let base: Box<dyn Iterator<Item = _>> = if overlay::is_empty_range(lower, upper) {
+            Box::new(std::iter::empty())
+        } else {
+            Box::new(
+                self.kv_table()?
+                    .range::<&[u8]>((lower, upper))
+                    .map_err(redb_err)?,
+            )
+        };
+        let base = base.map(|item| {
+            let (k, v) = item.map_err(redb_err)?;
+            Ok((k.value().to_vec(), Stored::File(v.value().to_vec())))
+        });
+        let changes = self
+            .layers
+            .kv_range(lower, upper)
+            .map(|item| item.map(|(k, r)| (k, r.map(Stored::Memory))));
+        Ok(overlay::over_base(changes, base))
+    }
+
+    /// The live records in a key range, in key order.
+    fn records<'a>(
+        &'a self,
+        lower: Bound<&'a [u8]>,
+        upper: Bound<&'a [u8]>,
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Arc<Record>)>> + 'a> {
+        Ok(self
+            .stored_records(lower, upper)?
+            .map(|item| item.and_then(|(k, r)| Ok((k, r.record()?)))))
+    }
+
+    /// A remembered request's encoded result.
+    fn dedup(&self, id: &[u8]) -> Result<Option<Bytes>> {
+        if let Some(changed) = self.layers.dedup(id) {
+            return Ok(changed);
+        }
+        Ok(self
+            .dedup_table()?
+            .get(id)
+            .map_err(redb_err)?
+            .map(|v| Arc::from(v.value())))
+    }
+
+    /// The oldest remembered request at or after dedup sequence number `from`.
+    fn first_order(&self, from: u64) -> Result<Option<(u64, Bytes)>> {
+        let changes = self.layers.merged(|o| {
+            o.order
+                .range(from..)
+                .map(|(seq, id)| Ok((*seq, id.clone())))
+        });
+        let base = self
+            .order_table()?
+            .range(from..)
+            .map_err(redb_err)?
+            .map(|item| {
+                let (k, v) = item.map_err(redb_err)?;
+                Ok((k.value(), Arc::from(v.value())))
+            });
+        overlay::over_base(changes, base).next().transpose()
+    }
+
+    /// A state machine metadata record.
+    fn meta(&self, name: &str) -> Result<Option<Bytes>> {
+        if let Some(changed) = self.layers.meta(name) {
+            return Ok(Some(changed));
+        }
+        Ok(self
+            .smm_table()?
+            .get(name)
+            .map_err(redb_err)?
+            .map(|v| Arc::from(v.value())))
+    }
+
     /// One key.
     pub fn get(&self, key: &[u8]) -> Result<Option<KvEntry>> {
-        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
-        Ok(get_record(&kv, key)?.map(|r| entry(key, r)))
+        Ok(self.record(key)?.map(|r| entry(key, &r)))
     }
 
     /// Up to `limit` keys starting with `prefix` and greater than `after` (when given), in key
@@ -1274,7 +1584,6 @@ impl ReadView {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<(Vec<KvEntry>, bool)> {
-        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
         let lower = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
@@ -1285,36 +1594,43 @@ impl ReadView {
             None => Bound::Unbounded,
         };
         let mut out = Vec::new();
-        for item in kv.range::<&[u8]>((lower, upper)).map_err(redb_err)? {
-            let (k, v) = item.map_err(redb_err)?;
+        for item in self.records(lower, upper)? {
+            let (k, r) = item?;
             if out.len() == limit {
                 return Ok((out, true));
             }
-            let r: Record = postcard::from_bytes(v.value()).map_err(|e| corrupt("kv", e))?;
-            out.push(entry(k.value(), r));
+            out.push(entry(&k, &r));
         }
         Ok((out, false))
     }
 
     /// The store revision.
     pub fn revision(&self) -> Result<u64> {
-        let smm = self.rtx.open_table(SM_META).map_err(redb_err)?;
-        match smm.get(REVISION).map_err(redb_err)? {
-            Some(v) => bytes_u64("sm_meta", v.value()),
+        match self.meta(REVISION)? {
+            Some(v) => bytes_u64("sm_meta", &v),
             None => Ok(0),
         }
     }
 
     /// A state machine metadata record written through [`Store::apply`].
     pub fn sm_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let smm = self.rtx.open_table(SM_META).map_err(redb_err)?;
-        Ok(smm.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
+        Ok(self.meta(key)?.map(|v| v.to_vec()))
     }
 
     /// Number of keys.
     pub fn len(&self) -> Result<u64> {
-        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
-        kv.len().map_err(redb_err)
+        let kv = self.kv_table()?;
+        let mut n = kv.len().map_err(redb_err)?;
+        for change in self.layers.kv_range(Bound::Unbounded, Bound::Unbounded) {
+            let (key, record) = change?;
+            let in_file = kv.get(key.as_slice()).map_err(redb_err)?.is_some();
+            match (record.is_some(), in_file) {
+                (true, false) => n += 1,
+                (false, true) => n -= 1,
+                _ => {}
+            }
+        }
+        Ok(n)
     }
 
     /// Whether the store holds no key.
@@ -1332,53 +1648,67 @@ impl ReadView {
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
         };
-        let kv = self.rtx.open_table(KV).map_err(redb_err)?;
-        for item in kv.iter().map_err(redb_err)? {
-            let (k, v) = item.map_err(redb_err)?;
-            feed(&(k.value().len() as u64).to_le_bytes());
-            feed(k.value());
-            feed(&(v.value().len() as u64).to_le_bytes());
-            feed(v.value());
+        for item in self.stored_records(Bound::Unbounded, Bound::Unbounded)? {
+            let (k, r) = item?;
+            // The record as the file stores it.
+            let v = r.bytes()?;
+            feed(&(k.len() as u64).to_le_bytes());
+            feed(&k);
+            feed(&(v.len() as u64).to_le_bytes());
+            feed(&v);
         }
         feed(&self.revision()?.to_le_bytes());
         Ok(h)
     }
 
     fn image(&self) -> Result<Image> {
-        fn all<K: redb::Key + 'static>(
-            rtx: &redb::ReadTransaction,
-            def: TableDefinition<K, &'static [u8]>,
-            mut key: impl FnMut(K::SelfType<'_>),
-            vals: &mut Vec<Vec<u8>>,
-        ) -> Result<()> {
-            let t = rtx.open_table(def).map_err(redb_err)?;
-            for item in t.iter().map_err(redb_err)? {
+        let kv = self
+            .stored_records(Bound::Unbounded, Bound::Unbounded)?
+            .map(|item| item.and_then(|(k, r)| Ok((k, r.bytes()?))))
+            .collect::<Result<_>>()?;
+        let sm_meta = overlay::over_base(
+            self.layers.merged(|o| {
+                o.meta
+                    .iter()
+                    .map(|(k, v)| Ok((k.to_string(), Some(v.to_vec()))))
+            }),
+            self.smm_table()?.iter().map_err(redb_err)?.map(|item| {
                 let (k, v) = item.map_err(redb_err)?;
-                key(k.value());
-                vals.push(v.value().to_vec());
-            }
-            Ok(())
-        }
-        let mut image = Image {
+                Ok((k.value().to_string(), v.value().to_vec()))
+            }),
+        )
+        .collect::<Result<_>>()?;
+        let dedup = overlay::over_base(
+            self.layers.merged(|o| {
+                o.dedup
+                    .iter()
+                    .map(|(k, v)| Ok((k.to_vec(), v.as_ref().map(|v| v.to_vec()))))
+            }),
+            self.dedup_table()?.iter().map_err(redb_err)?.map(|item| {
+                let (k, v) = item.map_err(redb_err)?;
+                Ok((k.value().to_vec(), v.value().to_vec()))
+            }),
+        )
+        .collect::<Result<_>>()?;
+        let dedup_order = overlay::over_base(
+            self.layers.merged(|o| {
+                o.order
+                    .iter()
+                    .map(|(k, v)| Ok((*k, v.as_ref().map(|v| v.to_vec()))))
+            }),
+            self.order_table()?.iter().map_err(redb_err)?.map(|item| {
+                let (k, v) = item.map_err(redb_err)?;
+                Ok((k.value(), v.value().to_vec()))
+            }),
+        )
+        .collect::<Result<_>>()?;
+        Ok(Image {
             format: IMAGE_FORMAT,
-            kv: Vec::new(),
-            sm_meta: Vec::new(),
-            dedup: Vec::new(),
-            dedup_order: Vec::new(),
-        };
-        let (mut keys, mut vals) = (Vec::new(), Vec::new());
-        all(&self.rtx, KV, |k| keys.push(k.to_vec()), &mut vals)?;
-        image.kv = keys.into_iter().zip(vals.drain(..)).collect();
-        let mut names = Vec::new();
-        all(&self.rtx, SM_META, |k| names.push(k.to_string()), &mut vals)?;
-        image.sm_meta = names.into_iter().zip(vals.drain(..)).collect();
-        let mut ids = Vec::new();
-        all(&self.rtx, DEDUP, |k| ids.push(k.to_vec()), &mut vals)?;
-        image.dedup = ids.into_iter().zip(vals.drain(..)).collect();
-        let mut seqs = Vec::new();
-        all(&self.rtx, DEDUP_ORDER, |k| seqs.push(k), &mut vals)?;
-        image.dedup_order = seqs.into_iter().zip(vals.drain(..)).collect();
-        Ok(image)
+            kv,
+            sm_meta,
+            dedup,
+            dedup_order,
+        })
     }
 }
 
@@ -1657,6 +1987,286 @@ mod tests {
         assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"meta".to_vec());
         assert!(b.save_snapshot(12, b"new", &image).unwrap());
         assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"new".to_vec());
+    }
+
+    /// The commands of a small deterministic workload: puts, deletes and prefix deletions
+    /// over two prefixes, with request ids (some of them retries).
+    fn workload(steps: u64) -> Vec<Command> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..steps)
+            .map(|i| {
+                let r = next();
+                let key = format!("{}/{}", if r % 2 == 0 { "a" } else { "b" }, (r >> 8) % 12);
+                let op = match (r >> 16) % 10 {
+                    0..=5 => put(&key, &format!("v{i}")),
+                    6..=8 => Op::Delete {
+                        key: key.into_bytes(),
+                    },
+                    _ => Op::DeletePrefix {
+                        prefix: b"a/".to_vec(),
+                    },
+                };
+                // Every fifth command retries an id of a few commands back (maybe evicted).
+                let id = if i % 5 == 4 { i - 3 } else { i };
+                Command {
+                    request_id: Some(RequestId([id as u8; 16])),
+                    txn: Txn::ops(vec![op]),
+                }
+            })
+            .collect()
+    }
+
+    /// What a reader can see of a store: every entry, the count, the revision, the digest.
+    fn seen(s: &Store) -> (Vec<KvEntry>, u64, u64, u64) {
+        let v = s.read().unwrap();
+        let (all, more) = v.list(b"", None, usize::MAX).unwrap();
+        assert!(!more);
+        (
+            all,
+            v.len().unwrap(),
+            v.revision().unwrap(),
+            v.digest().unwrap(),
+        )
+    }
+
+    /// An image without the sync counter (which differs between stores synced differently).
+    fn image_without_syncs(s: &Store) -> Vec<u8> {
+        let (bytes, _) = s.export_image().unwrap();
+        let mut image: Image = postcard::from_bytes(&bytes).unwrap();
+        image.sm_meta.retain(|(k, _)| k != STATE_SYNCS);
+        postcard::to_stdvec(&image).unwrap()
+    }
+
+    #[test]
+    fn reads_and_applies_see_the_same_state_however_often_it_is_synced() {
+        let stores: Vec<Store> = (0..3)
+            .map(|_| {
+                let mut cfg = StoreConfig::new(Backend::Memory);
+                cfg.dedup_capacity = 4;
+                Store::open(cfg).unwrap()
+            })
+            .collect();
+        for (i, cmd) in workload(300).iter().enumerate() {
+            let results: Vec<TxnResult> = stores.iter().map(|s| must_apply(s, cmd)).collect();
+            assert_eq!(results[0], results[1], "command {i}: {cmd}");
+            assert_eq!(results[0], results[2], "command {i}: {cmd}");
+            // Store 1 syncs after every command, store 2 every seventh; store 0 only when its
+            // own thread does.
+            stores[1].shared.sync_state(None).unwrap();
+            if i % 7 == 6 {
+                stores[2].shared.sync_state(None).unwrap();
+            }
+            let seen0 = seen(&stores[0]);
+            assert_eq!(seen0, seen(&stores[1]), "after command {i}");
+            assert_eq!(seen0, seen(&stores[2]), "after command {i}");
+            assert_eq!(seen0.0.len() as u64, seen0.1, "len counts the listed keys");
+        }
+        assert_eq!(
+            image_without_syncs(&stores[0]),
+            image_without_syncs(&stores[1])
+        );
+        assert_eq!(
+            image_without_syncs(&stores[0]),
+            image_without_syncs(&stores[2])
+        );
+        // The file of the store synced after every command holds everything on its own.
+        let rtx = stores[1].shared.db.begin_read().unwrap();
+        let kv = rtx.open_table(KV).unwrap();
+        assert_eq!(kv.len().unwrap(), seen(&stores[1]).1);
+        assert!(lock(&stores[1].shared.layers).active.is_empty());
+    }
+
+    #[test]
+    fn syncs_running_during_applies_lose_and_repeat_nothing() {
+        let synced = mem();
+        let reference = mem();
+        let stop = Arc::new(AtomicBool::new(false));
+        let syncer = {
+            let (s, stop) = (synced.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut syncs = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    s.shared.sync_state(None).unwrap();
+                    syncs += 1;
+                }
+                syncs
+            })
+        };
+        for cmd in workload(3000) {
+            assert_eq!(
+                must_apply(&synced, &cmd),
+                must_apply(&reference, &cmd),
+                "{cmd}"
+            );
+        }
+        stop.store(true, Ordering::Release);
+        assert!(syncer.join().unwrap() > 0);
+        assert_eq!(seen(&synced), seen(&reference));
+        // Everything applied is in the file after one more sync, and nothing stays behind.
+        synced.shared.sync_state(None).unwrap();
+        assert!(lock(&synced.shared.layers).active.is_empty());
+        let rtx = synced.shared.db.begin_read().unwrap();
+        assert_eq!(
+            rtx.open_table(KV).unwrap().len().unwrap(),
+            seen(&reference).1
+        );
+    }
+
+    #[test]
+    fn a_reader_during_an_install_sees_the_old_state_or_the_new_whole() {
+        let source = mem();
+        must_put(&source, "x", "new");
+        let (image, _) = source.export_image().unwrap();
+        let s = mem();
+        s.install_snapshot(1, b"meta", &image).unwrap();
+        // As if a second install were being committed, with changes from before it in memory.
+        let mut stale = Overlay::default();
+        stale.kv.insert(Arc::from(&b"x"[..]), None);
+        lock(&s.shared.layers).active = stale;
+        lock(&s.shared.layers).installing = Some(2);
+        assert!(
+            s.read().unwrap().get(b"x").unwrap().is_none(),
+            "before the install's commit, the changes in memory still apply"
+        );
+        // The file now holds install 1 as the one being committed: the changes are older.
+        lock(&s.shared.layers).installing = Some(1);
+        assert_eq!(s.read().unwrap().get(b"x").unwrap().unwrap().value, b"new");
+    }
+
+    #[test]
+    fn a_view_keeps_its_point_in_time_across_applies_and_syncs() {
+        let s = mem();
+        must_put(&s, "k", "old");
+        must_put(&s, "gone", "1");
+        let before = s.read().unwrap();
+        must_put(&s, "k", "new");
+        s.shared.sync_state(None).unwrap();
+        must_apply(
+            &s,
+            &Command {
+                request_id: None,
+                txn: Txn::ops(vec![Op::Delete {
+                    key: b"gone".to_vec(),
+                }]),
+            },
+        );
+        // The sync is writing the delete while its layer is frozen.
+        let during = {
+            let mut layers = lock(&s.shared.layers);
+            layers.frozen = Some(Arc::new(std::mem::take(&mut layers.active)));
+            drop(layers);
+            s.read().unwrap()
+        };
+        assert_eq!(before.get(b"k").unwrap().unwrap().value, b"old");
+        assert!(before.get(b"gone").unwrap().is_some());
+        assert_eq!((before.len().unwrap(), before.revision().unwrap()), (2, 2));
+        assert_eq!(during.get(b"k").unwrap().unwrap().value, b"new");
+        assert!(during.get(b"gone").unwrap().is_none());
+        assert_eq!((during.len().unwrap(), during.revision().unwrap()), (1, 4));
+        assert_eq!(
+            during.list(b"", None, 10).unwrap().0,
+            s.read().unwrap().list(b"", None, 10).unwrap().0
+        );
+    }
+
+    #[test]
+    fn saving_a_snapshot_makes_the_applied_state_durable_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(StoreConfig::new(Backend::File(
+            dir.path().join("node.redb"),
+        )))
+        .unwrap();
+        let results = s
+            .apply(
+                &[ApplyInput::Command(&Command {
+                    request_id: None,
+                    txn: Txn::ops(vec![put("k", "v")]),
+                })],
+                &[("applied", b"7")],
+            )
+            .unwrap();
+        assert_eq!(results.len(), 1);
+        assert!(s.save_snapshot(7, b"meta", b"image").unwrap());
+        // The file alone (what a crash leaves) holds the state the snapshot was taken from.
+        let rtx = s.shared.db.begin_read().unwrap();
+        assert!(
+            rtx.open_table(KV)
+                .unwrap()
+                .get(b"k".as_slice())
+                .unwrap()
+                .is_some()
+        );
+        let smm = rtx.open_table(SM_META).unwrap();
+        assert_eq!(smm.get("applied").unwrap().unwrap().value(), b"7");
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_unsynced_changes_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let source = mem();
+        must_put(&source, "x", "1");
+        let (image, _) = source.export_image().unwrap();
+        {
+            let s = reopen(&path);
+            must_put(&s, "stale", "1");
+            s.install_snapshot(3, b"meta", &image).unwrap();
+            must_put(&s, "after", "2");
+            assert!(s.read().unwrap().get(b"stale").unwrap().is_none());
+        }
+        let s = reopen(&path);
+        let v = s.read().unwrap();
+        assert!(
+            v.get(b"stale").unwrap().is_none(),
+            "the old change came back"
+        );
+        assert_eq!(v.get(b"x").unwrap().unwrap().value, b"1");
+        assert_eq!(v.get(b"after").unwrap().unwrap().value, b"2");
+    }
+
+    #[test]
+    fn dedup_eviction_goes_on_in_order_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let open = || {
+            let mut cfg = StoreConfig::new(Backend::File(path.clone()));
+            cfg.dedup_capacity = 2;
+            Store::open(cfg).unwrap()
+        };
+        let cmd = |id: u8| Command {
+            request_id: Some(RequestId([id; 16])),
+            txn: Txn::ops(vec![put("n", "x")]),
+        };
+        {
+            let s = open();
+            for id in 0..3 {
+                must_apply(&s, &cmd(id));
+            }
+        }
+        let s = open();
+        // Ids 1 and 2 are remembered; a new id evicts 1, the oldest, and keeps 2.
+        assert_eq!(
+            must_apply(&s, &cmd(2)).revision,
+            3,
+            "id 2 must be remembered"
+        );
+        assert_eq!(must_apply(&s, &cmd(3)).revision, 4);
+        assert_eq!(
+            must_apply(&s, &cmd(2)).revision,
+            3,
+            "id 2 must still be remembered"
+        );
+        assert_eq!(
+            must_apply(&s, &cmd(1)).revision,
+            5,
+            "id 1 must be forgotten"
+        );
     }
 
     #[test]
