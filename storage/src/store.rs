@@ -12,6 +12,7 @@ use redb::{
     TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 use crate::overlay::{self, Bytes, Layers, Overlay};
 use crate::txn::{Compare, KvEntry, Op, OpResult, Txn, TxnResult};
@@ -153,6 +154,7 @@ pub enum ApplyInput<'a> {
 /// Stored form of a key's value and metadata.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Record {
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
     version: u64,
     create_revision: u64,
@@ -161,12 +163,14 @@ pub(crate) struct Record {
 
 /// Everything the state machine holds, as one consistent image (the snapshot format).
 #[derive(Serialize, Deserialize)]
+/// Byte strings are `ByteBuf`s: encoded as one block each (the same bytes as `Vec<u8>`'s
+/// element-by-element encoding in postcard, much faster).
 struct Image {
     format: u32,
-    kv: Vec<(Vec<u8>, Vec<u8>)>,
-    sm_meta: Vec<(String, Vec<u8>)>,
-    dedup: Vec<(Vec<u8>, Vec<u8>)>,
-    dedup_order: Vec<(u64, Vec<u8>)>,
+    kv: Vec<(ByteBuf, ByteBuf)>,
+    sm_meta: Vec<(String, ByteBuf)>,
+    dedup: Vec<(ByteBuf, ByteBuf)>,
+    dedup_order: Vec<(u64, ByteBuf)>,
 }
 
 struct Shared {
@@ -1664,17 +1668,17 @@ impl ReadView {
     fn image(&self) -> Result<Image> {
         let kv = self
             .stored_records(Bound::Unbounded, Bound::Unbounded)?
-            .map(|item| item.and_then(|(k, r)| Ok((k, r.bytes()?))))
+            .map(|item| item.and_then(|(k, r)| Ok((ByteBuf::from(k), ByteBuf::from(r.bytes()?)))))
             .collect::<Result<_>>()?;
         let sm_meta = overlay::over_base(
             self.layers.merged(|o| {
                 o.meta
                     .iter()
-                    .map(|(k, v)| Ok((k.to_string(), Some(v.to_vec()))))
+                    .map(|(k, v)| Ok((k.to_string(), Some(ByteBuf::from(v.to_vec())))))
             }),
             self.smm_table()?.iter().map_err(redb_err)?.map(|item| {
                 let (k, v) = item.map_err(redb_err)?;
-                Ok((k.value().to_string(), v.value().to_vec()))
+                Ok((k.value().to_string(), ByteBuf::from(v.value())))
             }),
         )
         .collect::<Result<_>>()?;
@@ -1682,11 +1686,11 @@ impl ReadView {
             self.layers.merged(|o| {
                 o.dedup
                     .iter()
-                    .map(|(k, v)| Ok((k.to_vec(), v.as_ref().map(|v| v.to_vec()))))
+                    .map(|(k, v)| Ok((ByteBuf::from(k.to_vec()), v.as_deref().map(ByteBuf::from))))
             }),
             self.dedup_table()?.iter().map_err(redb_err)?.map(|item| {
                 let (k, v) = item.map_err(redb_err)?;
-                Ok((k.value().to_vec(), v.value().to_vec()))
+                Ok((ByteBuf::from(k.value()), ByteBuf::from(v.value())))
             }),
         )
         .collect::<Result<_>>()?;
@@ -1694,11 +1698,11 @@ impl ReadView {
             self.layers.merged(|o| {
                 o.order
                     .iter()
-                    .map(|(k, v)| Ok((*k, v.as_ref().map(|v| v.to_vec()))))
+                    .map(|(k, v)| Ok((*k, v.as_deref().map(ByteBuf::from))))
             }),
             self.order_table()?.iter().map_err(redb_err)?.map(|item| {
                 let (k, v) = item.map_err(redb_err)?;
-                Ok((k.value(), v.value().to_vec()))
+                Ok((k.value(), ByteBuf::from(v.value())))
             }),
         )
         .collect::<Result<_>>()?;
@@ -2041,6 +2045,77 @@ mod tests {
         let mut image: Image = postcard::from_bytes(&bytes).unwrap();
         image.sm_meta.retain(|(k, _)| k != STATE_SYNCS);
         postcard::to_stdvec(&image).unwrap()
+    }
+
+    #[test]
+    fn records_and_images_encode_as_before() {
+        #[derive(Serialize)]
+        struct OldRecord {
+            value: Vec<u8>,
+            version: u64,
+            create_revision: u64,
+            mod_revision: u64,
+        }
+        #[derive(Serialize)]
+        struct OldImage {
+            format: u32,
+            kv: Vec<(Vec<u8>, Vec<u8>)>,
+            sm_meta: Vec<(String, Vec<u8>)>,
+            dedup: Vec<(Vec<u8>, Vec<u8>)>,
+            dedup_order: Vec<(u64, Vec<u8>)>,
+        }
+        let value: Vec<u8> = (0..=255).cycle().take(300).collect();
+        let record = Record {
+            value: value.clone(),
+            version: 1,
+            create_revision: 2,
+            mod_revision: 300,
+        };
+        let old = OldRecord {
+            value,
+            version: 1,
+            create_revision: 2,
+            mod_revision: 300,
+        };
+        assert_eq!(
+            postcard::to_stdvec(&record).unwrap(),
+            postcard::to_stdvec(&old).unwrap()
+        );
+        let s = mem();
+        must_apply(
+            &s,
+            &Command {
+                request_id: Some(RequestId([3; 16])),
+                txn: Txn::ops(vec![put("a", "1"), put("b", "2")]),
+            },
+        );
+        let (bytes, _) = s.export_image().unwrap();
+        let image: Image = postcard::from_bytes(&bytes).unwrap();
+        let old = OldImage {
+            format: image.format,
+            kv: image
+                .kv
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            sm_meta: image
+                .sm_meta
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_vec()))
+                .collect(),
+            dedup: image
+                .dedup
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            dedup_order: image
+                .dedup_order
+                .iter()
+                .map(|(k, v)| (*k, v.to_vec()))
+                .collect(),
+        };
+        assert_eq!(old.kv.len(), 2);
+        assert_eq!(postcard::to_stdvec(&old).unwrap(), bytes);
     }
 
     #[test]

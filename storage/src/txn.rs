@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The opaque value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Number of puts since the key was (re)created; 1 after the first put.
     pub version: u64,
@@ -39,13 +41,13 @@ impl std::fmt::Debug for KvEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compare {
     /// The key exists.
-    Exists(Vec<u8>),
+    Exists(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The key does not exist.
-    Absent(Vec<u8>),
+    Absent(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The key's `mod_revision` equals the given one (0 means absent).
-    ModRevision(Vec<u8>, u64),
+    ModRevision(#[serde(with = "serde_bytes")] Vec<u8>, u64),
     /// The key's `version` equals the given one (0 means absent).
-    Version(Vec<u8>, u64),
+    Version(#[serde(with = "serde_bytes")] Vec<u8>, u64),
 }
 
 impl Compare {
@@ -64,18 +66,22 @@ pub enum Op {
     /// Create or replace a key.
     Put {
         /// The key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The opaque value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Delete one key (no effect when absent).
     Delete {
         /// The key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Delete every key that starts with `prefix`.
     DeletePrefix {
         /// The prefix; an empty prefix is refused by the node, not here.
+        #[serde(with = "serde_bytes")]
         prefix: Vec<u8>,
     },
 }
@@ -157,4 +163,105 @@ pub struct TxnResult {
     pub revision: u64,
     /// One result per operation of the branch that ran.
     pub results: Vec<OpResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shapes these types had before their byte strings were marked `serde_bytes`: Raft
+    /// logs, dedup records and snapshots written by earlier versions hold this encoding.
+    #[derive(Serialize)]
+    enum OldOp {
+        Put { key: Vec<u8>, value: Vec<u8> },
+        Delete { key: Vec<u8> },
+        DeletePrefix { prefix: Vec<u8> },
+    }
+
+    #[derive(Serialize)]
+    enum OldCompare {
+        Exists(Vec<u8>),
+        Absent(Vec<u8>),
+        ModRevision(Vec<u8>, u64),
+        Version(Vec<u8>, u64),
+    }
+
+    #[derive(Serialize)]
+    struct OldEntry {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        version: u64,
+        create_revision: u64,
+        mod_revision: u64,
+    }
+
+    #[test]
+    fn byte_strings_encode_as_before_and_decode_from_the_old_encoding() {
+        let long: Vec<u8> = (0..=255).cycle().take(300).collect();
+        let ops = [
+            (
+                Op::Put {
+                    key: b"k".to_vec(),
+                    value: long.clone(),
+                },
+                OldOp::Put {
+                    key: b"k".to_vec(),
+                    value: long.clone(),
+                },
+            ),
+            (
+                Op::Delete { key: long.clone() },
+                OldOp::Delete { key: long.clone() },
+            ),
+            (
+                Op::DeletePrefix { prefix: vec![] },
+                OldOp::DeletePrefix { prefix: vec![] },
+            ),
+        ];
+        for (new, old) in &ops {
+            let old_bytes = postcard::to_stdvec(old).unwrap();
+            assert_eq!(postcard::to_stdvec(new).unwrap(), old_bytes);
+            assert_eq!(&postcard::from_bytes::<Op>(&old_bytes).unwrap(), new);
+        }
+        let compares = [
+            (
+                Compare::Exists(long.clone()),
+                OldCompare::Exists(long.clone()),
+            ),
+            (
+                Compare::Absent(b"a".to_vec()),
+                OldCompare::Absent(b"a".to_vec()),
+            ),
+            (
+                Compare::ModRevision(b"m".to_vec(), 300),
+                OldCompare::ModRevision(b"m".to_vec(), 300),
+            ),
+            (
+                Compare::Version(b"v".to_vec(), 7),
+                OldCompare::Version(b"v".to_vec(), 7),
+            ),
+        ];
+        for (new, old) in &compares {
+            let old_bytes = postcard::to_stdvec(old).unwrap();
+            assert_eq!(postcard::to_stdvec(new).unwrap(), old_bytes);
+            assert_eq!(&postcard::from_bytes::<Compare>(&old_bytes).unwrap(), new);
+        }
+        let entry = KvEntry {
+            key: b"key".to_vec(),
+            value: long.clone(),
+            version: 2,
+            create_revision: 3,
+            mod_revision: 400,
+        };
+        let old = OldEntry {
+            key: b"key".to_vec(),
+            value: long,
+            version: 2,
+            create_revision: 3,
+            mod_revision: 400,
+        };
+        let old_bytes = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(postcard::to_stdvec(&entry).unwrap(), old_bytes);
+        assert_eq!(postcard::from_bytes::<KvEntry>(&old_bytes).unwrap(), entry);
+    }
 }
