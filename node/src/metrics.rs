@@ -38,6 +38,8 @@ pub struct Metrics {
     login_state_removed: IntCounterVec,
     linearizable_reads: IntCounter,
     read_index_rounds: IntCounter,
+    forwarded_writes: IntCounter,
+    forward_batches: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,10 +123,20 @@ impl Metrics {
             "read_index_rounds_total",
             "Read indexes this node fetched for its linearizable reads; concurrent reads share one",
         )?;
+        let forwarded_writes = IntCounter::new(
+            "forwarded_writes_total",
+            "Writes this node forwarded to the leader",
+        )?;
+        let forward_batches = IntCounter::new(
+            "forward_batches_total",
+            "Requests to the leader that carried them; concurrent writes share one",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(linearizable_reads.clone()),
             Box::new(read_index_rounds.clone()),
+            Box::new(forwarded_writes.clone()),
+            Box::new(forward_batches.clone()),
             Box::new(request_seconds.clone()),
             Box::new(fsync_seconds.clone()),
             Box::new(flush_entries.clone()),
@@ -152,6 +164,8 @@ impl Metrics {
             fatal,
             linearizable_reads,
             read_index_rounds,
+            forwarded_writes,
+            forward_batches,
             login_state_removed,
         })
     }
@@ -208,6 +222,11 @@ impl Metrics {
             .inc_by(reads.saturating_sub(self.linearizable_reads.get()));
         self.read_index_rounds
             .inc_by(rounds.saturating_sub(self.read_index_rounds.get()));
+        let (forwarded, batches) = node.forward_counts();
+        self.forwarded_writes
+            .inc_by(forwarded.saturating_sub(self.forwarded_writes.get()));
+        self.forward_batches
+            .inc_by(batches.saturating_sub(self.forward_batches.get()));
         self.lag.reset();
         for (peer, matched) in &s.replication {
             self.lag

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use coffer_storage::{Command, RequestId, Store, TxnResult};
+use coffer_storage::{Command, Op, RequestId, Store, TxnResult};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
@@ -162,15 +162,114 @@ pub struct RaftNode {
     /// [`RaftNode::linearize`]).
     read_waiters: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
     read_counts: ReadCounts,
+    /// Writes waiting to be forwarded to the leader together (see [`forward_writes`]).
+    forwards: tokio::sync::mpsc::UnboundedSender<Forwarding>,
 }
 
-/// How well linearizable reads share read-index rounds on this node.
+/// Forwarded batches in flight from one follower. While they are out, writes queue and go
+/// in the next batch; a lone write (no batch in flight) leaves at once.
+const FORWARDS_IN_FLIGHT: usize = 2;
+/// At most this many writes, and about this many bytes of keys and values, in one batch.
+const FORWARD_BATCH_WRITES: usize = 256;
+const FORWARD_BATCH_BYTES: usize = crate::MAX_PEER_MESSAGE / 4;
+
+/// A write waiting to be forwarded to the leader.
+struct Forwarding {
+    cmd: Command,
+    deadline: Instant,
+    answer: tokio::sync::oneshot::Sender<Result<Written, Attempt>>,
+}
+
+/// About how many bytes a command takes on the wire.
+fn command_bytes(cmd: &Command) -> usize {
+    let ops = cmd.txn.success.iter().chain(&cmd.txn.failure);
+    let ops: usize = ops
+        .map(|op| match op {
+            Op::Put { key, value } => key.len() + value.len(),
+            Op::Delete { key } => key.len(),
+            Op::DeletePrefix { prefix } => prefix.len(),
+        })
+        .sum();
+    let compares: usize = cmd.txn.compare.iter().map(|c| c.key().len() + 16).sum();
+    64 + ops + compares
+}
+
+/// Sends the writes this follower forwards to the leader in batches, one RPC for all the
+/// writes that queued while earlier batches were out: under load the leader answers one
+/// request per batch instead of one per write (as etcd followers forward proposals inside
+/// their Raft messages). Ends when the node is dropped.
+async fn forward_writes(
+    node: std::sync::Weak<RaftNode>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Forwarding>,
+) {
+    // Batches in flight to the leader they went to: writes for a new leader never wait for
+    // batches stuck at an old one (until their deadline, if it is cut off).
+    let mut in_flight = (None, Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)));
+    let mut next: Option<Forwarding> = None;
+    loop {
+        let first = match next.take() {
+            Some(f) => f,
+            None => match queued.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let permit = loop {
+            let (leader, recheck) = match node.upgrade() {
+                Some(n) => (
+                    n.leader().map(|(l, _)| l),
+                    Duration::from_millis(n.settings.heartbeat_ms.max(1)),
+                ),
+                None => return,
+            };
+            if in_flight.0 != leader {
+                in_flight = (leader, Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)));
+            }
+            let waiting = in_flight.1.clone().acquire_owned();
+            if let Ok(Ok(permit)) = tokio::time::timeout(recheck, waiting).await {
+                break permit;
+            }
+        };
+        let mut bytes = command_bytes(&first.cmd);
+        let mut batch = vec![first];
+        while batch.len() < FORWARD_BATCH_WRITES {
+            let Ok(f) = queued.try_recv() else { break };
+            bytes += command_bytes(&f.cmd);
+            if bytes > FORWARD_BATCH_BYTES {
+                next = Some(f);
+                break;
+            }
+            batch.push(f);
+        }
+        // Writes whose caller gave up (deadline, dropped request) need not go.
+        batch.retain(|f| !f.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(node) = node.upgrade() else { return };
+        node.read_counts.batches.fetch_add(1, Ordering::Relaxed);
+        node.read_counts
+            .forwarded
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        tokio::spawn(async move {
+            node.send_forwards(batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// How well linearizable reads share read-index rounds, and forwarded writes share batches,
+/// on this node.
 #[derive(Debug, Default)]
 struct ReadCounts {
     /// Reads that waited for a read index.
     reads: AtomicU64,
     /// Read indexes fetched for them (from the leader, or as leader).
     rounds: AtomicU64,
+    /// Writes sent to the leader in forwarded batches.
+    forwarded: AtomicU64,
+    /// Batches that carried them.
+    batches: AtomicU64,
 }
 
 /// Fetches read indexes for the waiting linearizable reads, one fetch at a time: each fetch
@@ -224,6 +323,25 @@ impl std::fmt::Debug for RaftNode {
         f.debug_struct("RaftNode")
             .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The answer a background task sends to a request it took (`sent`), or `late` once the
+/// deadline passes first.
+async fn answer_of<T>(
+    sent: bool,
+    answered: tokio::sync::oneshot::Receiver<Result<T, Attempt>>,
+    deadline: Instant,
+    late: Attempt,
+) -> Result<T, Attempt> {
+    let gone = || Attempt::Fail(Error::Fatal("this node is shutting down".into()));
+    if !sent {
+        return Err(gone());
+    }
+    match tokio::time::timeout(remaining(deadline), answered).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(gone()),
+        Err(_) => Err(late),
     }
 }
 
@@ -284,6 +402,7 @@ impl RaftNode {
         .await
         .map_err(|e| Error::Fatal(e.to_string()))?;
         let (read_waiters, waiting) = tokio::sync::mpsc::unbounded_channel();
+        let (forwards, queued) = tokio::sync::mpsc::unbounded_channel();
         let node = Arc::new(RaftNode {
             app_handler: std::sync::OnceLock::new(),
             id,
@@ -298,8 +417,10 @@ impl RaftNode {
             admin_lock: tokio::sync::Mutex::new(()),
             read_waiters,
             read_counts: ReadCounts::default(),
+            forwards,
         });
         tokio::spawn(fetch_read_indexes(Arc::downgrade(&node), waiting));
+        tokio::spawn(forward_writes(Arc::downgrade(&node), queued));
         Ok(node)
     }
 
@@ -561,23 +682,10 @@ impl RaftNode {
         let mut attempted = false;
         let mut why;
         loop {
-            let outcome = match self.leader() {
-                Some((leader, _)) if leader == self.id => self.propose(&cmd, deadline).await,
-                Some((leader, Some(member))) => {
-                    let payload = (cmd.clone(), remaining(deadline).as_millis() as u64);
-                    self.call_leader(leader, &member, deadline, payload, |mut c, p| async move {
-                        c.forward(p).await
-                    })
-                    .await
-                }
-                Some((leader, None)) => Err(Attempt::Retry {
-                    attempted: false,
-                    why: format!("leader {leader} is not in this node's membership yet"),
-                }),
-                None => Err(Attempt::Retry {
-                    attempted: false,
-                    why: "no leader is known".into(),
-                }),
+            let outcome = match self.other_leader() {
+                Ok(None) => self.propose(&cmd, deadline).await,
+                Ok(Some(_)) => self.forward(&cmd, deadline).await,
+                Err(e) => Err(e),
             };
             match outcome {
                 Ok(written) => return Ok(written),
@@ -598,6 +706,93 @@ impl RaftNode {
                 });
             }
             self.wait_for_change(deadline).await;
+        }
+    }
+
+    /// `None` when this node leads; the leader and its address when another node does; a
+    /// retry when no leader (or its address) is known.
+    fn other_leader(&self) -> Result<Option<(NodeId, Member)>, Attempt> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => Ok(None),
+            Some((leader, Some(member))) => Ok(Some((leader, member))),
+            Some((leader, None)) => Err(Attempt::Retry {
+                attempted: false,
+                why: format!("leader {leader} is not in this node's membership yet"),
+            }),
+            None => Err(Attempt::Retry {
+                attempted: false,
+                why: "no leader is known".into(),
+            }),
+        }
+    }
+
+    /// One attempt at a write through the leader, in the next forwarded batch.
+    async fn forward(&self, cmd: &Command, deadline: Instant) -> Result<Written, Attempt> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let queued = Forwarding {
+            cmd: cmd.clone(),
+            deadline,
+            answer,
+        };
+        let sent = self.forwards.send(queued).is_ok();
+        // Its batch may have reached the leader.
+        let late = Attempt::Retry {
+            attempted: true,
+            why: "the leader did not answer before the deadline".into(),
+        };
+        answer_of(sent, answered, deadline, late).await
+    }
+
+    /// Sends one batch of forwarded writes to the leader and answers each of them.
+    async fn send_forwards(&self, batch: Vec<Forwarding>) {
+        let outcome: Result<Vec<Result<Written, Attempt>>, Attempt> = match self.other_leader() {
+            Ok(Some((leader, member))) => {
+                let deadline = batch
+                    .iter()
+                    .map(|f| f.deadline)
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                let payload: Vec<(&Command, u64)> = batch
+                    .iter()
+                    .map(|f| (&f.cmd, remaining(f.deadline).as_millis() as u64))
+                    .collect();
+                self.call_leader(leader, &member, deadline, payload, |mut c, p| async move {
+                    c.forward_batch(p).await
+                })
+                .await
+            }
+            // This node became the leader, or lost track of it, since the writes queued:
+            // each retries.
+            Ok(None) => Err(Attempt::Retry {
+                attempted: false,
+                why: "this node became the leader".into(),
+            }),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                for (f, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = f.answer.send(outcome);
+                }
+            }
+            Ok(outcomes) => {
+                let why = format!(
+                    "the leader answered {} of {} forwarded writes",
+                    outcomes.len(),
+                    batch.len()
+                );
+                for f in batch {
+                    let _ = f.answer.send(Err(Attempt::Retry {
+                        attempted: true,
+                        why: why.clone(),
+                    }));
+                }
+            }
+            Err(e) => {
+                for f in batch {
+                    let _ = f.answer.send(Err(e.clone()));
+                }
+            }
         }
     }
 
@@ -762,6 +957,15 @@ impl RaftNode {
         }
     }
 
+    /// (writes this node forwarded to the leader, batches that carried them) since it started:
+    /// the second grows slower than the first when concurrent writes share batches.
+    pub fn forward_counts(&self) -> (u64, u64) {
+        (
+            self.read_counts.forwarded.load(Ordering::Relaxed),
+            self.read_counts.batches.load(Ordering::Relaxed),
+        )
+    }
+
     /// (linearizable reads that waited for a read index, read-index rounds fetched for them)
     /// since this node started: the second grows slower than the first when concurrent reads
     /// share rounds.
@@ -777,27 +981,17 @@ impl RaftNode {
     /// way may have been answered before this read began, so it would not order it).
     async fn shared_read_index(&self, deadline: Instant) -> Result<LogId, Attempt> {
         let (answer, answered) = tokio::sync::oneshot::channel();
-        if self
+        let sent = self
             .read_waiters
             .send(ReadWaiter { deadline, answer })
-            .is_err()
-        {
-            return Err(Attempt::Fail(Error::Fatal(
-                "this node is shutting down".into(),
-            )));
-        }
+            .is_ok();
         // A round under way when this read registered may run until the later deadline of its
         // own reads; this read waits no longer than its own.
-        match tokio::time::timeout(remaining(deadline), answered).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Attempt::Fail(Error::Fatal(
-                "this node is shutting down".into(),
-            ))),
-            Err(_) => Err(Attempt::Retry {
-                attempted: false,
-                why: "no read index was fetched before the deadline".into(),
-            }),
-        }
+        let late = Attempt::Retry {
+            attempted: false,
+            why: "no read index was fetched before the deadline".into(),
+        };
+        answer_of(sent, answered, deadline, late).await
     }
 
     /// One attempt at a read index: at this node if it leads, else asked of the leader.

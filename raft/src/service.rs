@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{decode, encode};
 use crate::network::MAX_PEER_MESSAGE;
-use crate::node::{Attempt, MembershipChange, RaftNode};
+use crate::node::{Attempt, MembershipChange, RaftNode, Written};
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Payload, SnapshotChunk};
 use crate::types::{Snapshot, SnapshotMeta, Vote};
@@ -146,6 +146,25 @@ impl Peer for PeerService {
             })
         };
         reply(&result)
+    }
+
+    async fn forward_batch(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let batch: Vec<(Command, u64)> = decode(&req.into_inner().data)?;
+        if !self.node.raft().is_leader() {
+            return reply(&Err::<Vec<Result<Written, Attempt>>, _>(Attempt::Retry {
+                attempted: false,
+                why: format!("node {} is not the leader", self.node.id()),
+            }));
+        }
+        // Proposed together: openraft appends them as one batch (one fsync, one append
+        // message to each follower).
+        let outcomes = futures::future::join_all(
+            batch
+                .iter()
+                .map(|(cmd, millis)| self.node.propose(cmd, deadline(*millis))),
+        )
+        .await;
+        reply(&Ok::<_, Attempt>(outcomes))
     }
 
     async fn read_index(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
