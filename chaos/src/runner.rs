@@ -170,6 +170,8 @@ struct Harness {
     disk_stops: Vec<(u64, Option<i64>)>,
     membership_errors: Vec<String>,
     membership_changes: u64,
+    /// Nodes found stopped when a fault was to kill them.
+    unexpected_exits: Vec<String>,
     skew_observed: Vec<String>,
     skew_errors: Vec<String>,
 }
@@ -370,8 +372,20 @@ impl Harness {
         })
     }
 
-    fn kill(&self, id: u64, undo: &mut Undo) -> Result<()> {
-        self.cluster.kill(id)?;
+    fn kill(&mut self, id: u64, undo: &mut Undo) -> Result<()> {
+        let (running, code) = self.cluster.state(id)?;
+        if running {
+            self.cluster.kill(id)?;
+        } else {
+            // It stopped on its own (no fault of ours was holding it down): a crash, which the
+            // run reports with the end of the node's log instead of giving up.
+            let log = self.cluster.logs(id);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            self.unexpected_exits.push(format!(
+                "node {id} had exited with code {code} before the fault; its log ends:\n{tail}"
+            ));
+        }
         self.targets.bump_epoch(id);
         undo.start.push(id);
         Ok(())
@@ -649,6 +663,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report> {
         disk_stops: Vec::new(),
         membership_errors: Vec::new(),
         membership_changes: 0,
+        unexpected_exits: Vec::new(),
         skew_observed: Vec::new(),
         skew_errors: Vec::new(),
     };
@@ -821,6 +836,17 @@ pub async fn run(cfg: &RunConfig) -> Result<Report> {
             },
         );
     }
+    checks.insert(
+        "nodes-stay-up".into(),
+        Check {
+            ok: h.unexpected_exits.is_empty(),
+            detail: if h.unexpected_exits.is_empty() {
+                "no node stopped on its own".into()
+            } else {
+                h.unexpected_exits.join("; ")
+            },
+        },
+    );
     checks.insert(
         "progress".into(),
         Check {
