@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use coffer_storage::{Command, Op, RequestId, Store, TxnResult};
@@ -178,7 +178,14 @@ struct Forwarding {
     cmd: Command,
     deadline: Instant,
     answer: tokio::sync::oneshot::Sender<Result<Written, Attempt>>,
+    /// [`QUEUED`], then [`SENT`] once in a batch on its way to the leader, or [`ABANDONED`]
+    /// when its deadline passed first (it is then never sent).
+    state: Arc<AtomicU8>,
 }
+
+const QUEUED: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
 
 /// About how many bytes a command takes on the wire.
 fn command_bytes(cmd: &Command) -> usize {
@@ -241,8 +248,14 @@ async fn forward_writes(
             }
             batch.push(f);
         }
-        // Writes whose caller gave up (deadline, dropped request) need not go.
-        batch.retain(|f| !f.answer.is_closed());
+        // Writes whose caller gave up (deadline, dropped request) must not go: their callers
+        // were told they were not sent.
+        batch.retain(|f| {
+            !f.answer.is_closed()
+                && f.state
+                    .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+        });
         if batch.is_empty() {
             continue;
         }
@@ -342,6 +355,19 @@ async fn answer_of<T>(
         Ok(Ok(outcome)) => outcome,
         Ok(Err(_)) => Err(gone()),
         Err(_) => Err(late),
+    }
+}
+
+/// An outcome the leader sent back, as this node reports it.
+fn from_leader<T>(leader: NodeId, outcome: Result<T, Attempt>) -> Result<T, Attempt> {
+    match outcome {
+        // The leader stopping (a restart, a failed disk) is not this node's failure: the
+        // operation may have been proposed there, and another leader can take it.
+        Err(Attempt::Fail(Error::Fatal(why))) => Err(Attempt::Retry {
+            attempted: true,
+            why: format!("leader {leader} stopped: {why}"),
+        }),
+        other => other,
     }
 }
 
@@ -729,18 +755,32 @@ impl RaftNode {
     /// One attempt at a write through the leader, in the next forwarded batch.
     async fn forward(&self, cmd: &Command, deadline: Instant) -> Result<Written, Attempt> {
         let (answer, answered) = tokio::sync::oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let queued = Forwarding {
             cmd: cmd.clone(),
             deadline,
             answer,
+            state: state.clone(),
         };
         let sent = self.forwards.send(queued).is_ok();
-        // Its batch may have reached the leader.
         let late = Attempt::Retry {
             attempted: true,
             why: "the leader did not answer before the deadline".into(),
         };
-        answer_of(sent, answered, deadline, late).await
+        let outcome = answer_of(sent, answered, deadline, late).await;
+        if matches!(outcome, Err(Attempt::Retry { .. }))
+            && state
+                .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // It never left this node, and now never will.
+            return Err(Attempt::Retry {
+                attempted: false,
+                why: "the deadline passed while the write waited for earlier forwarded writes"
+                    .into(),
+            });
+        }
+        outcome
     }
 
     /// Sends one batch of forwarded writes to the leader and answers each of them.
@@ -771,8 +811,9 @@ impl RaftNode {
         };
         match outcome {
             Ok(outcomes) if outcomes.len() == batch.len() => {
+                let leader = self.leader().map_or(0, |(l, _)| l);
                 for (f, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = f.answer.send(outcome);
+                    let _ = f.answer.send(from_leader(leader, outcome));
                 }
             }
             Ok(outcomes) => {
@@ -912,15 +953,7 @@ impl RaftNode {
                 attempted: true,
                 why: s.message().to_string(),
             })?;
-        match result {
-            // The leader stopping (a restart, a failed disk) is not this node's failure: the
-            // operation may have been proposed there, and another leader can take it.
-            Err(Attempt::Fail(Error::Fatal(why))) => Err(Attempt::Retry {
-                attempted: true,
-                why: format!("leader {leader} stopped: {why}"),
-            }),
-            other => other,
-        }
+        from_leader(leader, result)
     }
 
     /// Makes local reads linearizable: obtains a read index (from the leader when this node

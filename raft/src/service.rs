@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_storage::Command;
+use coffer_storage::{Command, OpResult};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,6 +40,38 @@ fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
         data: encode(v)?,
         ..Payload::default()
     }))
+}
+
+/// The most bytes of previous values a `ForwardBatch` reply carries (beyond its first answer).
+const FORWARD_REPLY_BYTES: usize = MAX_PEER_MESSAGE / 4;
+
+/// About how many bytes an answer to a forwarded write takes on the wire.
+fn answer_bytes(outcome: &Result<Written, Attempt>) -> usize {
+    let Ok(written) = outcome else { return 256 };
+    let prev = written.result.results.iter().map(|r| match r {
+        OpResult::Put { prev } | OpResult::Delete { prev } => {
+            prev.as_ref().map_or(0, |e| e.key.len() + e.value.len())
+        }
+        OpResult::DeletePrefix { .. } => 0,
+    });
+    64 + prev.map(|n| n + 32).sum::<usize>()
+}
+
+/// Keeps a `ForwardBatch` reply under the message limit: the answers carry previous values,
+/// and past `budget` bytes (after the first answer) an answer is replaced by "retry, possibly
+/// applied". The follower retries that write with its request id, and the leader answers with
+/// the remembered result, whose values are left out.
+fn trim_answers(outcomes: &mut [Result<Written, Attempt>], budget: usize) {
+    let mut bytes = 0;
+    for (i, outcome) in outcomes.iter_mut().enumerate() {
+        bytes += answer_bytes(outcome);
+        if i > 0 && bytes > budget {
+            *outcome = Err(Attempt::Retry {
+                attempted: true,
+                why: "its answer did not fit in the batch's reply".into(),
+            });
+        }
+    }
 }
 
 /// A deadline the caller sent, capped so a bad peer cannot park a task for long.
@@ -158,12 +190,13 @@ impl Peer for PeerService {
         }
         // Proposed together: openraft appends them as one batch (one fsync, one append
         // message to each follower).
-        let outcomes = futures::future::join_all(
+        let mut outcomes = futures::future::join_all(
             batch
                 .iter()
                 .map(|(cmd, millis)| self.node.propose(cmd, deadline(*millis))),
         )
         .await;
+        trim_answers(&mut outcomes, FORWARD_REPLY_BYTES);
         reply(&Ok::<_, Attempt>(outcomes))
     }
 
@@ -200,5 +233,61 @@ impl Peer for PeerService {
                 .change_membership_local(change, deadline(millis))
                 .await,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coffer_storage::{KvEntry, TxnResult};
+
+    use super::*;
+
+    fn overwrote(value_len: usize) -> Result<Written, Attempt> {
+        Ok(Written {
+            result: TxnResult {
+                succeeded: true,
+                revision: 2,
+                results: vec![OpResult::Put {
+                    prev: Some(KvEntry {
+                        key: b"k".to_vec(),
+                        value: vec![7; value_len],
+                        version: 1,
+                        create_revision: 1,
+                        mod_revision: 1,
+                    }),
+                }],
+            },
+            index: 9,
+        })
+    }
+
+    #[test]
+    fn a_batch_reply_keeps_the_answers_that_fit_and_the_first_always() {
+        let mut outcomes = vec![
+            overwrote(5000),
+            overwrote(10),
+            overwrote(3000),
+            overwrote(10),
+        ];
+        trim_answers(&mut outcomes, 4000);
+        let kept: Vec<bool> = outcomes.iter().map(|o| o.is_ok()).collect();
+        // The first answer alone is over the budget: it stays, and every later one is cut.
+        assert_eq!(kept, vec![true, false, false, false]);
+        assert!(matches!(
+            outcomes[1],
+            Err(Attempt::Retry {
+                attempted: true,
+                ..
+            })
+        ));
+        let mut outcomes = vec![
+            overwrote(100),
+            overwrote(100),
+            overwrote(5000),
+            overwrote(10),
+        ];
+        trim_answers(&mut outcomes, 4000);
+        let kept: Vec<bool> = outcomes.iter().map(|o| o.is_ok()).collect();
+        assert_eq!(kept, vec![true, true, false, false]);
     }
 }
