@@ -2200,7 +2200,9 @@ mod tests {
         let (image, _) = source.export_image().unwrap();
         let s = mem();
         s.install_snapshot(1, b"meta", &image).unwrap();
-        // As if a second install were being committed, with changes from before it in memory.
+        // As if a second install were being committed, with changes from before it in memory
+        // (which the store's own sync thread must not write meanwhile).
+        let _install = lock(&s.shared.state_write);
         let mut stale = Overlay::default();
         stale.kv.insert(Arc::from(&b"x"[..]), None);
         lock(&s.shared.layers).active = stale;
@@ -2231,7 +2233,9 @@ mod tests {
                 }]),
             },
         );
-        // The sync is writing the delete while its layer is frozen.
+        // The sync is writing the delete while its layer is frozen (and the store's own sync
+        // thread waits meanwhile).
+        let _sync = lock(&s.shared.state_write);
         let during = {
             let mut layers = lock(&s.shared.layers);
             layers.frozen = Some(Arc::new(std::mem::take(&mut layers.active)));
