@@ -161,7 +161,7 @@ pub struct RaftNode {
     /// Linearizable reads waiting for a read index; one fetch serves all of them (see
     /// [`RaftNode::linearize`]).
     read_waiters: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
-    read_counts: ReadCounts,
+    share_counts: ShareCounts,
     /// Writes waiting to be forwarded to the leader together (see [`forward_writes`]).
     forwards: tokio::sync::mpsc::UnboundedSender<Forwarding>,
 }
@@ -260,8 +260,8 @@ async fn forward_writes(
             continue;
         }
         let Some(node) = node.upgrade() else { return };
-        node.read_counts.batches.fetch_add(1, Ordering::Relaxed);
-        node.read_counts
+        node.share_counts.batches.fetch_add(1, Ordering::Relaxed);
+        node.share_counts
             .forwarded
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -274,7 +274,7 @@ async fn forward_writes(
 /// How well linearizable reads share read-index rounds, and forwarded writes share batches,
 /// on this node.
 #[derive(Debug, Default)]
-struct ReadCounts {
+struct ShareCounts {
     /// Reads that waited for a read index.
     reads: AtomicU64,
     /// Read indexes fetched for them (from the leader, or as leader).
@@ -313,8 +313,8 @@ async fn fetch_read_indexes(
             continue;
         };
         let Some(node) = node.upgrade() else { return };
-        node.read_counts.rounds.fetch_add(1, Ordering::Relaxed);
-        node.read_counts
+        node.share_counts.rounds.fetch_add(1, Ordering::Relaxed);
+        node.share_counts
             .reads
             .fetch_add(round.len() as u64, Ordering::Relaxed);
         let outcome = node.fetch_read_index(deadline).await;
@@ -442,7 +442,7 @@ impl RaftNode {
             settings,
             admin_lock: tokio::sync::Mutex::new(()),
             read_waiters,
-            read_counts: ReadCounts::default(),
+            share_counts: ShareCounts::default(),
             forwards,
         });
         tokio::spawn(fetch_read_indexes(Arc::downgrade(&node), waiting));
@@ -785,8 +785,10 @@ impl RaftNode {
 
     /// Sends one batch of forwarded writes to the leader and answers each of them.
     async fn send_forwards(&self, batch: Vec<Forwarding>) {
+        let mut asked = 0;
         let outcome: Result<Vec<Result<Written, Attempt>>, Attempt> = match self.other_leader() {
             Ok(Some((leader, member))) => {
+                asked = leader;
                 let deadline = batch
                     .iter()
                     .map(|f| f.deadline)
@@ -811,9 +813,8 @@ impl RaftNode {
         };
         match outcome {
             Ok(outcomes) if outcomes.len() == batch.len() => {
-                let leader = self.leader().map_or(0, |(l, _)| l);
                 for (f, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = f.answer.send(from_leader(leader, outcome));
+                    let _ = f.answer.send(from_leader(asked, outcome));
                 }
             }
             Ok(outcomes) => {
@@ -994,8 +995,8 @@ impl RaftNode {
     /// the second grows slower than the first when concurrent writes share batches.
     pub fn forward_counts(&self) -> (u64, u64) {
         (
-            self.read_counts.forwarded.load(Ordering::Relaxed),
-            self.read_counts.batches.load(Ordering::Relaxed),
+            self.share_counts.forwarded.load(Ordering::Relaxed),
+            self.share_counts.batches.load(Ordering::Relaxed),
         )
     }
 
@@ -1004,8 +1005,8 @@ impl RaftNode {
     /// share rounds.
     pub fn read_index_counts(&self) -> (u64, u64) {
         (
-            self.read_counts.reads.load(Ordering::Relaxed),
-            self.read_counts.rounds.load(Ordering::Relaxed),
+            self.share_counts.reads.load(Ordering::Relaxed),
+            self.share_counts.rounds.load(Ordering::Relaxed),
         )
     }
 

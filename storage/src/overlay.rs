@@ -16,6 +16,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
 
 use crate::Result;
 use crate::store::Record;
@@ -39,6 +40,31 @@ pub(crate) struct Overlay {
 impl Overlay {
     pub fn is_empty(&self) -> bool {
         self.kv.is_empty() && self.dedup.is_empty() && self.order.is_empty() && self.meta.is_empty()
+    }
+
+    /// The entries `newer` (this layer with more changes made to it) adds or changes. Nodes the
+    /// two share are skipped, so this costs what the new changes cost, not the layer's size.
+    pub fn changes_to(&self, newer: &Overlay) -> Overlay {
+        fn changed<K: Ord + Clone, V: PartialEq + Clone>(
+            old: &OrdMap<K, V>,
+            new: &OrdMap<K, V>,
+        ) -> OrdMap<K, V> {
+            old.diff(new)
+                .filter_map(|d| match d {
+                    DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
+                        Some((k.clone(), v.clone()))
+                    }
+                    // Applies never take an entry out of a layer.
+                    DiffItem::Remove(..) => None,
+                })
+                .collect()
+        }
+        Overlay {
+            kv: changed(&self.kv, &newer.kv),
+            dedup: changed(&self.dedup, &newer.dedup),
+            order: changed(&self.order, &newer.order),
+            meta: changed(&self.meta, &newer.meta),
+        }
     }
 
     /// Takes every change of `newer` (which wins).

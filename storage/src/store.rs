@@ -152,7 +152,7 @@ pub enum ApplyInput<'a> {
 }
 
 /// Stored form of a key's value and metadata.
-#[derive(Serialize, Deserialize)]
+#[derive(PartialEq, Serialize, Deserialize)]
 pub(crate) struct Record {
     #[serde(with = "serde_bytes")]
     value: Vec<u8>,
@@ -562,7 +562,9 @@ impl Store {
         // This batch's working copy: its changes are seen by its own later reads, and by
         // other readers once published below.
         let mut view = self.read()?;
-        view.delta = Some(Overlay::default());
+        // What the active layer held before this batch: a sync that freezes it meanwhile
+        // leaves only the batch's own changes to publish (below).
+        let before = view.layers.active.clone();
         let mut revision = match view.meta(REVISION)? {
             Some(v) => bytes_u64("sm_meta", &v)?,
             None => 0,
@@ -596,35 +598,38 @@ impl Store {
                 let encoded = postcard::to_stdvec(&without_values(&result))
                     .map_err(|e| corrupt("dedup", e))?;
                 let id: Bytes = Arc::from(id.0.as_slice());
-                view.set_dedup(id.clone(), Some(Arc::from(encoded)));
+                view.layers
+                    .active
+                    .dedup
+                    .insert(id.clone(), Some(Arc::from(encoded)));
                 seq += 1;
-                view.set_order(seq, Some(id));
+                view.layers.active.order.insert(seq, Some(id));
                 dedup_len += 1;
                 while dedup_len > self.shared.dedup_capacity {
                     let Some((old_seq, old_id)) = view.first_order(dedup_first)? else {
                         break;
                     };
-                    view.set_order(old_seq, None);
-                    view.set_dedup(old_id, None);
+                    view.layers.active.order.insert(old_seq, None);
+                    view.layers.active.dedup.insert(old_id, None);
                     dedup_first = old_seq + 1;
                     dedup_len -= 1;
                 }
             }
             results.push(Some(result));
         }
-        view.set_meta(REVISION.into(), Arc::from(u64_bytes(revision)));
-        view.set_meta(DEDUP_SEQ.into(), Arc::from(u64_bytes(seq)));
+        let meta = &mut view.layers.active.meta;
+        meta.insert(REVISION.into(), Arc::from(u64_bytes(revision)));
+        meta.insert(DEDUP_SEQ.into(), Arc::from(u64_bytes(seq)));
         for (k, v) in sm_meta {
-            view.set_meta((*k).into(), Arc::from(*v));
+            meta.insert((*k).into(), Arc::from(*v));
         }
-        let batch = view.delta.take().unwrap_or_default();
         let mut layers = lock(&self.shared.layers);
         if layers.epoch == view.layers.epoch {
             layers.active = std::mem::take(&mut view.layers.active);
         } else {
             // A sync froze the layer this batch started from: only this batch's own changes
             // are new (applies are serialized, so nothing else is in the active layer).
-            layers.active.absorb(batch);
+            layers.active.absorb(before.changes_to(&view.layers.active));
         }
         drop(layers);
         (applier.dedup_len, applier.dedup_first) = (dedup_len, dedup_first);
@@ -1286,7 +1291,10 @@ fn apply_txn(view: &mut ReadView, revision: &mut u64, txn: &Txn) -> Result<TxnRe
                     create_revision: prev.as_ref().map_or(next, |p| p.create_revision),
                     mod_revision: next,
                 };
-                view.set_kv(Arc::from(key.as_slice()), Some(Arc::new(record)));
+                view.layers
+                    .active
+                    .kv
+                    .insert(Arc::from(key.as_slice()), Some(Arc::new(record)));
                 changed = true;
                 results.push(OpResult::Put {
                     prev: prev.map(|p| entry(key, &p)),
@@ -1295,7 +1303,10 @@ fn apply_txn(view: &mut ReadView, revision: &mut u64, txn: &Txn) -> Result<TxnRe
             Op::Delete { key } => {
                 let prev = view.record(key)?;
                 if prev.is_some() {
-                    view.set_kv(Arc::from(key.as_slice()), None);
+                    view.layers
+                        .active
+                        .kv
+                        .insert(Arc::from(key.as_slice()), None);
                     changed = true;
                 }
                 results.push(OpResult::Delete {
@@ -1314,7 +1325,7 @@ fn apply_txn(view: &mut ReadView, revision: &mut u64, txn: &Txn) -> Result<TxnRe
                     .collect::<Result<Vec<_>>>()?;
                 let deleted = keys.len() as u64;
                 for key in keys {
-                    view.set_kv(Arc::from(key), None);
+                    view.layers.active.kv.insert(Arc::from(key), None);
                 }
                 if deleted > 0 {
                     changed = true;
@@ -1373,8 +1384,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub struct ReadView {
     rtx: redb::ReadTransaction,
     layers: Layers,
-    /// For an apply's working view: the changes of its batch alone (also in `layers.active`).
-    delta: Option<Overlay>,
     kv: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
     smm: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
     dedup: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
@@ -1432,7 +1441,6 @@ impl ReadView {
         ReadView {
             rtx,
             layers,
-            delta: None,
             kv: OnceLock::new(),
             smm: OnceLock::new(),
             dedup: OnceLock::new(),
@@ -1454,34 +1462,6 @@ impl ReadView {
 
     fn order_table(&self) -> Result<&ReadOnlyTable<u64, &'static [u8]>> {
         table(&self.rtx, &self.order, DEDUP_ORDER)
-    }
-
-    fn set_kv(&mut self, key: Bytes, record: Option<Arc<Record>>) {
-        if let Some(d) = &mut self.delta {
-            d.kv.insert(key.clone(), record.clone());
-        }
-        self.layers.active.kv.insert(key, record);
-    }
-
-    fn set_dedup(&mut self, id: Bytes, result: Option<Bytes>) {
-        if let Some(d) = &mut self.delta {
-            d.dedup.insert(id.clone(), result.clone());
-        }
-        self.layers.active.dedup.insert(id, result);
-    }
-
-    fn set_order(&mut self, seq: u64, id: Option<Bytes>) {
-        if let Some(d) = &mut self.delta {
-            d.order.insert(seq, id.clone());
-        }
-        self.layers.active.order.insert(seq, id);
-    }
-
-    fn set_meta(&mut self, name: Arc<str>, value: Bytes) {
-        if let Some(d) = &mut self.delta {
-            d.meta.insert(name.clone(), value.clone());
-        }
-        self.layers.active.meta.insert(name, value);
     }
 
     /// One key's record.
