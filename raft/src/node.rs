@@ -1234,6 +1234,17 @@ impl RaftNode {
             .map_or(0, |l| l.index)
     }
 
+    /// Where this node's current membership was decided (the log index and term of its
+    /// entry; zeros for none), cheaply: it changes whenever the membership does.
+    pub fn membership_position(&self) -> (u64, u64) {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .log_id()
+            .as_ref()
+            .map_or((0, 0), |l| (l.index, l.leader_id.term))
+    }
+
     /// This node's view of the cluster (builds member maps: not for per-request use).
     pub fn status(&self) -> NodeStatus {
         let metrics = self.raft.metrics();
