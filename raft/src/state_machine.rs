@@ -3,7 +3,7 @@
 //! To ensure correctness:
 //! * A batch of entries is applied in one redb write transaction together with the last applied
 //!   log id and membership, so the state and its position never disagree.
-//! * Those writes become durable with the store's next state sync (at most about 100 ms later;
+//! * Those writes become durable with the store's next state sync (at most about a second later;
 //!   the log has a file of its own); after a crash the state may be behind the log and openraft
 //!   re-applies the committed entries (apply is deterministic and deduplicates request ids, so
 //!   re-applying is safe).

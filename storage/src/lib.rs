@@ -15,7 +15,7 @@
 //! * Vote, truncation, purge, snapshot installation and snapshot saving are durable on return.
 //! * State machine writes ([`Store::apply`]) go to memory: a layer of persistent maps over the
 //!   state machine's file, which reads consult first. A thread of the store writes that layer
-//!   to the file in one durable commit every 100 ms (when it changed), as does closing the store
+//!   to the file in one durable commit every second (when it changed), as does closing the store
 //!   and saving a snapshot (so the file is never behind a saved snapshot). An apply never waits
 //!   for a disk, and a durable log write never writes the state machine's pages (the log has
 //!   its own file), as etcd commits its bolt database apart from its WAL. After a crash the
@@ -26,6 +26,7 @@
 //!   database is reopened, and a log write that failed may have left a partial record).
 #![forbid(unsafe_code)]
 
+mod dedup;
 mod overlay;
 mod store;
 mod txn;

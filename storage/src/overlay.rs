@@ -3,7 +3,7 @@
 //!
 //! Applying a batch changes only this overlay: no redb transaction, so an apply never waits
 //! for the sync's fsync. The state sync thread writes the overlay to redb in one durable
-//! commit every 100 ms. Readers see the overlay first, then the file.
+//! commit every second. Readers see the overlay first, then the file.
 //!
 //! The maps are persistent (structurally shared): a reader takes a copy in O(1) and keeps its
 //! point in time while applies go on. During a sync there are two layers: the changes being
@@ -15,10 +15,10 @@ use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use imbl::OrdMap;
-use imbl::ordmap::DiffItem;
+use imbl::{OrdMap, Vector};
 
 use crate::Result;
+use crate::dedup::{Added, DedupWindow};
 use crate::store::Record;
 
 /// Owned bytes, cheap to clone.
@@ -29,50 +29,21 @@ pub(crate) type Bytes = Arc<[u8]>;
 pub(crate) struct Overlay {
     /// Keys of the store.
     pub kv: OrdMap<Bytes, Option<Arc<Record>>>,
-    /// Request id to encoded result.
-    pub dedup: OrdMap<Bytes, Option<Bytes>>,
-    /// Dedup sequence number to request id.
-    pub order: OrdMap<u64, Option<Bytes>>,
+    /// Request ids added to the dedup window, in order (the sync writes them as one chunk).
+    pub dedup_added: Vector<Added>,
+    /// The oldest sequence number left in the dedup window after the layer's last apply (the
+    /// sync removes the chunks older than it).
+    pub dedup_front: Option<u64>,
     /// State machine metadata records (never deleted by an apply).
     pub meta: OrdMap<Arc<str>, Bytes>,
 }
 
 impl Overlay {
     pub fn is_empty(&self) -> bool {
-        self.kv.is_empty() && self.dedup.is_empty() && self.order.is_empty() && self.meta.is_empty()
-    }
-
-    /// The entries `newer` (this layer with more changes made to it) adds or changes. Nodes the
-    /// two share are skipped, so this costs what the new changes cost, not the layer's size.
-    pub fn changes_to(&self, newer: &Overlay) -> Overlay {
-        fn changed<K: Ord + Clone, V: PartialEq + Clone>(
-            old: &OrdMap<K, V>,
-            new: &OrdMap<K, V>,
-        ) -> OrdMap<K, V> {
-            old.diff(new)
-                .filter_map(|d| match d {
-                    DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
-                        Some((k.clone(), v.clone()))
-                    }
-                    // Applies never take an entry out of a layer.
-                    DiffItem::Remove(..) => None,
-                })
-                .collect()
-        }
-        Overlay {
-            kv: changed(&self.kv, &newer.kv),
-            dedup: changed(&self.dedup, &newer.dedup),
-            order: changed(&self.order, &newer.order),
-            meta: changed(&self.meta, &newer.meta),
-        }
-    }
-
-    /// Takes every change of `newer` (which wins).
-    pub fn absorb(&mut self, newer: Overlay) {
-        self.kv.extend(newer.kv);
-        self.dedup.extend(newer.dedup);
-        self.order.extend(newer.order);
-        self.meta.extend(newer.meta);
+        self.kv.is_empty()
+            && self.dedup_added.is_empty()
+            && self.dedup_front.is_none()
+            && self.meta.is_empty()
     }
 }
 
@@ -83,11 +54,12 @@ pub(crate) struct Layers {
     pub active: Overlay,
     /// Changes a sync is writing to the file; `None` between syncs.
     pub frozen: Option<Arc<Overlay>>,
-    /// Bumped whenever a sync freezes the active layer.
-    pub epoch: u64,
+    /// The dedup window as of the newest apply (not a change: the whole window).
+    pub window: DedupWindow,
     /// While a snapshot is being installed: the install count the file will hold once it is
-    /// committed (a reader that finds it in its read transaction sees no layers).
-    pub installing: Option<u64>,
+    /// committed and the window it brings (a reader that finds that count in its read
+    /// transaction sees no layers and that window).
+    pub installing: Option<(u64, DedupWindow)>,
 }
 
 impl Layers {
@@ -99,10 +71,6 @@ impl Layers {
     /// `Some(None)` when the key was deleted, `None` when the layers did not change it.
     pub fn kv(&self, key: &[u8]) -> Option<Option<Arc<Record>>> {
         self.newest(|o| o.kv.get(key)).cloned()
-    }
-
-    pub fn dedup(&self, id: &[u8]) -> Option<Option<Bytes>> {
-        self.newest(|o| o.dedup.get(id)).cloned()
     }
 
     pub fn meta(&self, name: &str) -> Option<Bytes> {

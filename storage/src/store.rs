@@ -14,6 +14,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::dedup::{self, Added, DedupWindow};
 use crate::overlay::{self, Bytes, Layers, Overlay};
 use crate::txn::{Compare, KvEntry, Op, OpResult, Txn, TxnResult};
 use crate::wal::{self, Held, LogImage, Record as LogRecord, Wal};
@@ -29,10 +30,12 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// State machine metadata: the store revision, the dedup sequence and the Raft layer's opaque
 /// records (last applied log id, membership).
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
-/// Recent request ids with their results, for exactly-once writes.
-const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
-/// Recent request ids in the order they were applied, for bounded eviction.
-const DEDUP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_order");
+/// The dedup window (recent request ids with their results, for exactly-once writes) as
+/// chunks, each keyed by its highest sequence number (see [`dedup`]).
+const DEDUP_CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_chunks");
+/// Where earlier versions kept the window, one row per id: moved into chunks on open.
+const OLD_DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
+const OLD_DEDUP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_order");
 /// The current snapshot: "meta" (opaque) and "data" (an image of the state machine).
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
@@ -46,7 +49,7 @@ const STATE_SYNCS: &str = "state_syncs";
 /// How long applied changes may stay in memory only. After a crash the state machine restarts
 /// from its last sync and the log entries after it are applied again (the Raft layer re-applies
 /// committed entries on start).
-const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+const STATE_SYNC_INTERVAL: Duration = Duration::from_millis(1000);
 /// Format of the snapshot image; bump with a decoder for the old one when it changes.
 const IMAGE_FORMAT: u32 = 1;
 /// The Raft log file is rewritten without its purged records once it is at least this large
@@ -190,8 +193,8 @@ struct Shared {
     /// Held by whoever writes the state machine to `db`: the sync, saving and installing a
     /// snapshot. One at a time, so a sync never writes changes older than an installed image.
     state_write: Mutex<()>,
-    /// The apply side's own state; holding it serializes applies (and snapshot installs).
-    applier: Mutex<Applier>,
+    /// Held by each apply and snapshot install: they happen one at a time.
+    applier: Mutex<()>,
     /// Set by the first failed commit; see [`StorageError::Failed`].
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -199,13 +202,6 @@ struct Shared {
     /// Bumped after every commit that may have changed a reserved key (one starting with a
     /// NUL byte): Coffer's own settings. Lets the node notice them without a read per entry.
     reserved_changes: AtomicU64,
-}
-
-/// What [`Store::apply`] keeps between batches: the dedup table's size and its oldest
-/// sequence number (a lower bound), derived from the tables on open and on install.
-struct Applier {
-    dedup_len: u64,
-    dedup_first: u64,
 }
 
 /// The Raft log in memory: the live entries and metadata, plus the metadata records written
@@ -303,22 +299,13 @@ impl Store {
         {
             wtx.open_table(KV).map_err(redb_err)?;
             wtx.open_table(SM_META).map_err(redb_err)?;
-            wtx.open_table(DEDUP).map_err(redb_err)?;
-            wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
+            wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
             wtx.open_table(SNAPSHOT).map_err(redb_err)?;
+            move_old_dedup(&wtx)?;
         }
         wtx.commit().map_err(redb_err)?;
-        let applier = {
-            let rtx = db.begin_read().map_err(redb_err)?;
-            let order = rtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
-            Applier {
-                dedup_len: order.len().map_err(redb_err)?,
-                dedup_first: order
-                    .first()
-                    .map_err(redb_err)?
-                    .map_or(0, |(k, _)| k.value()),
-            }
-        };
+        let dedup_capacity = config.dedup_capacity.max(1);
+        let window = read_window(&db, dedup_capacity)?;
 
         let shared = Arc::new(Shared {
             db,
@@ -328,12 +315,15 @@ impl Store {
                 reader: wal.reader(),
             }),
             wal: Mutex::new(wal),
-            layers: Mutex::new(Layers::default()),
+            layers: Mutex::new(Layers {
+                window,
+                ..Layers::default()
+            }),
             state_write: Mutex::new(()),
-            applier: Mutex::new(applier),
+            applier: Mutex::new(()),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
-            dedup_capacity: config.dedup_capacity.max(1),
+            dedup_capacity,
             reserved_changes: AtomicU64::new(0),
         });
         let (flush_tx, flush_rx) = mpsc::channel();
@@ -558,13 +548,36 @@ impl Store {
                 .shared
                 .fail("injected write error (failpoint storage::apply)".into()))
         });
-        let mut applier = lock(&self.shared.applier);
-        // This batch's working copy: its changes are seen by its own later reads, and by
-        // other readers once published below.
-        let mut view = self.read()?;
-        // What the active layer held before this batch: a sync that freezes it meanwhile
-        // leaves only the batch's own changes to publish (below).
-        let before = view.layers.active.clone();
+        let _applying = lock(&self.shared.applier);
+        self.check()?;
+        // The batch changes the layers in place, holding their lock: readers wait for it (a
+        // batch's changes appear together), and nodes no reader shares are changed without
+        // being copied (a copy of the layers to work on cost a copy of every node written).
+        // No sync can freeze the layer meanwhile, and no install runs (it holds `applier`).
+        let mut layers = lock(&self.shared.layers);
+        let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        let mut view = ReadView::new(rtx, std::mem::take(&mut *layers));
+        let applied = self.apply_in(&mut view, inputs, sm_meta);
+        *layers = std::mem::take(&mut view.layers);
+        drop(layers);
+        let (results, touches_reserved) = applied.map_err(|e| {
+            // The layers may hold part of the batch: nothing may read or write them again.
+            self.shared.fail(format!("applying a batch failed: {e}"))
+        })?;
+        if touches_reserved {
+            self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(results)
+    }
+
+    /// Applies `inputs` to `view`'s layers; returns the results and whether a reserved key
+    /// may have changed.
+    fn apply_in(
+        &self,
+        view: &mut ReadView,
+        inputs: &[ApplyInput<'_>],
+        sm_meta: &[(&str, &[u8])],
+    ) -> Result<(Vec<Option<TxnResult>>, bool)> {
         let mut revision = match view.meta(REVISION)? {
             Some(v) => bytes_u64("sm_meta", &v)?,
             None => 0,
@@ -573,7 +586,6 @@ impl Store {
             Some(v) => bytes_u64("sm_meta", &v)?,
             None => 0,
         };
-        let (mut dedup_len, mut dedup_first) = (applier.dedup_len, applier.dedup_first);
         let mut results = Vec::with_capacity(inputs.len());
         let mut touches_reserved = false;
         for input in inputs {
@@ -582,15 +594,15 @@ impl Store {
                 continue;
             };
             if let Some(id) = &cmd.request_id
-                && let Some(prev) = view.dedup(&id.0)?
+                && let Some(prev) = view.layers.window.get(&id.0)
             {
                 let result: TxnResult =
-                    postcard::from_bytes(&prev).map_err(|e| corrupt("dedup", e))?;
+                    postcard::from_bytes(prev).map_err(|e| corrupt("dedup", e))?;
                 results.push(Some(result));
                 continue;
             }
             touches_reserved |= cmd.txn.may_touch_reserved();
-            let result = apply_txn(&mut view, &mut revision, &cmd.txn)?;
+            let result = apply_txn(view, &mut revision, &cmd.txn)?;
             if let Some(id) = &cmd.request_id {
                 // Remember the result without the previous values themselves: a retry
                 // learns what happened, and old values (ciphertext of secrets, perhaps
@@ -598,22 +610,14 @@ impl Store {
                 let encoded = postcard::to_stdvec(&without_values(&result))
                     .map_err(|e| corrupt("dedup", e))?;
                 let id: Bytes = Arc::from(id.0.as_slice());
-                view.layers
-                    .active
-                    .dedup
-                    .insert(id.clone(), Some(Arc::from(encoded)));
+                let encoded: Bytes = Arc::from(encoded);
                 seq += 1;
-                view.layers.active.order.insert(seq, Some(id));
-                dedup_len += 1;
-                while dedup_len > self.shared.dedup_capacity {
-                    let Some((old_seq, old_id)) = view.first_order(dedup_first)? else {
-                        break;
-                    };
-                    view.layers.active.order.insert(old_seq, None);
-                    view.layers.active.dedup.insert(old_id, None);
-                    dedup_first = old_seq + 1;
-                    dedup_len -= 1;
-                }
+                let layers = &mut view.layers;
+                layers
+                    .window
+                    .add(seq, id.clone(), encoded.clone(), self.shared.dedup_capacity);
+                layers.active.dedup_added.push_back((seq, id, encoded));
+                layers.active.dedup_front = layers.window.front();
             }
             results.push(Some(result));
         }
@@ -623,20 +627,7 @@ impl Store {
         for (k, v) in sm_meta {
             meta.insert((*k).into(), Arc::from(*v));
         }
-        let mut layers = lock(&self.shared.layers);
-        if layers.epoch == view.layers.epoch {
-            layers.active = std::mem::take(&mut view.layers.active);
-        } else {
-            // A sync froze the layer this batch started from: only this batch's own changes
-            // are new (applies are serialized, so nothing else is in the active layer).
-            layers.active.absorb(before.changes_to(&view.layers.active));
-        }
-        drop(layers);
-        (applier.dedup_len, applier.dedup_first) = (dedup_len, dedup_first);
-        if touches_reserved {
-            self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
-        }
-        Ok(results)
+        Ok((results, touches_reserved))
     }
 
     /// A counter that changes after every applied batch or installed snapshot that may have
@@ -652,14 +643,21 @@ impl Store {
         // drops the layer it wrote under this lock.
         let layers = lock(&self.shared.layers);
         let rtx = self.shared.db.begin_read().map_err(redb_err)?;
-        if let Some(installing) = layers.installing {
+        if let Some((installing, window)) = &layers.installing {
             let snap = rtx.open_table(SNAPSHOT).map_err(redb_err)?;
             let installs = match snap.get(INSTALLS).map_err(redb_err)? {
                 Some(v) => bytes_u64("snapshot", v.value())?,
                 None => 0,
             };
-            if installs == installing {
-                return Ok(ReadView::new(rtx, Layers::default()));
+            if installs == *installing {
+                let window = window.clone();
+                return Ok(ReadView::new(
+                    rtx,
+                    Layers {
+                        window,
+                        ..Layers::default()
+                    },
+                ));
             }
         }
         Ok(ReadView::new(rtx, layers.clone()))
@@ -711,7 +709,26 @@ impl Store {
         }
         // No apply and no sync meanwhile: the image replaces everything, the changes in memory
         // included.
-        let mut applier = lock(&self.shared.applier);
+        let window = DedupWindow::from_entries(
+            decoded
+                .dedup_order
+                .iter()
+                .map(|(seq, id)| {
+                    let result = decoded
+                        .dedup
+                        .binary_search_by(|(k, _)| k.as_slice().cmp(id.as_slice()))
+                        .map(|at| decoded.dedup[at].1.as_slice())
+                        .map_err(|_| {
+                            StorageError::BadSnapshot(
+                                "a request id of the dedup order has no result".into(),
+                            )
+                        })?;
+                    Ok((*seq, Bytes::from(id.as_slice()), Bytes::from(result)))
+                })
+                .collect::<Result<_>>()?,
+            self.shared.dedup_capacity,
+        );
+        let _applying = lock(&self.shared.applier);
         let _writing = lock(&self.shared.state_write);
         let wtx = self.write(Durability::Immediate)?;
         let installs;
@@ -726,15 +743,21 @@ impl Store {
             for (k, v) in &decoded.sm_meta {
                 smm.insert(k.as_str(), v.as_slice()).map_err(redb_err)?;
             }
-            let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
-            dedup.retain(|_, _| false).map_err(redb_err)?;
-            for (k, v) in &decoded.dedup {
-                dedup.insert(k.as_slice(), v.as_slice()).map_err(redb_err)?;
-            }
-            let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
-            order.retain(|_, _| false).map_err(redb_err)?;
-            for (k, v) in &decoded.dedup_order {
-                order.insert(*k, v.as_slice()).map_err(redb_err)?;
+            let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
+            chunks.retain(|_, _| false).map_err(redb_err)?;
+            let all: imbl::Vector<Added> = window
+                .by_seq()
+                .map(|(seq, id)| {
+                    (
+                        *seq,
+                        id.clone(),
+                        window.get(id).cloned().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            if let Some((last, _, _)) = all.last() {
+                let chunk = dedup::encode_chunk(&all).map_err(|e| corrupt("dedup_chunks", e))?;
+                chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
             }
             let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
             snap.insert("index", u64_bytes(index).as_slice())
@@ -751,11 +774,12 @@ impl Store {
         // Readers see the old state or the new, never the new file under the old changes:
         // one that finds this install in its read transaction leaves the layers out. The
         // commit itself runs without the lock, so readers do not wait for it.
-        lock(&self.shared.layers).installing = Some(installs);
+        lock(&self.shared.layers).installing = Some((installs, window.clone()));
         self.commit(wtx)?;
-        *lock(&self.shared.layers) = Layers::default();
-        applier.dedup_len = decoded.dedup_order.len() as u64;
-        applier.dedup_first = decoded.dedup_order.first().map_or(0, |(seq, _)| *seq);
+        *lock(&self.shared.layers) = Layers {
+            window,
+            ..Layers::default()
+        };
         self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -915,7 +939,6 @@ impl Shared {
             }
             let frozen = Arc::new(std::mem::take(&mut layers.active));
             layers.frozen = Some(frozen.clone());
-            layers.epoch += 1;
             frozen
         };
         let written = self.write(Durability::Immediate).and_then(|wtx| {
@@ -984,19 +1007,15 @@ fn write_state(
             }
         }
     }
-    let mut dedup = wtx.open_table(DEDUP).map_err(redb_err)?;
-    for (id, result) in &changes.dedup {
-        match result {
-            Some(r) => dedup.insert(&**id, &**r).map_err(redb_err)?,
-            None => dedup.remove(&**id).map_err(redb_err)?,
-        };
+    let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
+    if let Some((last, _, _)) = changes.dedup_added.last() {
+        let chunk =
+            dedup::encode_chunk(&changes.dedup_added).map_err(|e| corrupt("dedup_chunks", e))?;
+        chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
     }
-    let mut order = wtx.open_table(DEDUP_ORDER).map_err(redb_err)?;
-    for (seq, id) in &changes.order {
-        match id {
-            Some(id) => order.insert(*seq, &**id).map_err(redb_err)?,
-            None => order.remove(*seq).map_err(redb_err)?,
-        };
+    if let Some(front) = changes.dedup_front {
+        // Chunks whose every id has left the window.
+        chunks.retain_in(..front, |_, _| false).map_err(redb_err)?;
     }
     let mut smm = wtx.open_table(SM_META).map_err(redb_err)?;
     for (name, value) in &changes.meta {
@@ -1025,6 +1044,53 @@ fn write_state(
     snap.insert("meta", meta).map_err(redb_err)?;
     snap.insert("data", image).map_err(redb_err)?;
     Ok(true)
+}
+
+/// Moves a dedup window kept one row per id (by earlier versions) into one chunk.
+fn move_old_dedup(wtx: &WriteTransaction) -> Result<()> {
+    let mut order = wtx.open_table(OLD_DEDUP_ORDER).map_err(redb_err)?;
+    let mut results = wtx.open_table(OLD_DEDUP).map_err(redb_err)?;
+    if order.is_empty().map_err(redb_err)? && results.is_empty().map_err(redb_err)? {
+        return Ok(());
+    }
+    let mut added = imbl::Vector::new();
+    for item in order.iter().map_err(redb_err)? {
+        let (seq, id) = item.map_err(redb_err)?;
+        let Some(result) = results.get(id.value()).map_err(redb_err)? else {
+            return Err(corrupt(
+                "dedup",
+                format!(
+                    "request id with sequence number {} has no result",
+                    seq.value()
+                ),
+            ));
+        };
+        added.push_back((
+            seq.value(),
+            Bytes::from(id.value()),
+            Bytes::from(result.value()),
+        ));
+    }
+    if let Some((last, _, _)) = added.last() {
+        let chunk = dedup::encode_chunk(&added).map_err(|e| corrupt("dedup_chunks", e))?;
+        let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
+        chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
+    }
+    order.retain(|_, _| false).map_err(redb_err)?;
+    results.retain(|_, _| false).map_err(redb_err)?;
+    Ok(())
+}
+
+/// The dedup window as the file holds it.
+fn read_window(db: &Database, capacity: u64) -> Result<DedupWindow> {
+    let rtx = db.begin_read().map_err(redb_err)?;
+    let chunks = rtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
+    let mut entries = Vec::new();
+    for item in chunks.iter().map_err(redb_err)? {
+        let (_, chunk) = item.map_err(redb_err)?;
+        entries.extend(dedup::decode_chunk(chunk.value()).map_err(|e| corrupt("dedup_chunks", e))?);
+    }
+    Ok(DedupWindow::from_entries(entries, capacity))
 }
 
 /// Makes the state machine's writes durable every [`STATE_SYNC_INTERVAL`] (when there are any),
@@ -1386,8 +1452,6 @@ pub struct ReadView {
     layers: Layers,
     kv: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
     smm: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
-    dedup: OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    order: OnceLock<ReadOnlyTable<u64, &'static [u8]>>,
 }
 
 impl std::fmt::Debug for ReadView {
@@ -1443,8 +1507,6 @@ impl ReadView {
             layers,
             kv: OnceLock::new(),
             smm: OnceLock::new(),
-            dedup: OnceLock::new(),
-            order: OnceLock::new(),
         }
     }
 
@@ -1454,14 +1516,6 @@ impl ReadView {
 
     fn smm_table(&self) -> Result<&ReadOnlyTable<&'static str, &'static [u8]>> {
         table(&self.rtx, &self.smm, SM_META)
-    }
-
-    fn dedup_table(&self) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>> {
-        table(&self.rtx, &self.dedup, DEDUP)
-    }
-
-    fn order_table(&self) -> Result<&ReadOnlyTable<u64, &'static [u8]>> {
-        table(&self.rtx, &self.order, DEDUP_ORDER)
     }
 
     /// One key's record.
@@ -1511,36 +1565,6 @@ impl ReadView {
         Ok(self
             .stored_records(lower, upper)?
             .map(|item| item.and_then(|(k, r)| Ok((k, r.record()?)))))
-    }
-
-    /// A remembered request's encoded result.
-    fn dedup(&self, id: &[u8]) -> Result<Option<Bytes>> {
-        if let Some(changed) = self.layers.dedup(id) {
-            return Ok(changed);
-        }
-        Ok(self
-            .dedup_table()?
-            .get(id)
-            .map_err(redb_err)?
-            .map(|v| Arc::from(v.value())))
-    }
-
-    /// The oldest remembered request at or after dedup sequence number `from`.
-    fn first_order(&self, from: u64) -> Result<Option<(u64, Bytes)>> {
-        let changes = self.layers.merged(|o| {
-            o.order
-                .range(from..)
-                .map(|(seq, id)| Ok((*seq, id.clone())))
-        });
-        let base = self
-            .order_table()?
-            .range(from..)
-            .map_err(redb_err)?
-            .map(|item| {
-                let (k, v) = item.map_err(redb_err)?;
-                Ok((k.value(), Arc::from(v.value())))
-            });
-        overlay::over_base(changes, base).next().transpose()
     }
 
     /// A state machine metadata record.
@@ -1662,30 +1686,15 @@ impl ReadView {
             }),
         )
         .collect::<Result<_>>()?;
-        let dedup = overlay::over_base(
-            self.layers.merged(|o| {
-                o.dedup
-                    .iter()
-                    .map(|(k, v)| Ok((ByteBuf::from(k.to_vec()), v.as_deref().map(ByteBuf::from))))
-            }),
-            self.dedup_table()?.iter().map_err(redb_err)?.map(|item| {
-                let (k, v) = item.map_err(redb_err)?;
-                Ok((ByteBuf::from(k.value()), ByteBuf::from(v.value())))
-            }),
-        )
-        .collect::<Result<_>>()?;
-        let dedup_order = overlay::over_base(
-            self.layers.merged(|o| {
-                o.order
-                    .iter()
-                    .map(|(k, v)| Ok((*k, v.as_deref().map(ByteBuf::from))))
-            }),
-            self.order_table()?.iter().map_err(redb_err)?.map(|item| {
-                let (k, v) = item.map_err(redb_err)?;
-                Ok((k.value(), ByteBuf::from(v.value())))
-            }),
-        )
-        .collect::<Result<_>>()?;
+        let window = &self.layers.window;
+        let dedup = window
+            .by_id()
+            .map(|(id, result)| (ByteBuf::from(id.to_vec()), ByteBuf::from(result.to_vec())))
+            .collect();
+        let dedup_order = window
+            .by_seq()
+            .map(|(seq, id)| (*seq, ByteBuf::from(id.to_vec())))
+            .collect();
         Ok(Image {
             format: IMAGE_FORMAT,
             kv,
@@ -2186,13 +2195,13 @@ mod tests {
         let mut stale = Overlay::default();
         stale.kv.insert(Arc::from(&b"x"[..]), None);
         lock(&s.shared.layers).active = stale;
-        lock(&s.shared.layers).installing = Some(2);
+        lock(&s.shared.layers).installing = Some((2, DedupWindow::default()));
         assert!(
             s.read().unwrap().get(b"x").unwrap().is_none(),
             "before the install's commit, the changes in memory still apply"
         );
         // The file now holds install 1 as the one being committed: the changes are older.
-        lock(&s.shared.layers).installing = Some(1);
+        lock(&s.shared.layers).installing = Some((1, DedupWindow::default()));
         assert_eq!(s.read().unwrap().get(b"x").unwrap().unwrap().value, b"new");
     }
 
@@ -2289,43 +2298,131 @@ mod tests {
         assert_eq!(v.get(b"after").unwrap().unwrap().value, b"2");
     }
 
-    #[test]
-    fn dedup_eviction_goes_on_in_order_after_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.redb");
-        let open = || {
-            let mut cfg = StoreConfig::new(Backend::File(path.clone()));
+    /// Opens a store of dedup capacity 2 at `path`, waiting for an earlier one to let go.
+    fn open_small_dedup(path: &Path) -> Store {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut cfg = StoreConfig::new(Backend::File(path.to_path_buf()));
             cfg.dedup_capacity = 2;
-            Store::open(cfg).unwrap()
-        };
-        let cmd = |id: u8| Command {
-            request_id: Some(RequestId([id; 16])),
-            txn: Txn::ops(vec![put("n", "x")]),
-        };
-        {
-            let s = open();
-            for id in 0..3 {
-                must_apply(&s, &cmd(id));
+            match Store::open(cfg) {
+                Ok(s) => return s,
+                Err(_) if Instant::now() < deadline => std::thread::yield_now(),
+                Err(e) => panic!("reopen: {e}"),
             }
         }
-        let s = open();
-        // Ids 1 and 2 are remembered; a new id evicts 1, the oldest, and keeps 2.
+    }
+
+    fn dedup_cmd(id: u8) -> Command {
+        Command {
+            request_id: Some(RequestId([id; 16])),
+            txn: Txn::ops(vec![put("n", "x")]),
+        }
+    }
+
+    /// The state file of a store just dropped (its threads let go of it shortly after).
+    fn open_db(path: &Path) -> Database {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Database::open(path) {
+                Ok(db) => return db,
+                Err(_) if Instant::now() < deadline => std::thread::yield_now(),
+                Err(e) => panic!("open {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn chunk_rows(path: &Path) -> u64 {
+        let db = open_db(path);
+        let rtx = db.begin_read().unwrap();
+        rtx.open_table(DEDUP_CHUNKS).unwrap().len().unwrap()
+    }
+
+    /// After ids 0, 1, 2 were applied (revisions 1 to 3) with capacity 2 and the store
+    /// reopened: the window holds ids 1 and 2 and goes on evicting in order.
+    fn assert_dedup_window_continues(s: &Store) {
         assert_eq!(
-            must_apply(&s, &cmd(2)).revision,
+            must_apply(s, &dedup_cmd(2)).revision,
             3,
             "id 2 must be remembered"
         );
-        assert_eq!(must_apply(&s, &cmd(3)).revision, 4);
+        assert_eq!(must_apply(s, &dedup_cmd(3)).revision, 4);
         assert_eq!(
-            must_apply(&s, &cmd(2)).revision,
+            must_apply(s, &dedup_cmd(2)).revision,
             3,
             "id 2 must still be remembered"
         );
         assert_eq!(
-            must_apply(&s, &cmd(1)).revision,
+            must_apply(s, &dedup_cmd(1)).revision,
             5,
             "id 1 must be forgotten"
         );
+    }
+
+    #[test]
+    fn dedup_eviction_goes_on_in_order_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let s = open_small_dedup(&path);
+            for id in 0..3 {
+                must_apply(&s, &dedup_cmd(id));
+                s.shared.sync_state(None).unwrap();
+            }
+        }
+        // One chunk per sync, and the one whose only id left the window is gone.
+        assert_eq!(chunk_rows(&path), 2);
+        let s = open_small_dedup(&path);
+        assert_dedup_window_continues(&s);
+        for id in 10..40 {
+            must_apply(&s, &dedup_cmd(id));
+            s.shared.sync_state(None).unwrap();
+        }
+        drop(s);
+        assert_eq!(chunk_rows(&path), 2, "chunks never outgrow the window");
+    }
+
+    #[test]
+    fn a_dedup_window_kept_one_row_per_id_moves_into_a_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let s = open_small_dedup(&path);
+            for id in 0..3 {
+                must_apply(&s, &dedup_cmd(id));
+            }
+        }
+        // Rewrite the window as earlier versions kept it: a result row per id and an order
+        // row per sequence number.
+        {
+            let db = open_db(&path);
+            let wtx = db.begin_write().unwrap();
+            {
+                let mut chunks = wtx.open_table(DEDUP_CHUNKS).unwrap();
+                let mut entries = Vec::new();
+                for item in chunks.iter().unwrap() {
+                    entries.extend(dedup::decode_chunk(item.unwrap().1.value()).unwrap());
+                }
+                // The close's one sync wrote all three in one chunk; the window is the last
+                // two, all that the old tables held.
+                assert_eq!(entries.len(), 3);
+                chunks.retain(|_, _| false).unwrap();
+                let mut results = wtx.open_table(OLD_DEDUP).unwrap();
+                let mut order = wtx.open_table(OLD_DEDUP_ORDER).unwrap();
+                for (seq, id, result) in entries.into_iter().skip(1) {
+                    results.insert(&*id, &*result).unwrap();
+                    order.insert(seq, &*id).unwrap();
+                }
+            }
+            wtx.commit().unwrap();
+        }
+        let s = open_small_dedup(&path);
+        assert_dedup_window_continues(&s);
+        drop(s);
+        assert_eq!(chunk_rows(&path), 1);
+        let db = open_db(&path);
+        let rtx = db.begin_read().unwrap();
+        assert!(rtx.open_table(OLD_DEDUP).unwrap().is_empty().unwrap());
+        assert!(rtx.open_table(OLD_DEDUP_ORDER).unwrap().is_empty().unwrap());
     }
 
     #[test]
