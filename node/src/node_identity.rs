@@ -959,7 +959,7 @@ pub async fn maintain(
 /// node's CPU (building the member lists to compare, at 1.4 %). They run again when these
 /// inputs changed, or a second after the last run. Reserved-key changes, where the membership
 /// was decided, and the caller's own (local) inputs.
-type Inputs = (u64, (u64, u64), u64);
+type Inputs = (u64, Option<(u64, u64, u64)>, u64);
 
 #[derive(Debug, Default)]
 struct TrustInputs {

@@ -1234,15 +1234,16 @@ impl RaftNode {
             .map_or(0, |l| l.index)
     }
 
-    /// Where this node's current membership was decided (the log index and term of its
-    /// entry; zeros for none), cheaply: it changes whenever the membership does.
-    pub fn membership_position(&self) -> (u64, u64) {
+    /// Where this node's current membership was decided (the log id of its entry: index,
+    /// term and the leader that proposed it; `None` before any), cheaply: it changes whenever
+    /// the membership does.
+    pub fn membership_position(&self) -> Option<(u64, u64, NodeId)> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         m.membership_config
             .log_id()
             .as_ref()
-            .map_or((0, 0), |l| (l.index, l.leader_id.term))
+            .map(|l| (l.index, l.leader_id.term, l.leader_id.node_id))
     }
 
     /// This node's view of the cluster (builds member maps: not for per-request use).

@@ -556,14 +556,19 @@ impl Store {
         // No sync can freeze the layer meanwhile, and no install runs (it holds `applier`).
         let mut layers = lock(&self.shared.layers);
         let rtx = self.shared.db.begin_read().map_err(redb_err)?;
+        // Dropped before the lock: a batch that panics takes the layers with it, and the store
+        // fails before anyone can see or sync what is left.
+        let on_panic = FailOnPanic(&self.shared);
         let mut view = ReadView::new(rtx, std::mem::take(&mut *layers));
         let applied = self.apply_in(&mut view, inputs, sm_meta);
         *layers = std::mem::take(&mut view.layers);
+        // The layers may hold part of a batch that failed: the store fails before the lock is
+        // released, so no reader or sync sees it (both check after taking the lock).
+        let applied =
+            applied.map_err(|e| self.shared.fail(format!("applying a batch failed: {e}")));
+        drop(on_panic);
         drop(layers);
-        let (results, touches_reserved) = applied.map_err(|e| {
-            // The layers may hold part of the batch: nothing may read or write them again.
-            self.shared.fail(format!("applying a batch failed: {e}"))
-        })?;
+        let (results, touches_reserved) = applied?;
         if touches_reserved {
             self.shared.reserved_changes.fetch_add(1, Ordering::AcqRel);
         }
@@ -642,6 +647,8 @@ impl Store {
         // The file and the changes not in it yet, at the same point: a sync commits and then
         // drops the layer it wrote under this lock.
         let layers = lock(&self.shared.layers);
+        // Again under the lock: an apply that failed marks the store failed before it lets go.
+        self.check()?;
         let rtx = self.shared.db.begin_read().map_err(redb_err)?;
         if let Some((installing, window)) = &layers.installing {
             let snap = rtx.open_table(SNAPSHOT).map_err(redb_err)?;
@@ -709,6 +716,11 @@ impl Store {
         }
         // No apply and no sync meanwhile: the image replaces everything, the changes in memory
         // included.
+        if decoded.dedup_order.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(StorageError::BadSnapshot(
+                "the dedup order's sequence numbers do not increase".into(),
+            ));
+        }
         let window = DedupWindow::from_entries(
             decoded
                 .dedup_order
@@ -929,6 +941,9 @@ impl Shared {
         self.check()?;
         let frozen = {
             let mut layers = lock(&self.layers);
+            // Again under the lock: an apply that failed marks the store failed before it
+            // lets go, and what it left in the layers must not reach the file.
+            self.check()?;
             if layers.frozen.is_some() {
                 // An earlier sync stopped (panicked) between freezing and committing: its
                 // changes are not in the file, and freezing again would drop them.
@@ -983,9 +998,21 @@ impl Shared {
 }
 
 /// Locks a mutex, whether or not a thread panicked while holding it (what it guards stays
-/// consistent: every holder that changes it does so in one assignment).
+/// consistent: every holder that changes it does so in one assignment, except an apply, which
+/// marks the store failed if it panics: [`FailOnPanic`]).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks the store failed when dropped by a panic.
+struct FailOnPanic<'a>(&'a Shared);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail("applying a batch panicked".into());
+        }
+    }
 }
 
 /// Writes one layer of changes, a sync counter and, unless the current one is newer, a
@@ -1046,13 +1073,32 @@ fn write_state(
     Ok(true)
 }
 
-/// Moves a dedup window kept one row per id (by earlier versions) into one chunk.
+/// Moves a dedup window kept one row per id (by earlier versions) into one chunk, and removes
+/// the old tables.
 fn move_old_dedup(wtx: &WriteTransaction) -> Result<()> {
-    let mut order = wtx.open_table(OLD_DEDUP_ORDER).map_err(redb_err)?;
-    let mut results = wtx.open_table(OLD_DEDUP).map_err(redb_err)?;
-    if order.is_empty().map_err(redb_err)? && results.is_empty().map_err(redb_err)? {
+    let names: Vec<String> = wtx
+        .list_tables()
+        .map_err(redb_err)?
+        .map(|t| t.name().to_string())
+        .collect();
+    if !names.iter().any(|n| n == OLD_DEDUP_ORDER.name()) {
         return Ok(());
     }
+    {
+        let order = wtx.open_table(OLD_DEDUP_ORDER).map_err(redb_err)?;
+        let results = wtx.open_table(OLD_DEDUP).map_err(redb_err)?;
+        move_old_rows(wtx, &order, &results)?;
+    }
+    wtx.delete_table(OLD_DEDUP_ORDER).map_err(redb_err)?;
+    wtx.delete_table(OLD_DEDUP).map_err(redb_err)?;
+    Ok(())
+}
+
+fn move_old_rows(
+    wtx: &WriteTransaction,
+    order: &redb::Table<u64, &[u8]>,
+    results: &redb::Table<&[u8], &[u8]>,
+) -> Result<()> {
     let mut added = imbl::Vector::new();
     for item in order.iter().map_err(redb_err)? {
         let (seq, id) = item.map_err(redb_err)?;
@@ -1076,8 +1122,6 @@ fn move_old_dedup(wtx: &WriteTransaction) -> Result<()> {
         let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
         chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
     }
-    order.retain(|_, _| false).map_err(redb_err)?;
-    results.retain(|_, _| false).map_err(redb_err)?;
     Ok(())
 }
 
@@ -1964,6 +2008,14 @@ mod tests {
             },
         );
         assert!(b.install_snapshot(9, b"meta", b"garbage").is_err());
+        // An image whose dedup order repeats a sequence number is refused too.
+        let mut repeated: Image = postcard::from_bytes(&image).unwrap();
+        repeated.dedup_order.push(repeated.dedup_order[0].clone());
+        let repeated = postcard::to_stdvec(&repeated).unwrap();
+        assert!(matches!(
+            b.install_snapshot(9, b"meta", &repeated),
+            Err(StorageError::BadSnapshot(_))
+        ));
         assert!(b.read().unwrap().get(b"stale").unwrap().is_some());
         b.install_snapshot(9, b"meta", &image).unwrap();
         assert_eq!(
@@ -1980,6 +2032,44 @@ mod tests {
         assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"meta".to_vec());
         assert!(b.save_snapshot(12, b"new", &image).unwrap());
         assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"new".to_vec());
+    }
+
+    #[test]
+    fn a_batch_that_fails_halfway_fails_the_store_and_never_reaches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let s = reopen(&path);
+        must_put(&s, "before", "1");
+        s.shared.sync_state(None).unwrap();
+        // A remembered result that does not decode: the second command of the batch fails
+        // after the first one changed the layers.
+        lock(&s.shared.layers).window.add(
+            1_000,
+            Bytes::from(&[7u8; 16][..]),
+            Bytes::from(&b"\xff\xff\xff"[..]),
+            100,
+        );
+        let first = Command {
+            request_id: None,
+            txn: Txn::ops(vec![put("half", "1")]),
+        };
+        let second = Command {
+            request_id: Some(RequestId([7; 16])),
+            txn: Txn::ops(vec![put("never", "1")]),
+        };
+        let inputs = [ApplyInput::Command(&first), ApplyInput::Command(&second)];
+        assert!(s.apply(&inputs, &[]).is_err());
+        assert!(matches!(s.read(), Err(StorageError::Failed(_))));
+        assert!(
+            s.shared.sync_state(None).is_err(),
+            "the half batch is never synced"
+        );
+        drop(s);
+        let db = open_db(&path);
+        let rtx = db.begin_read().unwrap();
+        let kv = rtx.open_table(KV).unwrap();
+        assert!(kv.get(b"before".as_slice()).unwrap().is_some());
+        assert!(kv.get(b"half".as_slice()).unwrap().is_none());
     }
 
     /// The commands of a small deterministic workload: puts, deletes and prefix deletions
@@ -2421,8 +2511,11 @@ mod tests {
         assert_eq!(chunk_rows(&path), 1);
         let db = open_db(&path);
         let rtx = db.begin_read().unwrap();
-        assert!(rtx.open_table(OLD_DEDUP).unwrap().is_empty().unwrap());
-        assert!(rtx.open_table(OLD_DEDUP_ORDER).unwrap().is_empty().unwrap());
+        assert!(
+            rtx.open_table(OLD_DEDUP).is_err(),
+            "the old tables are gone"
+        );
+        assert!(rtx.open_table(OLD_DEDUP_ORDER).is_err());
     }
 
     #[test]
