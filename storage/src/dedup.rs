@@ -20,10 +20,10 @@ use crate::overlay::Bytes;
 /// The ids of the window, persistent (structurally shared): a reader takes a copy in O(1).
 #[derive(Clone, Default)]
 pub(crate) struct DedupWindow {
-    /// Request id to its sequence number and encoded result.
-    by_id: OrdMap<Bytes, (u64, Bytes)>,
-    /// Sequence number and request id, oldest first.
-    order: Vector<(u64, Bytes)>,
+    /// Request id to its encoded result.
+    by_id: OrdMap<Bytes, Bytes>,
+    /// Every id with its sequence number and result, oldest first.
+    order: Vector<Added>,
 }
 
 /// One added id, as a layer keeps it until its sync writes it: sequence number, request id,
@@ -39,23 +39,23 @@ struct Chunk {
 impl DedupWindow {
     /// The encoded result remembered for `id`.
     pub fn get(&self, id: &[u8]) -> Option<&Bytes> {
-        self.by_id.get(id).map(|(_, result)| result)
+        self.by_id.get(id)
     }
 
     /// The oldest sequence number in the window.
     pub fn front(&self) -> Option<u64> {
-        self.order.front().map(|(seq, _)| *seq)
+        self.order.front().map(|(seq, _, _)| *seq)
     }
 
     /// Adds an id with a sequence number higher than any in the window, then lets the oldest
     /// ids leave while there are more than `capacity`.
     pub fn add(&mut self, seq: u64, id: Bytes, result: Bytes, capacity: u64) {
-        debug_assert!(self.order.back().is_none_or(|(last, _)| *last < seq));
+        debug_assert!(self.order.back().is_none_or(|(last, _, _)| *last < seq));
         // An id that is already in the window is never applied again, so never added again.
-        self.by_id.insert(id.clone(), (seq, result));
-        self.order.push_back((seq, id));
+        self.by_id.insert(id.clone(), result.clone());
+        self.order.push_back((seq, id, result));
         while self.order.len() as u64 > capacity {
-            let Some((_, old)) = self.order.pop_front() else {
+            let Some((_, old, _)) = self.order.pop_front() else {
                 break;
             };
             self.by_id.remove(&old);
@@ -64,11 +64,11 @@ impl DedupWindow {
 
     /// Every id with its result, by id (as snapshot images list them).
     pub fn by_id(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
-        self.by_id.iter().map(|(id, (_, result))| (id, result))
+        self.by_id.iter()
     }
 
-    /// Every id by sequence number, oldest first.
-    pub fn by_seq(&self) -> impl Iterator<Item = &(u64, Bytes)> {
+    /// Every id with its sequence number and result, oldest first.
+    pub fn by_seq(&self) -> impl Iterator<Item = &Added> {
         self.order.iter()
     }
 
@@ -78,8 +78,8 @@ impl DedupWindow {
         let mut window = DedupWindow::default();
         for (seq, id, result) in entries {
             // An id listed twice (never written so) keeps its newest result.
-            if let Some((old_seq, _)) = window.by_id.get(&id).cloned() {
-                window.order.retain(|(s, _)| *s != old_seq);
+            if window.by_id.contains_key(&id) {
+                window.order.retain(|(_, old, _)| *old != id);
             }
             window.add(seq, id, result, capacity);
         }
@@ -87,11 +87,13 @@ impl DedupWindow {
     }
 }
 
-/// Encodes the ids a layer added as one chunk.
-pub(crate) fn encode_chunk(added: &Vector<Added>) -> Result<Vec<u8>, postcard::Error> {
+/// Encodes ids (oldest first) as one chunk.
+pub(crate) fn encode_chunk<'a>(
+    added: impl IntoIterator<Item = &'a Added>,
+) -> Result<Vec<u8>, postcard::Error> {
     let chunk = Chunk {
         entries: added
-            .iter()
+            .into_iter()
             .map(|(seq, id, result)| {
                 (
                     *seq,
@@ -142,11 +144,7 @@ mod tests {
         assert_eq!(w.get(&b(5)), Some(&b(105)));
         all.reverse();
         let rebuilt = DedupWindow::from_entries(all, 3);
-        let seqs = |w: &DedupWindow| {
-            w.by_seq()
-                .map(|(s, id)| (*s, id.clone()))
-                .collect::<Vec<_>>()
-        };
+        let seqs = |w: &DedupWindow| w.by_seq().cloned().collect::<Vec<_>>();
         assert_eq!(seqs(&rebuilt), seqs(&w));
         assert_eq!(
             rebuilt.by_id().collect::<Vec<_>>(),

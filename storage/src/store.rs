@@ -757,20 +757,7 @@ impl Store {
             }
             let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
             chunks.retain(|_, _| false).map_err(redb_err)?;
-            let all: imbl::Vector<Added> = window
-                .by_seq()
-                .map(|(seq, id)| {
-                    (
-                        *seq,
-                        id.clone(),
-                        window.get(id).cloned().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            if let Some((last, _, _)) = all.last() {
-                let chunk = dedup::encode_chunk(&all).map_err(|e| corrupt("dedup_chunks", e))?;
-                chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
-            }
+            insert_chunk(&mut chunks, window.by_seq())?;
             let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
             snap.insert("index", u64_bytes(index).as_slice())
                 .map_err(redb_err)?;
@@ -1035,11 +1022,7 @@ fn write_state(
         }
     }
     let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
-    if let Some((last, _, _)) = changes.dedup_added.last() {
-        let chunk =
-            dedup::encode_chunk(&changes.dedup_added).map_err(|e| corrupt("dedup_chunks", e))?;
-        chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
-    }
+    insert_chunk(&mut chunks, &changes.dedup_added)?;
     if let Some(front) = changes.dedup_front {
         // Chunks whose every id has left the window.
         chunks.retain_in(..front, |_, _| false).map_err(redb_err)?;
@@ -1117,11 +1100,22 @@ fn move_old_rows(
             Bytes::from(result.value()),
         ));
     }
-    if let Some((last, _, _)) = added.last() {
-        let chunk = dedup::encode_chunk(&added).map_err(|e| corrupt("dedup_chunks", e))?;
-        let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
-        chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
-    }
+    let mut chunks = wtx.open_table(DEDUP_CHUNKS).map_err(redb_err)?;
+    insert_chunk(&mut chunks, &added)
+}
+
+/// Writes ids (oldest first) as one chunk keyed by its highest sequence number; none, nothing.
+fn insert_chunk<'a>(
+    chunks: &mut redb::Table<u64, &[u8]>,
+    added: impl IntoIterator<Item = &'a Added>,
+) -> Result<()> {
+    let added: Vec<&Added> = added.into_iter().collect();
+    let Some((last, _, _)) = added.last() else {
+        return Ok(());
+    };
+    let chunk =
+        dedup::encode_chunk(added.iter().copied()).map_err(|e| corrupt("dedup_chunks", e))?;
+    chunks.insert(*last, chunk.as_slice()).map_err(redb_err)?;
     Ok(())
 }
 
@@ -1737,7 +1731,7 @@ impl ReadView {
             .collect();
         let dedup_order = window
             .by_seq()
-            .map(|(seq, id)| (*seq, ByteBuf::from(id.to_vec())))
+            .map(|(seq, id, _)| (*seq, ByteBuf::from(id.to_vec())))
             .collect();
         Ok(Image {
             format: IMAGE_FORMAT,
