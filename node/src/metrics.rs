@@ -40,6 +40,8 @@ pub struct Metrics {
     read_index_rounds: IntCounter,
     forwarded_writes: IntCounter,
     forward_batches: IntCounter,
+    append_streams: IntCounter,
+    append_messages: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -131,8 +133,18 @@ impl Metrics {
             "forward_batches_total",
             "Requests to the leader that carried them; concurrent writes share one",
         )?;
+        let append_streams = IntCounter::new(
+            "append_streams_total",
+            "As follower: replication streams from a leader that brought entries",
+        )?;
+        let append_messages = IntCounter::new(
+            "append_messages_total",
+            "As follower: messages on them that carried entries; one stream carries many",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(append_streams.clone()),
+            Box::new(append_messages.clone()),
             Box::new(linearizable_reads.clone()),
             Box::new(read_index_rounds.clone()),
             Box::new(forwarded_writes.clone()),
@@ -166,6 +178,8 @@ impl Metrics {
             read_index_rounds,
             forwarded_writes,
             forward_batches,
+            append_streams,
+            append_messages,
             login_state_removed,
         })
     }
@@ -227,6 +241,11 @@ impl Metrics {
             .inc_by(forwarded.saturating_sub(self.forwarded_writes.get()));
         self.forward_batches
             .inc_by(batches.saturating_sub(self.forward_batches.get()));
+        let (streams, messages) = node.append_counts();
+        self.append_streams
+            .inc_by(streams.saturating_sub(self.append_streams.get()));
+        self.append_messages
+            .inc_by(messages.saturating_sub(self.append_messages.get()));
         self.lag.reset();
         for (peer, matched) in &s.replication {
             self.lag

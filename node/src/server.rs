@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use coffer_raft::{PeerIdentity, PeerPool, PeerService, RaftNode};
+use coffer_raft::{PeerIdentity, PeerPool, PeerRecheck, PeerService, RaftNode};
 use coffer_storage::{Backend, Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -496,12 +496,23 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
                     tonic::Status::unauthenticated(format!("peer certificate refused: {why}"))
                 })?;
             req.extensions_mut().insert(PeerIdentity(id));
+            // For long-lived streams, which check again as they go.
+            let again = checker.clone();
+            req.extensions_mut().insert(PeerRecheck(Arc::new(move || {
+                again
+                    .check_request(certs.as_deref().map(Vec::as_slice))
+                    .map(|_| ())
+            })));
             Ok(req)
         },
     );
     tasks.extend(serve(
         "peer",
-        Server::builder().add_service(peer_service),
+        // Keep-alives end a replication stream whose leader vanished without closing it.
+        Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(peer_service),
         peer_listener,
         tokio_rustls::TlsAcceptor::from(peer_tls.server_config()?),
         peer_stop_rx,

@@ -28,7 +28,7 @@ use std::time::Duration;
 pub use log_store::LogStore;
 pub use network::{MAX_PEER_MESSAGE, Network, PeerPool};
 pub use node::{
-    AppHandler, Changes, MembershipChange, NodeStatus, PeerIdentity, RaftNode, Written,
+    AppHandler, Changes, MembershipChange, NodeStatus, PeerIdentity, PeerRecheck, RaftNode, Written,
 };
 pub use service::PeerService;
 pub use state_machine::StateMachine;

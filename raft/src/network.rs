@@ -3,19 +3,29 @@
 //! Every call has a deadline (openraft's `RPCOption`, or the node's RPC timeout): a hung peer
 //! never stalls the leader (openraft #1810). A node never opens a connection to itself
 //! (openraft #994). Snapshots are streamed in chunks and reassembled under a size limit.
+//!
+//! Replication to a follower runs on one long-lived gRPC stream per replication session
+//! (`StreamAppend`, openraft's `stream_append`): each AppendEntries request is one message on
+//! it, answered in order, with [`STREAM_DEPTH`] in flight, instead of one HTTP/2 stream per
+//! call. A peer of a previous build answers UNIMPLEMENTED, and gets AppendEntries calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{
-    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec::{decode, encode};
@@ -27,6 +37,13 @@ use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
 /// Snapshot chunk size on the wire.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+/// AppendEntries requests a replication stream keeps in flight. Two let the leader send the
+/// next entries while the follower writes the previous ones; more would only split the entries
+/// that gather during a round trip into more, smaller messages.
+const STREAM_DEPTH: usize = 2;
+/// After a peer answered UNIMPLEMENTED to `StreamAppend` (a previous build), how long the
+/// leader replicates to it with AppendEntries calls before it tries the stream again.
+const NO_STREAM_RETRY: Duration = Duration::from_secs(60);
 
 /// A pool of TLS channels to peers, by address. Channels reconnect by themselves.
 ///
@@ -40,6 +57,8 @@ pub struct PeerPool {
     connect_timeout: Duration,
     local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Peers that answered UNIMPLEMENTED to `StreamAppend`, and when.
+    no_stream: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl std::fmt::Debug for PeerPool {
@@ -105,6 +124,34 @@ impl PeerPool {
             connect_timeout,
             local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            no_stream: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Whether replication to `addr` may use `StreamAppend` (it did not refuse it lately).
+    fn streams_to(&self, addr: &str) -> bool {
+        let Ok(mut refused) = self.no_stream.lock() else {
+            return true;
+        };
+        match refused.get(addr) {
+            Some(at) if at.elapsed() < NO_STREAM_RETRY => false,
+            Some(_) => {
+                refused.remove(addr);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Takes note that the peer at `addr` does not serve `StreamAppend`.
+    fn no_stream(&self, addr: &str) {
+        if let Ok(mut refused) = self.no_stream.lock() {
+            tracing::info!(
+                peer = addr,
+                "the peer does not serve StreamAppend (a previous build?): \
+                 replicating to it with AppendEntries calls"
+            );
+            refused.insert(addr.to_string(), Instant::now());
         }
     }
 
@@ -241,6 +288,171 @@ async fn injected_delay() {
     }
 }
 
+/// How long a peer message may take to be answered: openraft's deadline is one heartbeat
+/// interval, too short for a large batch, so at least half a second plus the transfer time at
+/// a modest 32 MiB/s.
+fn message_ttl(option: &RPCOption, bytes: usize) -> Duration {
+    option.hard_ttl().max(Duration::from_millis(500))
+        + Duration::from_secs_f64(bytes as f64 / (32.0 * 1024.0 * 1024.0))
+}
+
+/// The requests of one replication stream that were sent and not yet answered.
+struct InFlight {
+    /// When each was sent and how long its answer may take, oldest first.
+    sent: Mutex<VecDeque<(Instant, Duration)>>,
+    /// Signalled when a request is sent.
+    sending: tokio::sync::Notify,
+    /// Room for [`STREAM_DEPTH`] unanswered requests.
+    window: tokio::sync::Semaphore,
+}
+
+impl InFlight {
+    fn oldest(&self) -> Option<(Instant, Duration)> {
+        self.sent.lock().ok()?.front().copied()
+    }
+}
+
+/// The messages of a replication stream: each request openraft makes, once fewer than
+/// [`STREAM_DEPTH`] are unanswered (so that a request carries every entry appended while it
+/// waited). Ends with the input, or as soon as the answers are dropped (`stop` closes): the
+/// replication session ended, and neither openraft's request generator nor the HTTP/2 stream
+/// may outlive it (h2 keeps a stream open while its sending half is).
+fn outgoing<S>(
+    input: S,
+    in_flight: Arc<InFlight>,
+    stop: tokio::sync::watch::Receiver<()>,
+    target: (NodeId, u64),
+    option: RPCOption,
+) -> impl Stream<Item = Payload> + Send + 'static
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    futures::stream::unfold(
+        (input, in_flight, stop),
+        move |(mut input, in_flight, mut stop)| {
+            let option = option.clone();
+            async move {
+                let next = async {
+                    in_flight.window.acquire().await.ok()?.forget();
+                    let request = input.next().await?;
+                    let data = match encode(&request) {
+                        Ok(data) => data,
+                        Err(e) => {
+                            tracing::error!(target_node = target.0, error = %e, "cannot encode an append request; ending the replication stream");
+                            return None;
+                        }
+                    };
+                    let at = Instant::now();
+                    injected_delay().await;
+                    in_flight
+                        .sent
+                        .lock()
+                        .ok()?
+                        .push_back((at, message_ttl(&option, data.len())));
+                    in_flight.sending.notify_one();
+                    Some(Payload {
+                        data,
+                        target_id: target.0,
+                        target_incarnation: target.1,
+                    })
+                };
+                let payload = tokio::select! {
+                    biased;
+                    // Only ever closed: nothing is sent on it.
+                    _ = stop.changed() => None,
+                    payload = next => payload,
+                }?;
+                Some((payload, (input, in_flight, stop)))
+            }
+        },
+    )
+}
+
+/// The answers of a replication stream, in order. Fails when an answer is later than its
+/// request's time to live (counted from when it was sent, or from the previous answer if that
+/// came later); idle, it waits for the next request.
+struct Incoming {
+    answers: tonic::Streaming<Payload>,
+    in_flight: Arc<InFlight>,
+    /// Dropped with the answers: ends [`outgoing`].
+    _stop: tokio::sync::watch::Sender<()>,
+    pool: PeerPool,
+    addr: String,
+    ids: (NodeId, NodeId),
+    last_answer: Instant,
+}
+
+impl Incoming {
+    async fn next(
+        &mut self,
+    ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        let (self_id, target) = self.ids;
+        let message = loop {
+            match self.in_flight.oldest() {
+                None => tokio::select! {
+                    m = self.answers.message() => break m,
+                    _ = self.in_flight.sending.notified() => continue,
+                },
+                Some((at, ttl)) => {
+                    let due = at.max(self.last_answer) + ttl;
+                    match tokio::time::timeout_at(due, self.answers.message()).await {
+                        Ok(m) => break m,
+                        Err(_) => {
+                            return Some(Err(RPCError::Timeout(Timeout {
+                                action: RPCTypes::AppendEntries,
+                                id: self_id,
+                                target,
+                                timeout: ttl,
+                            })));
+                        }
+                    }
+                }
+            }
+        };
+        let payload = match message {
+            Ok(None) if self.in_flight.oldest().is_some() => {
+                return Some(Err(RPCError::Unreachable(Unreachable::from_string(
+                    format!("node {target} ended the replication stream with requests unanswered"),
+                ))));
+            }
+            Ok(None) => return None,
+            Ok(Some(p)) => p,
+            Err(s) => {
+                self.pool.refused(&self.addr, &s);
+                return Some(Err(status_error(&s)));
+            }
+        };
+        let answered = self.in_flight.sent.lock().ok()?.pop_front();
+        if answered.is_none() {
+            return Some(Err(RPCError::Network(NetworkError::from_string(format!(
+                "node {target} answered an append that was not sent"
+            )))));
+        }
+        self.in_flight.window.add_permits(1);
+        self.last_answer = Instant::now();
+        let answer: Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>> =
+            match decode(&payload.data) {
+                Ok(a) => a,
+                Err(s) => return Some(Err(status_error(&s))),
+            };
+        Some(answer.map_err(|e| remote_fatal(target, e)))
+    }
+
+    /// As a stream that ends after its first error or refusal (a conflict or a higher vote),
+    /// as openraft expects.
+    fn into_stream(
+        self,
+    ) -> impl Stream<Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> + Send
+    {
+        futures::stream::unfold(Some(self), |state| async move {
+            let mut incoming = state?;
+            let item = incoming.next().await?;
+            let go_on = matches!(item, Ok(Ok(_)));
+            Some((item, go_on.then_some(incoming)))
+        })
+    }
+}
+
 impl PeerConnection {
     fn client(&self) -> Result<PeerClient<Channel>, RPCError<TypeConfig>> {
         if self.target == self.self_id {
@@ -269,10 +481,7 @@ impl PeerConnection {
     {
         let client = self.client()?;
         let data = encode(req).map_err(|s| status_error(&s))?;
-        // openraft's deadline is one heartbeat interval, too short for a large batch: allow at
-        // least half a second plus the transfer time at a modest 32 MiB/s.
-        let ttl = option.hard_ttl().max(Duration::from_millis(500))
-            + Duration::from_secs_f64(data.len() as f64 / (32.0 * 1024.0 * 1024.0));
+        let ttl = message_ttl(option, data.len());
         let payload = Payload {
             data,
             target_id: self.target,
@@ -317,6 +526,73 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             |mut c, p| async move { c.append_entries(p).await },
         )
         .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        // A single request (openraft's heartbeats) gains nothing from a stream: one call is
+        // cheaper than opening a stream and the follower's pipeline for it.
+        if input.size_hint() == (1, Some(1)) || !self.pool.streams_to(&self.addr) {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let mut client = self.client()?;
+            let in_flight = Arc::new(InFlight {
+                sent: Mutex::new(VecDeque::new()),
+                sending: tokio::sync::Notify::new(),
+                window: tokio::sync::Semaphore::new(STREAM_DEPTH),
+            });
+            let (stop, stopped) = tokio::sync::watch::channel(());
+            let requests = outgoing(
+                input,
+                in_flight.clone(),
+                stopped,
+                (self.target, self.target_incarnation),
+                option.clone(),
+            );
+            let setup = message_ttl(&option, 0);
+            let answers = match tokio::time::timeout(setup, client.stream_append(requests)).await {
+                Err(_) => {
+                    return Err(RPCError::Timeout(Timeout {
+                        action: RPCTypes::AppendEntries,
+                        id: self.self_id,
+                        target: self.target,
+                        timeout: setup,
+                    }));
+                }
+                Ok(Err(s)) => {
+                    if s.code() == tonic::Code::Unimplemented {
+                        self.pool.no_stream(&self.addr);
+                    }
+                    self.pool.refused(&self.addr, &s);
+                    return Err(status_error(&s));
+                }
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let incoming = Incoming {
+                answers,
+                in_flight,
+                _stop: stop,
+                pool: self.pool.clone(),
+                addr: self.addr.clone(),
+                ids: (self.self_id, self.target),
+                last_answer: Instant::now(),
+            };
+            let stream: BoxStream<'s, _> = Box::pin(incoming.into_stream());
+            Ok(stream)
+        })
     }
 
     async fn vote(

@@ -122,6 +122,19 @@ pub type AppHandler = Arc<
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerIdentity(pub NodeId);
 
+/// Checks again that the peer's certificate still counts: whoever serves the peer service puts
+/// it into each request's extensions. A long-lived stream (`StreamAppend`) calls it once a
+/// second, so a peer removed or refused since the stream opened gets no further, as it would
+/// on its next call.
+#[derive(Clone)]
+pub struct PeerRecheck(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for PeerRecheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerRecheck")
+    }
+}
+
 /// Notices of changes to a node's Raft state; see [`RaftNode::changes`].
 pub struct Changes {
     rx: openraft::type_config::alias::WatchReceiverOf<
@@ -161,7 +174,7 @@ pub struct RaftNode {
     /// Linearizable reads waiting for a read index; one fetch serves all of them (see
     /// [`RaftNode::linearize`]).
     read_waiters: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
-    share_counts: ShareCounts,
+    pub(crate) share_counts: ShareCounts,
     /// Writes waiting to be forwarded to the leader together (see [`forward_writes`]).
     forwards: tokio::sync::mpsc::UnboundedSender<Forwarding>,
 }
@@ -274,7 +287,7 @@ async fn forward_writes(
 /// How well linearizable reads share read-index rounds, and forwarded writes share batches,
 /// on this node.
 #[derive(Debug, Default)]
-struct ShareCounts {
+pub(crate) struct ShareCounts {
     /// Reads that waited for a read index.
     reads: AtomicU64,
     /// Read indexes fetched for them (from the leader, or as leader).
@@ -283,6 +296,10 @@ struct ShareCounts {
     forwarded: AtomicU64,
     /// Batches that carried them.
     batches: AtomicU64,
+    /// As follower: `StreamAppend` streams from a leader that carried entries.
+    pub(crate) append_streams: AtomicU64,
+    /// The messages on them that carried entries.
+    pub(crate) append_messages: AtomicU64,
 }
 
 /// Fetches read indexes for the waiting linearizable reads, one fetch at a time: each fetch
@@ -997,6 +1014,16 @@ impl RaftNode {
         (
             self.share_counts.forwarded.load(Ordering::Relaxed),
             self.share_counts.batches.load(Ordering::Relaxed),
+        )
+    }
+
+    /// (`StreamAppend` streams that brought this node entries, messages on them that carried
+    /// entries) since it started: a leader keeps one stream per replication session, so the
+    /// first grows far slower than the second.
+    pub fn append_counts(&self) -> (u64, u64) {
+        (
+            self.share_counts.append_streams.load(Ordering::Relaxed),
+            self.share_counts.append_messages.load(Ordering::Relaxed),
         )
     }
 

@@ -1,20 +1,24 @@
 //! The peer gRPC service: the receiving side of the Raft network, forwarding, read-index and
 //! membership changes. Serve it only behind mutual TLS with node certificates.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use coffer_storage::{Command, OpResult};
+use futures::Stream;
+use openraft::raft::AppendEntriesRequest;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{decode, encode};
 use crate::network::MAX_PEER_MESSAGE;
-use crate::node::{Attempt, MembershipChange, RaftNode, Written};
+use crate::node::{Attempt, MembershipChange, PeerRecheck, RaftNode, Written};
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Payload, SnapshotChunk};
-use crate::types::{Snapshot, SnapshotMeta, Vote};
+use crate::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// The peer service of one node.
 #[derive(Debug, Clone)]
@@ -108,11 +112,103 @@ impl PeerService {
     }
 }
 
+/// The requests of one `StreamAppend` stream, checked and decoded. A message for another node
+/// or incarnation, or one that does not decode, ends the requests, and `failure` says why.
+/// The peer's certificate is checked again (`recheck`) once [`RECHECK_EVERY`] has passed since
+/// the last check.
+fn append_requests(
+    service: PeerService,
+    messages: Streaming<Payload>,
+    recheck: Option<PeerRecheck>,
+    failure: Arc<std::sync::Mutex<Option<Status>>>,
+) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
+    let (counted, checked) = (false, Instant::now());
+    futures::stream::unfold(
+        (service, messages, recheck, failure, counted, checked),
+        |(service, mut messages, recheck, failure, mut counted, mut checked)| async move {
+            let request = match messages.message().await {
+                Ok(None) => return None,
+                Ok(Some(p)) => {
+                    let still_trusted = match &recheck {
+                        Some(PeerRecheck(check)) if checked.elapsed() >= RECHECK_EVERY => {
+                            checked = Instant::now();
+                            check().map_err(|why| {
+                                Status::unauthenticated(format!("peer certificate refused: {why}"))
+                            })
+                        }
+                        _ => Ok(()),
+                    };
+                    match still_trusted {
+                        Ok(()) => match service
+                            .check_target(p.target_id, p.target_incarnation)
+                            .await
+                        {
+                            Ok(()) => decode::<AppendEntriesRequest<TypeConfig>>(&p.data),
+                            Err(s) => Err(s),
+                        },
+                        Err(s) => Err(s),
+                    }
+                }
+                Err(s) => Err(s),
+            };
+            match request {
+                Ok(rpc) => {
+                    if !rpc.entries.is_empty() {
+                        let counts = &service.node.share_counts;
+                        counts.append_messages.fetch_add(1, Ordering::Relaxed);
+                        if !counted {
+                            counts.append_streams.fetch_add(1, Ordering::Relaxed);
+                            counted = true;
+                        }
+                    }
+                    Some((rpc, (service, messages, recheck, failure, counted, checked)))
+                }
+                Err(s) => {
+                    if let Ok(mut failure) = failure.lock() {
+                        *failure = Some(s);
+                    }
+                    None
+                }
+            }
+        },
+    )
+}
+
+/// How often a `StreamAppend` stream checks the peer's certificate again.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The answers of a `StreamAppend` stream.
+type AppendAnswers = Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc = decode(&self.raft_payload(req).await?)?;
         reply(&self.node.raft().append_entries(rpc).await)
+    }
+
+    type StreamAppendStream = AppendAnswers;
+
+    /// Each request goes to openraft's `stream_append` as it arrives, and each answer (or the
+    /// Raft's fatal error) goes back as one message, in order. A request that cannot be taken
+    /// ends the stream with its error after the answers to the earlier ones.
+    async fn stream_append(
+        &self,
+        req: Request<Streaming<Payload>>,
+    ) -> Result<Response<AppendAnswers>, Status> {
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let recheck = req.extensions().get::<PeerRecheck>().cloned();
+        let requests = append_requests(self.clone(), req.into_inner(), recheck, failure.clone());
+        let answers = self.node.raft().stream_append(requests).map(|answer| {
+            encode(&answer).map(|data| Payload {
+                data,
+                ..Payload::default()
+            })
+        });
+        let refusal =
+            futures::stream::once(async move { failure.lock().ok().and_then(|mut f| f.take()) })
+                .filter_map(|f| f.map(Err));
+        Ok(Response::new(Box::pin(answers.chain(refusal))))
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
