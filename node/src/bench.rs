@@ -373,7 +373,7 @@ pub async fn run(target: &BenchTarget, args: &BenchArgs) -> Result<Vec<BenchRepo
     Ok(reports)
 }
 
-/// One connection per endpoint and `--connections`; workers share them round robin.
+/// One connection per endpoint and `--connections`; each worker sends over them in turn.
 fn connect(target: &BenchTarget, args: &BenchArgs) -> Result<Vec<Conn>> {
     let mut conns = Vec::new();
     match target {
@@ -524,7 +524,11 @@ async fn run_one(
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut workers = Vec::new();
     for w in 0..concurrency {
-        let mut conn = conns[w % conns.len()].clone();
+        // Each worker sends its successive requests over successive connections, so every
+        // node gets the same share of each worker's requests (as a client's round-robin
+        // balancer would), whichever node answers faster.
+        let mut conns: Vec<Conn> = conns.to_vec();
+        let mut next_conn = w;
         let (op, keys, key_size) = (args.op, args.keys, args.key_size);
         let value = value.to_string();
         let (errors, next_slot) = (errors.clone(), next_slot.clone());
@@ -575,6 +579,9 @@ async fn run_one(
                 // Uniform over the key set (a linear congruential sequence modulo the key count
                 // has short cycles that all workers fall into: a few hot keys).
                 let k = key(rand::random_range(0..keys), key_size);
+                let at = next_conn % conns.len();
+                let conn = &mut conns[at];
+                next_conn = next_conn.wrapping_add(1);
                 let result = conn.send(request, k, &value).await;
                 if due < schedule.measure_from {
                     continue;
