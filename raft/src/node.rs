@@ -123,9 +123,9 @@ pub type AppHandler = Arc<
 pub struct PeerIdentity(pub NodeId);
 
 /// Checks again that the peer's certificate still counts: whoever serves the peer service puts
-/// it into each request's extensions. A long-lived stream (`StreamAppend`) calls it once a
-/// second, so a peer removed or refused since the stream opened gets no further, as it would
-/// on its next call.
+/// it into each request's extensions. A long-lived stream (`StreamAppend`) calls it on a
+/// message when a second or more passed since the last check, so a peer removed or refused
+/// since the stream opened gets no further, as it would on its next call.
 #[derive(Clone)]
 pub struct PeerRecheck(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
 
@@ -284,8 +284,8 @@ async fn forward_writes(
     }
 }
 
-/// How well linearizable reads share read-index rounds, and forwarded writes share batches,
-/// on this node.
+/// How well linearizable reads share read-index rounds, forwarded writes share batches, and
+/// replication streams carry append messages, on this node.
 #[derive(Debug, Default)]
 pub(crate) struct ShareCounts {
     /// Reads that waited for a read index.
