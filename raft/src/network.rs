@@ -322,8 +322,14 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// The queue of sent requests (consistent even if a holder panicked: each change is one
+    /// push or pop).
+    fn sent(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Duration)>> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn oldest(&self) -> Option<(Instant, Duration)> {
-        self.sent.lock().ok()?.front().copied()
+        self.sent().front().copied()
     }
 }
 
@@ -360,9 +366,7 @@ where
                     let at = Instant::now();
                     injected_delay().await;
                     in_flight
-                        .sent
-                        .lock()
-                        .ok()?
+                        .sent()
                         .push_back((at, message_ttl(&option, data.len())));
                     in_flight.sending.notify_one();
                     Some(Payload {
@@ -443,7 +447,7 @@ impl Incoming {
                 return Some(Err(status_error(&s)));
             }
         };
-        let answered = self.in_flight.sent.lock().ok()?.pop_front();
+        let answered = self.in_flight.sent().pop_front();
         if answered.is_none() {
             return Some(Err(RPCError::Network(NetworkError::from_string(format!(
                 "node {target} answered an append that was not sent"

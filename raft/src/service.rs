@@ -105,73 +105,70 @@ impl PeerService {
         Ok(())
     }
 
-    async fn raft_payload(&self, req: Request<Payload>) -> Result<Vec<u8>, Status> {
-        let p = req.into_inner();
+    /// A Raft message meant for this node, decoded.
+    async fn raft_message<T: serde::de::DeserializeOwned>(&self, p: Payload) -> Result<T, Status> {
         self.check_target(p.target_id, p.target_incarnation).await?;
-        Ok(p.data)
+        decode(&p.data)
     }
 }
 
-/// The requests of one `StreamAppend` stream, checked and decoded. A message for another node
-/// or incarnation, or one that does not decode, ends the requests, and `failure` says why.
-/// The peer's certificate is checked again (`recheck`) once [`RECHECK_EVERY`] has passed since
-/// the last check.
-fn append_requests(
+/// What one `StreamAppend` stream reads its requests with.
+struct AppendRequests {
     service: PeerService,
     messages: Streaming<Payload>,
+    /// The peer's certificate check, repeated once [`RECHECK_EVERY`] passed since the last.
     recheck: Option<PeerRecheck>,
-    failure: Arc<std::sync::Mutex<Option<Status>>>,
-) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
-    let (counted, checked) = (false, Instant::now());
-    futures::stream::unfold(
-        (service, messages, recheck, failure, counted, checked),
-        |(service, mut messages, recheck, failure, mut counted, mut checked)| async move {
-            let request = match messages.message().await {
-                Ok(None) => return None,
-                Ok(Some(p)) => {
-                    let still_trusted = match &recheck {
-                        Some(PeerRecheck(check)) if checked.elapsed() >= RECHECK_EVERY => {
-                            checked = Instant::now();
-                            check().map_err(|why| {
-                                Status::unauthenticated(format!("peer certificate refused: {why}"))
-                            })
-                        }
-                        _ => Ok(()),
-                    };
-                    match still_trusted {
-                        Ok(()) => match service
-                            .check_target(p.target_id, p.target_incarnation)
-                            .await
-                        {
-                            Ok(()) => decode::<AppendEntriesRequest<TypeConfig>>(&p.data),
-                            Err(s) => Err(s),
-                        },
-                        Err(s) => Err(s),
+    checked: Instant,
+    /// Whether this stream was counted as one that brought entries.
+    counted: bool,
+}
+
+impl AppendRequests {
+    /// The next request; `None` at the end of the stream.
+    async fn next(&mut self) -> Result<Option<AppendEntriesRequest<TypeConfig>>, Status> {
+        let Some(p) = self.messages.message().await? else {
+            return Ok(None);
+        };
+        if let Some(PeerRecheck(check)) = &self.recheck
+            && self.checked.elapsed() >= RECHECK_EVERY
+        {
+            self.checked = Instant::now();
+            check().map_err(|why| {
+                Status::unauthenticated(format!("peer certificate refused: {why}"))
+            })?;
+        }
+        let rpc: AppendEntriesRequest<TypeConfig> = self.service.raft_message(p).await?;
+        if !rpc.entries.is_empty() {
+            let counts = &self.service.node.share_counts;
+            counts.append_messages.fetch_add(1, Ordering::Relaxed);
+            if !self.counted {
+                counts.append_streams.fetch_add(1, Ordering::Relaxed);
+                self.counted = true;
+            }
+        }
+        Ok(Some(rpc))
+    }
+
+    /// As a stream of requests. A message that cannot be taken (for another node or
+    /// incarnation, malformed, or from a peer whose certificate no longer counts) ends it, and
+    /// `failure` says why.
+    fn into_stream(
+        self,
+        failure: Arc<std::sync::Mutex<Option<Status>>>,
+    ) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
+        futures::stream::unfold(self, move |mut requests| {
+            let failure = failure.clone();
+            async move {
+                match requests.next().await {
+                    Ok(rpc) => Some((rpc?, requests)),
+                    Err(s) => {
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                        None
                     }
-                }
-                Err(s) => Err(s),
-            };
-            match request {
-                Ok(rpc) => {
-                    if !rpc.entries.is_empty() {
-                        let counts = &service.node.share_counts;
-                        counts.append_messages.fetch_add(1, Ordering::Relaxed);
-                        if !counted {
-                            counts.append_streams.fetch_add(1, Ordering::Relaxed);
-                            counted = true;
-                        }
-                    }
-                    Some((rpc, (service, messages, recheck, failure, counted, checked)))
-                }
-                Err(s) => {
-                    if let Ok(mut failure) = failure.lock() {
-                        *failure = Some(s);
-                    }
-                    None
                 }
             }
-        },
-    )
+        })
+    }
 }
 
 /// How often a `StreamAppend` stream checks the peer's certificate again.
@@ -183,7 +180,7 @@ type AppendAnswers = Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send +
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&self.raft_payload(req).await?)?;
+        let rpc = self.raft_message(req.into_inner()).await?;
         reply(&self.node.raft().append_entries(rpc).await)
     }
 
@@ -198,26 +195,34 @@ impl Peer for PeerService {
     ) -> Result<Response<AppendAnswers>, Status> {
         let failure = Arc::new(std::sync::Mutex::new(None));
         let recheck = req.extensions().get::<PeerRecheck>().cloned();
-        let requests = append_requests(self.clone(), req.into_inner(), recheck, failure.clone());
+        let requests = AppendRequests {
+            service: self.clone(),
+            messages: req.into_inner(),
+            recheck,
+            checked: Instant::now(),
+            counted: false,
+        }
+        .into_stream(failure.clone());
         let answers = self.node.raft().stream_append(requests).map(|answer| {
             encode(&answer).map(|data| Payload {
                 data,
                 ..Payload::default()
             })
         });
-        let refusal =
-            futures::stream::once(async move { failure.lock().ok().and_then(|mut f| f.take()) })
-                .filter_map(|f| f.map(Err));
+        let refusal = futures::stream::once(async move {
+            failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+        })
+        .filter_map(|f| f.map(Err));
         Ok(Response::new(Box::pin(answers.chain(refusal))))
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&self.raft_payload(req).await?)?;
+        let rpc = self.raft_message(req.into_inner()).await?;
         reply(&self.node.raft().vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(&self.raft_payload(req).await?)?;
+        let rpc = self.raft_message(req.into_inner()).await?;
         reply(&self.node.raft().pre_vote(rpc).await)
     }
 
