@@ -32,23 +32,26 @@ async fn leader_replicates_each_follower_on_one_stream() {
             .must_put(leader, &format!("app/stream-{i}"), &format!("value-{i}"))
             .await;
     }
+    let mut most = 0.0f64;
     for (id, (streams0, messages0)) in followers.iter().zip(before) {
         cluster
             .must_get_equal(*id, "app/stream-59", "value-59")
             .await;
         let (streams, messages) = counts(&cluster.metrics_text(*id).await.expect("metrics"));
         let (streams, messages) = (streams - streams0, messages - messages0);
-        // A follower that fell behind gets several writes in one message, so fewer than 60.
-        assert!(
-            messages >= 20.0,
-            "node {id} got the 60 writes in {messages} messages on a stream"
-        );
+        most = most.max(messages);
         // One stream per replication session; a late answer on a loaded machine may start a
         // new session, but a stream per message (or per few) is not a stream.
         assert!(
-            streams * 5.0 <= messages,
+            streams <= 1.0 + messages / 5.0,
             "node {id} got {messages} messages with entries on {streams} new streams; the \
              leader should keep one stream per replication session"
         );
     }
+    // The follower that acknowledges first gets each write in a message of its own; one that
+    // falls behind gets several writes in one message.
+    assert!(
+        most >= 20.0,
+        "the followers got the 60 writes in at most {most} messages on a stream"
+    );
 }
