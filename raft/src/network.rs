@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::codec::{decode, encode};
 use crate::pb::peer_client::PeerClient;
 use crate::pb::{Payload, SnapshotChunk};
-use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
+use crate::types::{Member, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 
 /// Largest peer message (an append batch or a snapshot chunk), both directions.
 pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
@@ -530,7 +531,7 @@ impl PeerConnection {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -645,31 +646,52 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client = self.client()?;
+        // This node's own snapshot is its state file: export an image of it now. The image
+        // carries its own position, at or after the snapshot's (the follower installs that
+        // position; openraft counts the follower as far as the snapshot's, and the entries in
+        // between that it sends next are already committed there, so they are skipped).
+        let (meta, data) = match snapshot.snapshot {
+            SnapshotData::Image(image) => (snapshot.meta, image),
+            SnapshotData::Local(store) => {
+                tokio::task::spawn_blocking(move || crate::state_machine::export_snapshot(&store))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|e| {
+                        StreamingError::StorageError(openraft::StorageError::read_snapshot(
+                            None,
+                            openraft::errors::ErrorSource::from_error(&e),
+                        ))
+                    })?
+            }
+        };
         let vote_bytes = encode(&vote).map_err(|s| StreamingError::from(status_error(&s)))?;
-        let meta_bytes =
-            encode(&snapshot.meta).map_err(|s| StreamingError::from(status_error(&s)))?;
-        let data = snapshot.snapshot;
-        let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK + 1);
-        let mut pieces = data.chunks(SNAPSHOT_CHUNK);
-        chunks.push(SnapshotChunk {
+        let meta_bytes = encode(&meta).map_err(|s| StreamingError::from(status_error(&s)))?;
+        let total = data.len();
+        let pieces = total.div_ceil(SNAPSHOT_CHUNK).max(1);
+        let first = SnapshotChunk {
             vote: vote_bytes,
             meta: meta_bytes,
-            data: pieces.next().map(<[u8]>::to_vec).unwrap_or_default(),
             target_id: self.target,
             target_incarnation: self.target_incarnation,
-        });
-        crate::tap::outgoing(&chunks[0].data);
-        for piece in pieces {
+            ..SnapshotChunk::default()
+        };
+        // Chunks are cut as they are sent: the image is not copied whole a second time.
+        let mut first = Some(first);
+        let chunks = (0..pieces).map(move |i| {
+            let piece =
+                &data[(i * SNAPSHOT_CHUNK).min(total)..((i + 1) * SNAPSHOT_CHUNK).min(total)];
             crate::tap::outgoing(piece);
-            chunks.push(SnapshotChunk {
+            SnapshotChunk {
                 data: piece.to_vec(),
-                ..SnapshotChunk::default()
-            });
-        }
+                ..first.take().unwrap_or_default()
+            }
+        });
         tracing::info!(
             target_node = self.target,
-            bytes = data.len(),
-            chunks = chunks.len(),
+            bytes = total,
+            chunks = pieces,
+            last_log_id = ?meta.last_log_id,
             "sending snapshot"
         );
         let send = tokio::time::timeout(

@@ -18,7 +18,7 @@ use crate::network::MAX_PEER_MESSAGE;
 use crate::node::{Attempt, MembershipChange, PeerRecheck, RaftNode, Written};
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Payload, SnapshotChunk};
-use crate::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::types::{Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
 /// The peer service of one node.
 #[derive(Debug, Clone)]
@@ -263,7 +263,7 @@ impl Peer for PeerService {
         }
         let snapshot = Snapshot {
             meta,
-            snapshot: data,
+            snapshot: SnapshotData::Image(data),
         };
         reply(&self.node.raft().install_full_snapshot(vote, snapshot).await)
     }

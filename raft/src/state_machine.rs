@@ -7,8 +7,11 @@
 //!   the log has a file of its own); after a crash the state may be behind the log and openraft
 //!   re-applies the committed entries (apply is deterministic and deduplicates request ids, so
 //!   re-applying is safe).
-//! * A snapshot is an image read in one MVCC read transaction (the state keeps being served and
-//!   written while it is built) and saved durably; installing one replaces the state atomically.
+//! * A snapshot copies nothing: taking one makes the applied state durable and records the
+//!   position, and the state file is the snapshot's data from then on (it holds that state or a
+//!   later one, and the log before it may be purged). A peer that needs the snapshot gets an
+//!   image read in one MVCC read transaction when it is sent ([`export_snapshot`]), with that
+//!   image's own position. Installing one replaces the state atomically.
 
 use std::io;
 
@@ -18,7 +21,9 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 
 use crate::codec::{decode_io, encode_io};
-use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, no_op_result};
+use crate::types::{
+    LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, no_op_result,
+};
 
 const APPLIED: &str = "raft_applied";
 const MEMBERSHIP: &str = "raft_membership";
@@ -48,8 +53,22 @@ fn read_position(view: &coffer_storage::ReadView) -> io::Result<(Option<LogId>, 
     Ok((applied, membership))
 }
 
+/// An image of the whole state machine as it is now, with the position it was taken at: what a
+/// peer installs. Reads every table, so call it off the async workers.
+pub(crate) fn export_snapshot(store: &Store) -> io::Result<(SnapshotMeta, Vec<u8>)> {
+    let (image, view) = store.export_image()?;
+    let (last_log_id, last_membership) = read_position(&view)?;
+    Ok((
+        SnapshotMeta {
+            last_log_id,
+            last_membership,
+        },
+        image,
+    ))
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
@@ -104,12 +123,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> io::Result<()> {
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = snapshot.len(), "installing snapshot");
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        let (meta, image) = match snapshot {
+            SnapshotData::Image(image) => (meta.clone(), image),
+            // openraft installs the current snapshot on start only when the state is behind
+            // it, which recording a snapshot with the state it was taken from rules out.
+            SnapshotData::Local(store) if store.is_same(&self.store) => {
+                return Err(io::Error::other(format!(
+                    "the state file is behind its own snapshot at {:?}; restore this node from a \
+                     peer (remove its data directory and add it again)",
+                    meta.last_log_id
+                )));
+            }
+            // Another node's store in this process (openraft's storage suite): install an
+            // image of it, at that image's own position, as a peer would receive it.
+            SnapshotData::Local(store) => {
+                tokio::task::spawn_blocking(move || export_snapshot(&store))
+                    .await
+                    .map_err(io::Error::other)??
+            }
+        };
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = image.len(), "installing snapshot");
         let index = meta.last_log_id.map_or(0, |l| l.index);
-        let (store, meta_bytes) = (self.store.clone(), encode_io(meta)?);
+        let (store, meta_bytes) = (self.store.clone(), encode_io(&meta)?);
         // Installing a large image blocks for a while: keep it off the async workers.
-        tokio::task::spawn_blocking(move || store.install_snapshot(index, &meta_bytes, &snapshot))
+        tokio::task::spawn_blocking(move || store.install_snapshot(index, &meta_bytes, &image))
             .await
             .map_err(io::Error::other)??;
         Ok(())
@@ -117,9 +159,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         match self.store.current_snapshot()? {
-            Some((meta, data)) => Ok(Some(Snapshot {
+            Some(meta) => Ok(Some(Snapshot {
                 meta: decode_io(&meta)?,
-                snapshot: data,
+                snapshot: SnapshotData::Local(self.store.clone()),
             })),
             None => Ok(None),
         }
@@ -127,34 +169,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
+    /// Makes the applied state durable and records its position as the snapshot: no image is
+    /// written (a whole image per snapshot was measured to double the write tail).
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let store = self.store.clone();
-        let (meta, image) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let (image, view) = store.export_image()?;
-            let (last_log_id, last_membership) = read_position(&view)?;
-            drop(view);
+        let meta = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let (last_log_id, last_membership) = read_position(&store.read()?)?;
             let meta = SnapshotMeta {
                 last_log_id,
                 last_membership,
             };
             let index = meta.last_log_id.map_or(0, |l| l.index);
-            let saved = store.save_snapshot(index, &encode_io(&meta)?, &image)?;
-            if !saved {
+            // The sync writes every change applied so far, so the file holds this position or
+            // a later one.
+            if !store.save_snapshot(index, &encode_io(&meta)?)? {
                 tracing::info!(
                     index,
                     "a newer snapshot was installed meanwhile; this one is not kept"
                 );
             }
-            Ok((meta, image))
+            Ok(meta)
         })
         .await
         .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = image.len(), "built snapshot");
+        tracing::info!(last_log_id = ?meta.last_log_id, "took snapshot");
         Ok(Snapshot {
             meta,
-            snapshot: image,
+            snapshot: SnapshotData::Local(self.store.clone()),
         })
     }
 }

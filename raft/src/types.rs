@@ -72,8 +72,19 @@ pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// Snapshot metadata.
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-/// A snapshot whose data is the storage layer's state machine image.
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+/// A snapshot: its metadata and its data as this node holds it.
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// A snapshot's data as this node holds it.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// An image of a whole state machine received from a leader, to install.
+    Image(Vec<u8>),
+    /// This node's own state file, which holds the snapshot's state or a later one (no copy
+    /// is kept: the file is the snapshot, as etcd's bolt file is). A peer that needs it gets
+    /// an image exported when it is sent, with that image's own, possibly later, position.
+    Local(coffer_storage::Store),
+}
 
 /// The response given for log entries that are not commands (blank, membership).
 pub(crate) fn no_op_result() -> TxnResult {

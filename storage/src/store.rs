@@ -36,9 +36,14 @@ const DEDUP_CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_ch
 /// Where earlier versions kept the window, one row per id: moved into chunks on open.
 const OLD_DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
 const OLD_DEDUP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_order");
-/// The current snapshot: "meta" (opaque) and "data" (an image of the state machine).
+/// The current snapshot's position: "index" and "meta" (opaque). Its data is the state file
+/// itself, which holds the state at that position or a later one (an image is exported when
+/// a peer needs it: [`Store::export_image`]). Earlier versions also kept a copy of the image
+/// under [`OLD_IMAGE`].
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
+/// In the snapshot table: the image earlier versions kept; removed when a snapshot is saved.
+const OLD_IMAGE: &str = "data";
 /// In the snapshot table: how many snapshots this node installed (see [`Store::read`]).
 const INSTALLS: &str = "installs";
 const REVISION: &str = "revision";
@@ -641,6 +646,11 @@ impl Store {
         self.shared.reserved_changes.load(Ordering::Acquire)
     }
 
+    /// Whether `other` is this same store (a clone of it), not another one.
+    pub fn is_same(&self, other: &Store) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// A consistent read view of the state machine.
     pub fn read(&self) -> Result<ReadView> {
         self.check()?;
@@ -679,30 +689,28 @@ impl Store {
         Ok((bytes, view))
     }
 
-    /// Durably saves a snapshot (opaque metadata and an image) taken at log position `index`
-    /// as the current one, unless the current one is newer: a snapshot built from older state
-    /// while a newer one was being installed must not replace it. Returns whether it was saved.
+    /// Durably records a snapshot taken at log position `index` (opaque metadata) as the
+    /// current one, unless the current one is newer: a snapshot taken from older state while a
+    /// newer one was being installed must not replace it. Returns whether it was recorded.
     ///
-    /// The same commit makes every applied change durable (a state sync), so the state on
-    /// disk is never behind a saved snapshot (the log before it may be purged).
-    pub fn save_snapshot(&self, index: u64, meta: &[u8], image: &[u8]) -> Result<bool> {
-        self.shared.sync_state(Some((index, meta, image)))
+    /// The same commit makes every applied change durable (a state sync), so the state file,
+    /// which is the snapshot's data, is never behind the snapshot (the log before it may be
+    /// purged). Nothing is copied: as etcd's bolt file, the state file is the snapshot.
+    pub fn save_snapshot(&self, index: u64, meta: &[u8]) -> Result<bool> {
+        self.shared.sync_state(Some((index, meta)))
     }
 
-    /// The current snapshot (metadata, image), if any.
-    pub fn current_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    /// The current snapshot's metadata, if any. Its data is the state file: see
+    /// [`Store::export_image`].
+    pub fn current_snapshot(&self) -> Result<Option<Vec<u8>>> {
         self.check()?;
         let rtx = self.shared.db.begin_read().map_err(redb_err)?;
         let snap = rtx.open_table(SNAPSHOT).map_err(redb_err)?;
         let meta = snap.get("meta").map_err(redb_err)?;
-        let data = snap.get("data").map_err(redb_err)?;
-        Ok(match (meta, data) {
-            (Some(m), Some(d)) => Some((m.value().to_vec(), d.value().to_vec())),
-            _ => None,
-        })
+        Ok(meta.map(|m| m.value().to_vec()))
     }
 
-    /// Replaces the whole state machine with `image` (taken at log position `index`) and saves
+    /// Replaces the whole state machine with `image` (taken at log position `index`) and records
     /// it as the current snapshot, in one durable commit. An image that does not decode changes
     /// nothing.
     pub fn install_snapshot(&self, index: u64, meta: &[u8], image: &[u8]) -> Result<()> {
@@ -762,7 +770,7 @@ impl Store {
             snap.insert("index", u64_bytes(index).as_slice())
                 .map_err(redb_err)?;
             snap.insert("meta", meta).map_err(redb_err)?;
-            snap.insert("data", image).map_err(redb_err)?;
+            snap.remove(OLD_IMAGE).map_err(redb_err)?;
             installs = match snap.get(INSTALLS).map_err(redb_err)? {
                 Some(v) => bytes_u64("snapshot", v.value())?,
                 None => 0,
@@ -920,10 +928,10 @@ impl Shared {
     }
 
     /// Writes the applied changes not in the file yet to it, in one durable commit (skipped
-    /// when there are none and no snapshot to save), together with `snapshot` (index, meta,
-    /// image) unless the current snapshot is newer. Returns whether the snapshot was saved.
+    /// when there are none and no snapshot to save), together with `snapshot` (index, meta)
+    /// unless the current snapshot is newer. Returns whether the snapshot was saved.
     /// Applies go on meanwhile, into a new layer. Any error marks the store failed.
-    fn sync_state(&self, snapshot: Option<(u64, &[u8], &[u8])>) -> Result<bool> {
+    fn sync_state(&self, snapshot: Option<(u64, &[u8])>) -> Result<bool> {
         let _writing = lock(&self.state_write);
         self.check()?;
         let frozen = {
@@ -1007,7 +1015,7 @@ impl Drop for FailOnPanic<'_> {
 fn write_state(
     wtx: &WriteTransaction,
     changes: &Overlay,
-    snapshot: Option<(u64, &[u8], &[u8])>,
+    snapshot: Option<(u64, &[u8])>,
 ) -> Result<bool> {
     let mut kv = wtx.open_table(KV).map_err(redb_err)?;
     for (key, record) in &changes.kv {
@@ -1038,7 +1046,7 @@ fn write_state(
     };
     smm.insert(STATE_SYNCS, u64_bytes(syncs + 1).as_slice())
         .map_err(redb_err)?;
-    let Some((index, meta, image)) = snapshot else {
+    let Some((index, meta)) = snapshot else {
         return Ok(false);
     };
     let mut snap = wtx.open_table(SNAPSHOT).map_err(redb_err)?;
@@ -1052,7 +1060,7 @@ fn write_state(
     snap.insert("index", u64_bytes(index).as_slice())
         .map_err(redb_err)?;
     snap.insert("meta", meta).map_err(redb_err)?;
-    snap.insert("data", image).map_err(redb_err)?;
+    snap.remove(OLD_IMAGE).map_err(redb_err)?;
     Ok(true)
 }
 
@@ -2017,15 +2025,12 @@ mod tests {
             b.read().unwrap().digest().unwrap()
         );
         assert!(b.read().unwrap().get(b"stale").unwrap().is_none());
-        assert_eq!(
-            b.current_snapshot().unwrap().unwrap(),
-            (b"meta".to_vec(), image.clone())
-        );
-        // A snapshot built from older state never replaces a newer installed one.
-        assert!(!b.save_snapshot(5, b"old", b"old-image").unwrap());
-        assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"meta".to_vec());
-        assert!(b.save_snapshot(12, b"new", &image).unwrap());
-        assert_eq!(b.current_snapshot().unwrap().unwrap().0, b"new".to_vec());
+        assert_eq!(b.current_snapshot().unwrap().unwrap(), b"meta".to_vec());
+        // A snapshot taken from older state never replaces a newer installed one.
+        assert!(!b.save_snapshot(5, b"old").unwrap());
+        assert_eq!(b.current_snapshot().unwrap().unwrap(), b"meta".to_vec());
+        assert!(b.save_snapshot(12, b"new").unwrap());
+        assert_eq!(b.current_snapshot().unwrap().unwrap(), b"new".to_vec());
     }
 
     #[test]
@@ -2334,6 +2339,15 @@ mod tests {
             dir.path().join("node.redb"),
         )))
         .unwrap();
+        // An image kept by an earlier version: the state file replaces it.
+        {
+            let wtx = s.shared.db.begin_write().unwrap();
+            wtx.open_table(SNAPSHOT)
+                .unwrap()
+                .insert(OLD_IMAGE, b"old image".as_slice())
+                .unwrap();
+            wtx.commit().unwrap();
+        }
         let results = s
             .apply(
                 &[ApplyInput::Command(&Command {
@@ -2344,9 +2358,19 @@ mod tests {
             )
             .unwrap();
         assert_eq!(results.len(), 1);
-        assert!(s.save_snapshot(7, b"meta", b"image").unwrap());
+        assert!(s.save_snapshot(7, b"meta").unwrap());
+        assert_eq!(s.current_snapshot().unwrap().unwrap(), b"meta".to_vec());
         // The file alone (what a crash leaves) holds the state the snapshot was taken from.
         let rtx = s.shared.db.begin_read().unwrap();
+        let snap = rtx.open_table(SNAPSHOT).unwrap();
+        assert!(
+            snap.get(OLD_IMAGE).unwrap().is_none(),
+            "the old image is kept"
+        );
+        assert_eq!(
+            snap.get("index").unwrap().unwrap().value(),
+            u64_bytes(7).as_slice()
+        );
         assert!(
             rtx.open_table(KV)
                 .unwrap()
