@@ -1,9 +1,11 @@
 //! kill -9 of the leader under a concurrent write load: a new leader is elected, every
-//! acknowledged write is present afterwards on every node, and writes resume.
+//! acknowledged write is present afterwards on every node, and writes resume. A linearizable
+//! read sent while no leader answers waits for the next one without spinning.
 
 use std::time::Duration;
 
-use coffer_cluster_tests::{Cluster, ClusterOptions, Writer, wait_until};
+use coffer_api::v1 as pb;
+use coffer_cluster_tests::{Cluster, ClusterOptions, Writer, metric, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_loses_no_acknowledged_write() {
@@ -65,4 +67,30 @@ async fn leader_kill_loses_no_acknowledged_write() {
             );
         }
     }
+
+    // Kill the leader again and read through a survivor at once: until a new leader is
+    // elected, each attempt at a read index fails fast (the old leader's connection is
+    // refused), and the read retries when Raft's state changes or after two heartbeats, not
+    // in a loop (it once spun, thousands of attempts a second, on every read and write that
+    // waited for a leader).
+    let leader = cluster.must_wait_leader(Duration::from_secs(15)).await;
+    let reader = cluster.other_than(leader);
+    let rounds = |text: Option<String>| {
+        metric(&text.expect("metrics"), "coffer_read_index_rounds_total").unwrap_or(0.0)
+    };
+    let before = rounds(cluster.metrics_text(reader).await);
+    cluster.kill(leader);
+    cluster
+        .kv(reader)
+        .get(pb::GetRequest {
+            key: b"after/restart".to_vec(),
+            consistency: pb::Consistency::Linearizable as i32,
+        })
+        .await
+        .expect("a linearizable read waits for the next leader");
+    let attempts = rounds(cluster.metrics_text(reader).await) - before;
+    assert!(
+        attempts < 200.0,
+        "the read made {attempts} read-index attempts while it waited for a leader"
+    );
 }

@@ -684,11 +684,10 @@ impl RaftNode {
 
     /// Waits until the metrics change (a leader appears, say), at most a short while.
     async fn wait_for_change(&self, deadline: Instant) {
-        let mut rx = self.raft.metrics();
         let pause = remaining(deadline).min(Duration::from_millis(
             self.settings.heartbeat_ms.saturating_mul(2),
         ));
-        let _ = tokio::time::timeout(pause, rx.changed()).await;
+        self.wait_changed(pause).await;
     }
 
     /// Why the node cannot serve, if Raft or storage stopped.
