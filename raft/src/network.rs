@@ -11,7 +11,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -652,18 +651,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         // between that it sends next are already committed there, so they are skipped).
         let (meta, data) = match snapshot.snapshot {
             SnapshotData::Image(image) => (snapshot.meta, image),
-            SnapshotData::Local(store) => {
-                tokio::task::spawn_blocking(move || crate::state_machine::export_snapshot(&store))
-                    .await
-                    .map_err(io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(|e| {
-                        StreamingError::StorageError(openraft::StorageError::read_snapshot(
-                            None,
-                            openraft::errors::ErrorSource::from_error(&e),
-                        ))
-                    })?
-            }
+            SnapshotData::Local(store) => crate::state_machine::export_snapshot(store)
+                .await
+                .map_err(|e| {
+                    StreamingError::StorageError(openraft::StorageError::read_snapshot(
+                        None,
+                        openraft::errors::ErrorSource::from_error(&e),
+                    ))
+                })?,
         };
         let vote_bytes = encode(&vote).map_err(|s| StreamingError::from(status_error(&s)))?;
         let meta_bytes = encode(&meta).map_err(|s| StreamingError::from(status_error(&s)))?;

@@ -54,17 +54,21 @@ fn read_position(view: &coffer_storage::ReadView) -> io::Result<(Option<LogId>, 
 }
 
 /// An image of the whole state machine as it is now, with the position it was taken at: what a
-/// peer installs. Reads every table, so call it off the async workers.
-pub(crate) fn export_snapshot(store: &Store) -> io::Result<(SnapshotMeta, Vec<u8>)> {
-    let (image, view) = store.export_image()?;
-    let (last_log_id, last_membership) = read_position(&view)?;
-    Ok((
-        SnapshotMeta {
-            last_log_id,
-            last_membership,
-        },
-        image,
-    ))
+/// peer installs. Reads every table, on a blocking thread.
+pub(crate) async fn export_snapshot(store: Store) -> io::Result<(SnapshotMeta, Vec<u8>)> {
+    tokio::task::spawn_blocking(move || {
+        let (image, view) = store.export_image()?;
+        let (last_log_id, last_membership) = read_position(&view)?;
+        Ok((
+            SnapshotMeta {
+                last_log_id,
+                last_membership,
+            },
+            image,
+        ))
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -141,11 +145,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             // Another node's store in this process (openraft's storage suite): install an
             // image of it, at that image's own position, as a peer would receive it.
-            SnapshotData::Local(store) => {
-                tokio::task::spawn_blocking(move || export_snapshot(&store))
-                    .await
-                    .map_err(io::Error::other)??
-            }
+            SnapshotData::Local(store) => export_snapshot(store).await?,
         };
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = image.len(), "installing snapshot");
         let index = meta.last_log_id.map_or(0, |l| l.index);
